@@ -1,0 +1,197 @@
+"""Read, validate and split ``annotations.csv`` tables (torch-free).
+
+A dataset root holds ``train/``, ``test/`` and optionally ``val/``; each split
+is ``images/`` plus ``annotations.csv``. Everything wrong with a dataset is
+found here, before any training starts, and reported as one
+:class:`DatasetError` naming the file, the first offending rows and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "path", "image_path", "image_id", "img")
+LABEL_COLUMNS = ("fracture", "fractured", "label", "target", "class", "is_fractured", "has_fracture")
+TYPE_COLUMNS = ("fracture_type", "type")
+GROUP_COLUMNS = ("patient_id", "patient", "group", "group_id", "subject_id", "study_id")
+POSITIVE_LABELS = ("1", "yes", "y", "true", "t", "fractured", "fracture", "positive")
+NEGATIVE_LABELS = ("0", "no", "n", "false", "f", "not fractured", "non fractured", "nonfractured", "normal", "negative")
+_SHOW = 5  # offending rows quoted in an error
+
+
+class DatasetError(Exception):
+    """A dataset problem the user must fix; printed without a traceback."""
+
+
+@dataclass
+class Columns:
+    """Column names in annotations.csv; ``None`` means auto-detect from the usual names.
+
+    Args:
+        image: image path relative to the split's ``images/`` folder.
+        label: fracture label (0/1, yes/no, true/false, fractured/not fractured).
+        fracture_type: optional fracture type (kept for subgroup reports).
+        group: optional patient/group id; a group never straddles train and val.
+    """
+
+    image: str | None = None
+    label: str | None = None
+    fracture_type: str | None = None
+    group: str | None = None
+
+
+def parse_label(value: object) -> int | None:
+    """1 for fractured, 0 for not fractured, None when the value means neither."""
+    text = " ".join(str(value).strip().lower().replace("_", " ").replace("-", " ").split())
+    if text in POSITIVE_LABELS:
+        return 1
+    if text in NEGATIVE_LABELS:
+        return 0
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def _rows(lines: list[int]) -> str:
+    shown = ", ".join(str(n) for n in lines[:_SHOW])
+    return shown + (f" (and {len(lines) - _SHOW} more)" if len(lines) > _SHOW else "")
+
+
+def _pick(table: pd.DataFrame, given: str | None, candidates: tuple[str, ...], what: str, csv: Path, required: bool) -> str | None:
+    if given is not None:
+        if given not in table.columns:
+            raise DatasetError(f"{csv}: no column {given!r} for the {what} (columns: {', '.join(table.columns)})")
+        return given
+    lower = {c.strip().lower(): c for c in table.columns}
+    for name in candidates:
+        if name in lower:
+            return lower[name]
+    if required:
+        raise DatasetError(
+            f"{csv}: cannot find the {what} column among {', '.join(map(repr, table.columns))}; "
+            f"name it one of {', '.join(candidates)} or set it in the config (data.columns)"
+        )
+    return None
+
+
+def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> pd.DataFrame:
+    """Read and validate one split.
+
+    Returns a table with ``path`` (absolute), ``label`` (0/1), ``fracture_type``,
+    ``group`` and ``line`` (CSV line number) plus every other column as metadata.
+    """
+    columns = columns or Columns()
+    split_dir = Path(split_dir)
+    csv = split_dir / "annotations.csv"
+    images = (split_dir / "images").resolve()
+    if not csv.is_file():
+        raise DatasetError(f"missing {csv}")
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise DatasetError(f"{csv}: empty file; expected a header and one row per image") from None
+    except pd.errors.ParserError as exc:
+        raise DatasetError(f"{csv}: malformed CSV ({exc})") from None
+    if table.empty:
+        raise DatasetError(f"{csv}: has a header but no rows")
+    image_col = _pick(table, columns.image, IMAGE_COLUMNS, "image", csv, True)
+    label_col = _pick(table, columns.label, LABEL_COLUMNS, "fracture label", csv, True)
+    type_col = _pick(table, columns.fracture_type, TYPE_COLUMNS, "fracture type", csv, False)
+    group_col = _pick(table, columns.group, GROUP_COLUMNS, "patient/group", csv, False)
+    lines = np.arange(len(table)) + 2  # header is line 1
+
+    labels = table[label_col].map(parse_label)
+    bad = labels.isna().to_numpy()
+    if bad.any():
+        examples = "; ".join(f"line {n}: {v!r}" for n, v in zip(lines[bad][:_SHOW], table[label_col][bad][:_SHOW]))
+        raise DatasetError(
+            f"{csv}: {bad.sum()} label(s) in column {label_col!r} are not one of 0/1, yes/no, true/false, "
+            f"fractured/not fractured: {examples}"
+        )
+
+    names = table[image_col].str.strip()
+    dup = names.duplicated(keep=False).to_numpy()
+    if dup.any():
+        raise DatasetError(f"{csv}: the same image is listed more than once, lines {_rows(list(lines[dup]))}")
+    paths, outside, missing = [], [], []
+    for name, line in zip(names, lines):
+        path = (images / name).resolve()
+        if not name or Path(name).is_absolute() or not path.is_relative_to(images):
+            outside.append(f"line {line}: {name!r}")
+        elif not path.is_file():
+            missing.append(f"line {line}: {name}")
+        paths.append(str(path))
+    if outside:
+        raise DatasetError(f"{csv}: image paths must stay inside {images}: {_rows(outside)}")
+    if missing:
+        raise DatasetError(f"{csv}: {len(missing)} image(s) do not exist under {images}: {_rows(missing)}")
+
+    out = table.drop(columns=[c for c in (image_col, label_col, type_col, group_col) if c])
+    out.insert(0, "path", paths)
+    out.insert(1, "label", labels.astype(int).to_numpy())
+    out.insert(2, "fracture_type", table[type_col].str.strip().to_numpy() if type_col else "")
+    groups = table[group_col].str.strip() if group_col else names
+    out.insert(3, "group", groups.where(groups != "", names).to_numpy())
+    out.insert(4, "line", lines)
+    return out.reset_index(drop=True)
+
+
+def require_both_classes(table: pd.DataFrame, where: str) -> None:
+    counts = np.bincount(table["label"].to_numpy(), minlength=2)
+    if counts.sum() == 0:
+        raise DatasetError(f"{where}: no images")
+    if counts.min() == 0:
+        present = "fractured" if counts[1] else "not fractured"
+        raise DatasetError(f"{where}: only {present} images ({counts.max()}); training needs both classes")
+
+
+def split_by_group(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Carve ``fraction`` of the images off as a held-out part, stratified by label, whole groups only.
+
+    A group's stratum is its majority label. Reproducible from ``seed``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    group_label = table.groupby("group", sort=True)["label"].mean().round().astype(int)
+    group_size = table.groupby("group", sort=True).size()
+    held: list[str] = []
+    for label in (0, 1):
+        groups = group_label.index[group_label == label].to_numpy()
+        groups = groups[rng.permutation(len(groups))]
+        target = fraction * group_size[groups].sum()
+        taken = 0
+        for g in groups:
+            if taken and taken >= target - 0.5 * group_size[g]:
+                break  # the first group of each class is always taken: both classes in val
+            held.append(g)
+            taken += group_size[g]
+    mask = table["group"].isin(held).to_numpy()
+    return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)
+
+
+def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fraction: float = 0.15, seed: int = 42) -> dict[str, pd.DataFrame]:
+    """Validated ``train``/``val``/``test`` tables; ``val`` carved from train when absent."""
+    root = Path(root)
+    tables = {}
+    for split in SPLITS:
+        if (root / split / "annotations.csv").is_file() or split != "val":
+            tables[split] = read_split(root / split, columns)
+    if "val" not in tables:
+        tables["train"], tables["val"] = split_by_group(tables["train"], val_fraction, seed)
+    require_both_classes(tables["train"], f"{root / 'train'}")
+    require_both_classes(tables["val"], f"validation split of {root}")
+    overlap = set(tables["train"]["path"]) & set(tables["test"]["path"])
+    if overlap:
+        raise DatasetError(f"{len(overlap)} image file(s) are in both train and test, e.g. {sorted(overlap)[0]}")
+    return tables

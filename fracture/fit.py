@@ -1,0 +1,205 @@
+"""Train a fracture classifier, checkpoint it, then test the best checkpoint.
+
+    python -m fracture.fit --config configs/default.yaml [--trainer.max_epochs 5] [--data.batch_size 64]
+    python -m fracture.fit --config configs/default.yaml --ckpt_path last      # resume the latest run
+
+Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
+(by validation AUROC), ``last.ckpt``, ``config.yaml`` (the resolved config),
+``metrics.csv`` (per-epoch logs), ``splits.csv``, ``run_info.json`` and
+``test_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from fracture import __version__, metrics
+from fracture.annotations import DatasetError
+from fracture.data import FractureDataModule, write_splits
+from fracture.module import FractureClassifier
+
+RUN_ENV = "FRACTURE_RUN_NAME"  # shared with DDP child processes so every rank writes to one run folder
+
+
+def latest_run(output_dir: str | os.PathLike, filename: str = "last.ckpt") -> Path | None:
+    """The most recently modified run folder holding ``filename``."""
+    found = sorted(Path(output_dir).glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class EpochSummary(Callback):
+    """One line per epoch when there is no progress bar (batch jobs, logs)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.progress_bar_callback is not None or not trainer.is_global_zero:
+            return
+        shown = ("val/loss", "val/auroc", "val/sensitivity", "val/specificity")
+        values = {k: float(trainer.callback_metrics[k]) for k in shown if k in trainer.callback_metrics}
+        print(f"epoch {trainer.current_epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+
+
+class FractureCLI(LightningCLI):
+    """LightningCLI with run folders, checkpointing and the preprocessing contract linked data → model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.resize", "model.resize")
+        parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: config name + time)")
+        parser.add_argument("--output_dir", type=str, default="checkpoints", help="where run folders go")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from a .ckpt, or 'last' for the latest run's last.ckpt")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint on the test split")
+
+    def _resolve_run(self) -> tuple[str, str | None]:
+        cfg = self.config
+        ckpt = cfg["ckpt_path"]
+        name = cfg["run_name"] or os.environ.get(RUN_ENV)
+        if ckpt == "last" and not name:
+            run = latest_run(cfg["output_dir"])
+            if run is None:
+                raise DatasetError(f"--ckpt_path last: no run with a last.ckpt under {cfg['output_dir']}/")
+            name = run.name
+        if ckpt and ckpt != "last" and not name:
+            name = Path(ckpt).resolve().parent.name
+        if not name:
+            configs = cfg.get("config") or []
+            stem = Path(str(configs[-1])).stem if configs else "run"
+            name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.environ[RUN_ENV] = name
+        return name, ckpt
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        self.run_name, self.resume = self._resolve_run()
+        self.run_dir = Path(self.config["output_dir"]) / self.run_name
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        checkpoint = ModelCheckpoint(
+            dirpath=self.run_dir,
+            filename="best-epoch{epoch:03d}-auroc{val/auroc:.4f}",
+            auto_insert_metric_name=False,
+            monitor="val/auroc",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+        )
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, EpochSummary()]
+        if trainer_cfg.get("logger") is not False:
+            loggers: list[Logger] = [CSVLogger(save_dir=self.config["output_dir"], name=self.run_name, version="")]
+            if importlib.util.find_spec("tensorboard") is not None:
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                loggers.append(TensorBoardLogger(save_dir=self.config["output_dir"], name=self.run_name, version="tensorboard"))
+            kwargs["logger"] = loggers
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_info(cli: FractureCLI) -> dict[str, Any]:
+    """Seed, versions and commit: what it takes to reproduce this run."""
+    return {
+        "run_name": cli.run_name,
+        "seed": cli.config.get("seed_everything"),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": _git_commit(),
+        "versions": {
+            "fracture": __version__,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+        },
+        "resumed_from": cli.resume,
+    }
+
+
+def test_report(model: FractureClassifier, best: str) -> dict[str, Any]:
+    """Test-split metrics at every operating point chosen on validation, plus confusion counts."""
+    probs, labels = model.test_predictions
+    report: dict[str, Any] = {"checkpoint": best, "n": int(labels.size), "positives": int(labels.sum()), "operating_points": {}}
+    for name, threshold in model.thresholds.items():
+        report["operating_points"][name] = {
+            "threshold": threshold,
+            **metrics.binary_metrics(probs, labels, threshold),
+            "confusion": metrics.confusion(probs, labels, threshold),
+        }
+    if labels.size and labels.min() == labels.max():
+        report["warning"] = "the test split holds one class only: AUROC and average precision are undefined"
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    points = report["operating_points"]
+    names = list(points)
+    lines = [f"test split: {report['n']} images, {report['positives']} fractured (positive class)"]
+    lines.append(f"{'metric':<18}" + "".join(f"{n:>12}" for n in names))
+    lines.append(f"{'threshold':<18}" + "".join(f"{points[n]['threshold']:>12.4f}" for n in names))
+    for metric in metrics.METRIC_NAMES:
+        cells = "".join(f"{points[n][metric]:>12.4f}" if not np.isnan(points[n][metric]) else f"{'undefined':>12}" for n in names)
+        lines.append(f"{metric:<18}{cells}")
+    for key in ("tp", "fp", "tn", "fn"):
+        lines.append(f"{key:<18}" + "".join(f"{points[n]['confusion'][key]:>12d}" for n in names))
+    if "warning" in report:
+        lines.append(f"warning: {report['warning']}")
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point; ``args`` replaces ``sys.argv[1:]`` so tests can call it in-process."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    try:
+        cli = FractureCLI(
+            FractureClassifier,
+            FractureDataModule,
+            run=False,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": __doc__, "default_env": False},
+        )
+        dm: FractureDataModule = cli.datamodule
+        tables = dm.check()
+        trainer = cli.trainer
+        if trainer.is_global_zero:
+            cli.run_dir.mkdir(parents=True, exist_ok=True)
+            write_splits(tables, cli.run_dir / "splits.csv")
+            (cli.run_dir / "run_info.json").write_text(json.dumps(run_info(cli), indent=2))
+        trainer.fit(cli.model, datamodule=dm, ckpt_path=cli.resume)
+        if trainer.interrupted or not cli.config["test_after_fit"]:
+            return 0
+        best = trainer.checkpoint_callback.best_model_path or "last"
+        trainer.test(cli.model, datamodule=dm, ckpt_path=best)
+        if trainer.is_global_zero:
+            report = test_report(cli.model, best)
+            out = cli.run_dir / "test_metrics.json"
+            out.write_text(json.dumps(report, indent=2))
+            print(format_report(report))
+            print(f"\nrun folder: {cli.run_dir}\nbest checkpoint: {best}\ntest metrics: {out}")
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Binary classification metrics in plain numpy (fractured = 1 = positive).
+
+Torch-free so the deployed predictor can score a labelled set on a CPU box;
+the definitions match torchmetrics' binary metrics (tested against them),
+including its rule that an image is called fractured when its probability is
+strictly above the threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRIC_NAMES = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auroc", "average_precision")
+
+
+def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(np.int64)
+    if probs.shape != labels.shape:
+        raise ValueError(f"{probs.size} probabilities but {labels.size} labels")
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (not fractured) or 1 (fractured)")
+    return probs, labels
+
+
+def confusion(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, int]:
+    """Counts at a threshold; fractured means probability > threshold (as torchmetrics)."""
+    probs, labels = _check(probs, labels)
+    pred = probs > threshold
+    return {
+        "tp": int(np.sum(pred & (labels == 1))),
+        "fp": int(np.sum(pred & (labels == 0))),
+        "tn": int(np.sum(~pred & (labels == 0))),
+        "fn": int(np.sum(~pred & (labels == 1))),
+    }
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half); NaN when a class is absent."""
+    probs, labels = _check(probs, labels)
+    n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(probs, kind="mergesort")
+    ranks = np.empty(probs.size, dtype=np.float64)
+    sorted_p = probs[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_p, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive rate, true-positive rate, cut) per distinct probability, high to low; positive = prob >= cut."""
+    probs, labels = _check(probs, labels)
+    thresholds = np.unique(probs)[::-1]
+    order = np.argsort(-probs, kind="mergesort")
+    p, y = probs[order], labels[order]
+    tps = np.cumsum(y)
+    fps = np.cumsum(1 - y)
+    last = np.searchsorted(-p, -thresholds, side="right") - 1  # last index with prob >= t
+    tpr = tps[last] / max(int(labels.sum()), 1)
+    fpr = fps[last] / max(int((labels == 0).sum()), 1)
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+
+
+def average_precision(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Step-wise area under the precision-recall curve (as torchmetrics/sklearn)."""
+    probs, labels = _check(probs, labels)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return float("nan")
+    thresholds = np.unique(probs)[::-1]
+    order = np.argsort(-probs, kind="mergesort")
+    p, y = probs[order], labels[order]
+    last = np.searchsorted(-p, -thresholds, side="right") - 1
+    tps = np.cumsum(y)[last]
+    fps = np.cumsum(1 - y)[last]
+    precision = tps / (tps + fps)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision, sensitivity, specificity, F1 at ``threshold``; AUROC and AP over all thresholds."""
+    c = confusion(probs, labels, threshold)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    precision = _ratio(tp, tp + fp)
+    sensitivity = _ratio(tp, tp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+        "precision": precision,
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auroc": auroc(probs, labels),
+        "average_precision": average_precision(probs, labels),
+    }
+
+
+def operating_points(probs: np.ndarray, labels: np.ndarray, min_sensitivity: float = 0.95) -> dict[str, float]:
+    """Named thresholds chosen on (validation) predictions.
+
+    ``screening``: the highest threshold whose sensitivity is at least ``min_sensitivity``.
+    ``balanced``: the threshold maximising Youden's J (sensitivity + specificity - 1).
+    ``default``: 0.5. Thresholds sit halfway between neighbouring observed
+    probabilities, so each definition holds exactly on the set it was chosen on
+    and tiny numeric differences (ONNX vs torch) do not flip a decision.
+    """
+    probs, labels = _check(probs, labels)
+    points = {"default": 0.5}
+    if labels.sum() == 0 or (labels == 0).sum() == 0:
+        return points
+    fpr, tpr, cut = roc_curve(probs, labels)
+    fpr, tpr, cut = fpr[1:], tpr[1:], cut[1:]
+    below = np.r_[cut[1:], max(cut[-1] - 1e-6, 0.0)]
+    thresholds = (cut + below) / 2  # probability > threshold  <=>  probability >= cut
+    ok = np.flatnonzero(tpr >= min_sensitivity)
+    points["screening"] = float(thresholds[ok[0]])  # cuts run high → low
+    points["balanced"] = float(thresholds[int(np.argmax(tpr - fpr))])
+    return points

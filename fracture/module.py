@@ -1,0 +1,201 @@
+"""FractureClassifier: the LightningModule that trains a network on fracture labels.
+
+Loss on logits (``BCEWithLogitsLoss``, stable form of sigmoid + BCE), Adam,
+torchmetrics per stage with fractured as the positive class, and operating
+points chosen on the validation split and stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    BinarySpecificity,
+)
+
+from fracture import __version__, metrics
+from fracture.model import build_network
+from fracture.preprocess import Contract
+
+
+def _metric_collection(prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "accuracy": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "sensitivity": BinaryRecall(),
+            "specificity": BinarySpecificity(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+            "average_precision": BinaryAveragePrecision(),
+        },
+        prefix=prefix,
+    )
+
+
+class FractureClassifier(L.LightningModule):
+    """Binary fracture classifier (fractured = positive).
+
+    Args:
+        arch: network architecture.
+        widths: filters per conv block of the seed CNN.
+        dense: hidden dense layer widths of the seed CNN.
+        dropout: dropout after each conv block.
+        dense_dropout: dropout after each hidden dense layer.
+        pool: seed CNN head: ``flatten`` (the Keras original) or global ``max``/``avg`` pooling.
+        optimizer: ``adam`` or ``adamw``.
+        lr: learning rate.
+        weight_decay: weight decay (decoupled for ``adamw``).
+        pos_weight: weight of the fractured class in the loss; ``auto`` = negatives/positives of the train split.
+        screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
+        image_size: input side in pixels (linked from ``data.image_size``).
+        resize: resize method (linked from ``data.resize``).
+        mean: normalisation mean of the 0..1-scaled pixels.
+        std: normalisation standard deviation of the 0..1-scaled pixels.
+    """
+
+    def __init__(
+        self,
+        arch: Literal["seed_cnn"] = "seed_cnn",
+        widths: Sequence[int] = (32, 64, 128),
+        dense: Sequence[int] = (256, 128),
+        dropout: float = 0.25,
+        dense_dropout: float = 0.5,
+        pool: Literal["flatten", "max", "avg"] = "flatten",
+        optimizer: Literal["adam", "adamw"] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        pos_weight: float | Literal["auto"] | None = None,
+        screening_sensitivity: float = 0.95,
+        image_size: int = 224,
+        resize: Literal["stretch", "letterbox"] = "stretch",
+        mean: float = 0.5,
+        std: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std)
+        self.net = build_network(self.contract, arch, widths=tuple(widths), dense=tuple(dense), dropout=dropout, dense_dropout=dense_dropout, pool=pool)
+        weight = 1.0 if pos_weight in (None, "auto") else float(pos_weight)
+        self.register_buffer("pos_weight", torch.tensor(weight))
+        self.train_metrics = _metric_collection("train/")
+        self.val_metrics = _metric_collection("val/")
+        self.test_metrics = _metric_collection("test/")
+        self.val_probs, self.val_labels = CatMetric(), CatMetric()
+        self.test_probs, self.test_labels = CatMetric(), CatMetric()
+        self.thresholds: dict[str, float] = {"default": 0.5}
+        self.val_summary: dict[str, float] = {}
+        self.train_counts: dict[str, int] = {}
+        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        self.example_input_array = torch.zeros(2, 1, image_size, image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels (0..255) → fracture logits."""
+        return self.net(x)
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        data = dm.contract
+        if (data.image_size, data.resize) != (self.contract.image_size, self.contract.resize):
+            raise ValueError(f"data preprocessing {data} does not match the model's {self.contract}")
+        self.train_counts = dm.class_counts
+        if self.hparams.pos_weight == "auto":
+            self.pos_weight.fill_(self.train_counts["not_fractured"] / max(self.train_counts["fractured"], 1))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
+        return loss, torch.sigmoid(logits.detach().float())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, probs = self._step(batch, "train")
+        self.train_metrics.update(probs, batch[1].int())
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        _, probs = self._step(batch, "val")
+        self.val_metrics.update(probs, batch[1].int())
+        self.val_probs.update(probs)
+        self.val_labels.update(batch[1])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=False)
+        self.val_metrics.reset()
+        probs, labels = self._gathered(self.val_probs, self.val_labels)
+        self.thresholds = metrics.operating_points(probs, labels, self.hparams.screening_sensitivity)
+        self.val_summary = {k: v for k, v in metrics.binary_metrics(probs, labels).items() if not math.isnan(v)}
+        self.val_summary["n"] = int(labels.size)
+        for name, value in self.thresholds.items():
+            if name != "default":
+                self.log(f"val/threshold_{name}", value)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        _, probs = self._step(batch, "test")
+        self.test_metrics.update(probs, batch[1].int())
+        self.test_probs.update(probs)
+        self.test_labels.update(batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+        self.test_predictions = self._gathered(self.test_probs, self.test_labels)
+
+    @staticmethod
+    def _gathered(probs: CatMetric, labels: CatMetric) -> tuple[np.ndarray, np.ndarray]:
+        """All predictions of the epoch (across processes), then reset."""
+        p = probs.compute().cpu().numpy().ravel() if probs.update_count else np.zeros(0)
+        y = labels.compute().cpu().numpy().ravel().astype(np.int64) if labels.update_count else np.zeros(0, np.int64)
+        probs.reset()
+        labels.reset()
+        return p, y
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.sigmoid(self(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        return cls(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def deployment_info(self) -> dict[str, Any]:
+        """What a deployer needs to know, kept in every checkpoint and later in the ONNX metadata."""
+        return {
+            "contract": self.contract.to_dict(),
+            "thresholds": dict(self.thresholds),
+            "train_counts": dict(self.train_counts),
+            "val_metrics": dict(self.val_summary),
+            "class_names": ["not_fractured", "fractured"],
+            "positive_class": "fractured",
+            "version": __version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fracture"] = self.deployment_info()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("fracture", {})
+        self.thresholds = dict(info.get("thresholds", self.thresholds))
+        self.train_counts = dict(info.get("train_counts", {}))
+        self.val_summary = dict(info.get("val_metrics", {}))

@@ -1,0 +1,234 @@
+"""Decode → grayscale → resize: the one preprocessing path.
+
+Training, evaluation and the ONNX predictor all turn files into model inputs
+through this module, so what a deployed model sees cannot drift from what it
+was trained on. Torch-free on purpose (numpy + OpenCV only).
+
+A model input is a ``uint8`` array of shape ``(image_size, image_size)``.
+Scaling and normalisation to float happen inside the network (and inside the
+exported ONNX graph), driven by the same :class:`Contract`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RESIZE_METHODS = ("stretch", "letterbox")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+DEFAULT_MAX_PIXELS = 100_000_000
+_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+
+
+class ImageError(ValueError):
+    """A file that cannot become a model input; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything a model needs to know about how its input was made.
+
+    Stored in the checkpoint and in the ONNX metadata; the predictor rebuilds
+    it from there and never from command-line flags.
+    """
+
+    image_size: int = 224
+    channels: int = 1
+    resize: str = "stretch"
+    interpolation: str = "area"
+    pixel_scale: float = 1.0 / 255.0
+    mean: float = 0.5
+    std: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 16 <= int(self.image_size) <= 1024:
+            raise ValueError(f"image_size must be within 16..1024, got {self.image_size}")
+        if self.channels != 1:
+            raise ValueError(f"only single-channel (grayscale) inputs are supported, got channels={self.channels}")
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}")
+        if not self.std > 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Contract:
+        """Rebuild from stored metadata, refusing unknown or missing keys."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        missing = names - set(data)
+        if unknown or missing:
+            raise ValueError(f"preprocessing contract has unknown keys {sorted(unknown)} / misses {sorted(missing)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the original image lies inside the model input, to map heatmaps back."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+    inner_height: int
+    inner_width: int
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header without decoding pixels."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + length
+    return None
+
+
+def _is_dicom(path: Path, data: bytes) -> bool:
+    return data[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+def _to_uint8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Map any integer/float image to uint8, honouring the bit depth actually used."""
+    if img.dtype == np.uint8:
+        return img
+    if np.issubdtype(img.dtype, np.integer):
+        img = img.astype(np.int64)
+        lo = min(int(img.min()), 0)
+        img = img - lo
+        if bits is None:
+            # 12-bit data often sits in a 16-bit container: scale by the depth in use.
+            bits = max(8, int(np.ceil(np.log2(int(img.max()) + 1))))
+        return np.clip(np.rint(img * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    img = np.nan_to_num(img.astype(np.float64))
+    lo, hi = float(img.min()), float(img.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return np.rint(img * 255.0).astype(np.uint8)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.rint((img - lo) * scale).astype(np.uint8)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise ImageError(f"{path}: DICOM needs pydicom; install it with `pip install 'fracture[dicom]'`") from exc
+    try:
+        ds = pydicom.dcmread(str(path))
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise ImageError(f"{path}: unreadable DICOM ({exc})") from exc
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: first frame
+    if pixels.ndim == 3:
+        return cv2.cvtColor(_to_uint8(pixels), cv2.COLOR_RGB2GRAY)
+    img = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1)
+    img += float(getattr(ds, "RescaleIntercept", 0) or 0)
+    bits = int(getattr(ds, "BitsStored", 0) or 0)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    if bits and slope == 1 and img.min() >= 0:
+        out = _to_uint8(np.rint(img).astype(np.int64), bits=bits)
+    else:
+        out = _to_uint8(img.astype(np.float32))
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 255 - out  # MONOCHROME1 stores bone dark; we train on bone bright
+    return out
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one file to a 2-D ``uint8`` grayscale array in its original geometry.
+
+    Raises:
+        ImageError: unreadable, empty, truncated, oversized or undecodable files.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    if _is_dicom(path, data):
+        return _read_dicom(path)
+    size = _header_size(data)
+    if size is not None:
+        w, h = size
+        if w * h > max_pixels:
+            raise ImageError(f"{path}: header claims {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit")
+        if w == 0 or h == 0:
+            raise ImageError(f"{path}: header claims an empty {w}x{h} image")
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise ImageError(f"{path}: not a decodable image")
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        else:
+            code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+            if img.dtype not in (np.uint8, np.uint16, np.float32):
+                img = _to_uint8(img)
+            img = cv2.cvtColor(img, code)
+    if img.ndim != 2:
+        raise ImageError(f"{path}: unsupported image layout {img.shape}")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
+    return _to_uint8(img)
+
+
+def geometry(height: int, width: int, contract: Contract) -> Geometry:
+    """Where an image of this size lands inside the square model input."""
+    size = contract.image_size
+    if contract.resize == "stretch":
+        return Geometry(height, width, 0, 0, size, size)
+    scale = size / max(height, width)
+    ih, iw = max(1, round(height * scale)), max(1, round(width * scale))
+    return Geometry(height, width, (size - ih) // 2, (size - iw) // 2, ih, iw)
+
+
+def resize(img: np.ndarray, contract: Contract) -> np.ndarray:
+    """Resize a decoded grayscale image to the model's square input."""
+    g = geometry(img.shape[0], img.shape[1], contract)
+    interp = _INTERPOLATION[contract.interpolation]
+    inner = cv2.resize(img, (g.inner_width, g.inner_height), interpolation=interp)
+    if contract.resize == "stretch":
+        return inner
+    out = np.zeros((contract.image_size, contract.image_size), np.uint8)
+    out[g.top : g.top + g.inner_height, g.left : g.left + g.inner_width] = inner
+    return out
+
+
+def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """File → model input (``uint8``, ``image_size`` square). The single entry point."""
+    return resize(read_image(path, max_pixels=max_pixels), contract)

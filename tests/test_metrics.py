@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_specificity,
+)
+
+from fracture import metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numpy_metrics_match_torchmetrics(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.3 + rng.random(300) * 0.7, 0, 1)
+    probs[:40] = np.round(probs[:40], 1)  # ties
+    ours = metrics.binary_metrics(probs, labels, 0.5)
+    p, y = torch.tensor(probs), torch.tensor(labels)
+    theirs = {
+        "accuracy": binary_accuracy(p, y), "precision": binary_precision(p, y), "sensitivity": binary_recall(p, y),
+        "specificity": binary_specificity(p, y), "f1": binary_f1_score(p, y), "auroc": binary_auroc(p, y),
+        "average_precision": binary_average_precision(p, y),
+    }
+    for name, value in theirs.items():
+        assert ours[name] == pytest.approx(float(value), abs=1e-6), name
+
+
+def test_fractured_is_the_positive_class() -> None:
+    m = metrics.binary_metrics(np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 0, 0, 0]))
+    assert m["sensitivity"] == 1.0 and m["precision"] == 0.5 and m["specificity"] == 2 / 3
+
+
+def test_undefined_metrics_are_nan_not_errors() -> None:
+    m = metrics.binary_metrics(np.array([0.2, 0.7]), np.array([0, 0]))
+    assert np.isnan(m["auroc"]) and np.isnan(m["sensitivity"]) and m["specificity"] == 0.5
+
+
+def test_operating_points_meet_their_definitions() -> None:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 500)
+    probs = 1 / (1 + np.exp(-(labels * 2 - 1 + rng.normal(0, 1.2, 500))))
+    points = metrics.operating_points(probs, labels, min_sensitivity=0.95)
+    assert points["default"] == 0.5
+    at = metrics.binary_metrics(probs, labels, points["screening"])
+    assert at["sensitivity"] >= 0.95
+    next_up = probs[probs > points["screening"]].min()  # the next threshold that changes any decision
+    assert metrics.binary_metrics(probs, labels, next_up)["sensitivity"] < 0.95
+    youden = lambda t: (lambda m: m["sensitivity"] + m["specificity"])(metrics.binary_metrics(probs, labels, t))  # noqa: E731
+    best = max(youden(t) for t in np.r_[np.unique(probs), 0.0] - 1e-9)
+    assert youden(points["balanced"]) == pytest.approx(best)

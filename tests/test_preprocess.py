@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fracture import preprocess
+from fracture.preprocess import Contract, ImageError
+
+
+def gradient(h: int = 60, w: int = 40) -> np.ndarray:
+    return (np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w - 2)).astype(np.uint8)
+
+
+def test_8bit_16bit_rgb_and_rgba_decode_to_the_same_gray(tmp_path: Path) -> None:
+    img = gradient()
+    cv2.imwrite(str(tmp_path / "g8.png"), img)
+    cv2.imwrite(str(tmp_path / "g16.png"), img.astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([img] * 3))
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([img] * 3 + [np.full_like(img, 255)]))
+    for name in ("g8.png", "g16.png", "rgb.png", "rgba.png"):
+        out = preprocess.read_image(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        assert np.abs(out.astype(int) - img).max() <= 1, name
+
+
+def test_12bit_data_in_16bit_container_uses_its_range(tmp_path: Path) -> None:
+    img = gradient().astype(np.uint16) * 16  # 0..4080: 12-bit
+    cv2.imwrite(str(tmp_path / "g12.png"), img)
+    out = preprocess.read_image(tmp_path / "g12.png")
+    assert out.max() >= 250
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+@pytest.mark.parametrize("method", ["stretch", "letterbox"])
+def test_resize_gives_square_inputs(size: int, method: str) -> None:
+    out = preprocess.resize(gradient(90, 30), Contract(image_size=size, resize=method))
+    assert out.shape == (size, size) and out.dtype == np.uint8
+
+
+def test_letterbox_keeps_aspect_and_pads_with_zero() -> None:
+    contract = Contract(image_size=64, resize="letterbox")
+    img = np.full((100, 50), 200, np.uint8)
+    out = preprocess.resize(img, contract)
+    g = preprocess.geometry(100, 50, contract)
+    assert (g.inner_height, g.inner_width) == (64, 32)
+    assert (out[:, : g.left] == 0).all() and (out[:, g.left + g.inner_width :] == 0).all()
+    assert (out[:, g.left : g.left + g.inner_width] == 200).all()
+
+
+def test_bad_files_raise_image_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    ok, buf = cv2.imencode(".jpg", gradient())
+    (tmp_path / "cut.jpg").write_bytes(buf.tobytes()[: len(buf) // 2])
+    for name, reason in [("empty.png", "empty"), ("noise.jpg", "not a decodable image"), ("cut.jpg", "truncated JPEG"), ("absent.png", "not found")]:
+        with pytest.raises(ImageError, match=reason) as info:
+            preprocess.read_image(tmp_path / name)
+        assert name in str(info.value)
+
+
+def test_oversized_header_is_refused_before_decoding(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((200, 300), np.uint8))
+    with pytest.raises(ImageError, match="megapixels"):
+        preprocess.read_image(tmp_path / "big.png", max_pixels=50_000)
+
+
+def test_contract_round_trip_and_validation() -> None:
+    c = Contract(image_size=128, resize="letterbox")
+    assert Contract.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError):
+        Contract(resize="crop")
+    with pytest.raises(ValueError):
+        Contract.from_dict({**c.to_dict(), "surprise": 1})
