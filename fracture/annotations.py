@@ -15,13 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fracture.labels import GROUP_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
+
 SPLITS = ("train", "val", "test")
-IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "path", "image_path", "image_id", "img")
-LABEL_COLUMNS = ("fracture", "fractured", "label", "target", "class", "is_fractured", "has_fracture")
-TYPE_COLUMNS = ("fracture_type", "type")
-GROUP_COLUMNS = ("patient_id", "patient", "group", "group_id", "subject_id", "study_id")
-POSITIVE_LABELS = ("1", "yes", "y", "true", "t", "fractured", "fracture", "positive")
-NEGATIVE_LABELS = ("0", "no", "n", "false", "f", "not fractured", "non fractured", "nonfractured", "normal", "negative")
 _SHOW = 5  # offending rows quoted in an error
 
 
@@ -46,20 +42,6 @@ class Columns:
     group: str | None = None
 
 
-def parse_label(value: object) -> int | None:
-    """1 for fractured, 0 for not fractured, None when the value means neither."""
-    text = " ".join(str(value).strip().lower().replace("_", " ").replace("-", " ").split())
-    if text in POSITIVE_LABELS:
-        return 1
-    if text in NEGATIVE_LABELS:
-        return 0
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number in (0.0, 1.0) else None
-
-
 def _rows(lines: list[int]) -> str:
     shown = ", ".join(str(n) for n in lines[:_SHOW])
     return shown + (f" (and {len(lines) - _SHOW} more)" if len(lines) > _SHOW else "")
@@ -70,16 +52,13 @@ def _pick(table: pd.DataFrame, given: str | None, candidates: tuple[str, ...], w
         if given not in table.columns:
             raise DatasetError(f"{csv}: no column {given!r} for the {what} (columns: {', '.join(table.columns)})")
         return given
-    lower = {c.strip().lower(): c for c in table.columns}
-    for name in candidates:
-        if name in lower:
-            return lower[name]
-    if required:
+    found = find_column(list(table.columns), candidates)
+    if found is None and required:
         raise DatasetError(
             f"{csv}: cannot find the {what} column among {', '.join(map(repr, table.columns))}; "
             f"name it one of {', '.join(candidates)} or set it in the config (data.columns)"
         )
-    return None
+    return found
 
 
 def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> pd.DataFrame:

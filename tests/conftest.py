@@ -36,3 +36,22 @@ def tiny_fit_args(root: Path, out: Path, *extra: str, epochs: int = 2) -> list[s
         "--run_name", "tiny",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The best checkpoint of a 2-epoch, 64 px run on the tiny synthetic set."""
+    from fracture import fit
+
+    out = tmp_path_factory.mktemp("run")
+    assert fit.main(tiny_fit_args(synth_root, out, "--test_after_fit", "false", epochs=2)) == 0
+    return next((out / "tiny").glob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fracture.export import export
+
+    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    export(tiny_ckpt, out)
+    return out

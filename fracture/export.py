@@ -1,0 +1,313 @@
+"""Checkpoint → one ONNX file that carries its preprocessing contract and thresholds.
+
+    python -m fracture.export [--ckpt CKPT] [--out exports/fracture.onnx]
+    python -m fracture.export --int8 --calibration DATASET_ROOT       # also write an INT8 file
+
+The graph holds everything after the shared resize step: pixel scaling,
+normalisation, the network and the sigmoid. Input ``image``: float32
+``N x 1 x H x W`` raw pixel values (0..255) exactly as
+``fracture.preprocess.load`` makes them; outputs ``probability`` and ``logit``
+(``N``). Metadata key ``fracture`` holds a JSON object with the contract,
+thresholds, class names, training counts, validation metrics, checkpoint
+sha256 and package version. Every export is checked with
+``onnx.checker`` (full check) and for parity with the checkpoint on
+onnxruntime at batch 1 and batch N; a failed check leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from fracture import metrics, preprocess
+from fracture.module import FractureClassifier
+from fracture.progress import progress
+from fracture.synth import radiograph
+
+METADATA_KEY = "fracture"
+PARITY_ATOL = 1e-5
+
+
+class ExportError(Exception):
+    """An export that must not be shipped; printed without a traceback."""
+
+
+class Deployable(nn.Module):
+    """Raw pixels → (probability, logit): the function the ONNX file computes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.net(image)
+        return torch.sigmoid(logit), logit
+
+
+def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    try:
+        model = FractureClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"{ckpt}: checkpoint not found") from None
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise ExportError(f"{ckpt}: not a usable fracture checkpoint ({type(exc).__name__}: {exc})") from None
+    return model.eval()
+
+
+def latest_best(output_dir: str | os.PathLike = "checkpoints") -> Path:
+    """The best checkpoint of the most recent run."""
+    found = sorted(Path(output_dir).glob("*/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ExportError(f"no best-*.ckpt under {output_dir}/; train first (python -m fracture.fit) or pass --ckpt")
+    return found[-1]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike, exporter: str, **extra: Any) -> dict[str, Any]:
+    """Everything a deployer needs, as stored under the ``fracture`` metadata key."""
+    return {
+        **model.deployment_info(),
+        "input": {"name": "image", "dtype": "float32", "layout": "N x 1 x H x W", "range": "0..255 raw pixels from fracture.preprocess.load"},
+        "outputs": ["probability", "logit"],
+        "decision": "fractured when probability > threshold",
+        "checkpoint_sha256": sha256(ckpt),
+        "checkpoint": Path(ckpt).name,
+        "exporter": exporter,
+        **extra,
+    }
+
+
+def _to_onnx(module: nn.Module, size: int, path: Path) -> str:
+    """Export with the dynamo exporter, falling back to the legacy one; returns which one worked."""
+    example = (torch.zeros(2, 1, size, size),)
+    names = {"input_names": ["image"], "output_names": ["probability", "logit"]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, example, dynamo=True, dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}}, optimize=True, verbose=False, **names
+            )
+        program.save(str(path))
+        return "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back, and we say so
+        print(f"dynamo exporter failed ({type(exc).__name__}: {str(exc)[:200]}); using the legacy TorchScript exporter", file=sys.stderr)
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}, "logit": {0: "batch"}}, **names)
+    return "torchscript"
+
+
+def parity_inputs(contract: preprocess.Contract, images: list[str] | None = None, n: int = 8, seed: int = 0) -> np.ndarray:
+    """Model inputs for the parity check: given image files, else synthetic radiographs."""
+    if images:
+        batch = [preprocess.load(p, contract) for p in images[:n]]
+    else:
+        rng = np.random.default_rng(seed)
+        batch = [preprocess.resize(np.rint(radiograph(rng, i % 2 == 1, "oblique") * 255).astype(np.uint8), contract) for i in range(n)]
+    return np.stack(batch)[:, None].astype(np.float32)
+
+
+def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(onnx_path: Path, module: nn.Module, inputs: np.ndarray) -> dict[str, float]:
+    """Max |p_onnx - p_torch| at batch 1 (each image) and at batch N; raises ExportError over 1e-5."""
+    sess = session(onnx_path)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(inputs))[0].numpy()
+    one = np.concatenate([sess.run(["probability"], {"image": inputs[i : i + 1]})[0] for i in range(len(inputs))])
+    full = sess.run(["probability"], {"image": inputs})[0]
+    report = {"batch_1": float(np.abs(one - expected).max()), f"batch_{len(inputs)}": float(np.abs(full - expected).max())}
+    if max(report.values()) > PARITY_ATOL:
+        raise ExportError(f"ONNX probabilities differ from the checkpoint's by {report} (limit {PARITY_ATOL}); not shipping {onnx_path.name}")
+    return report
+
+
+def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
+    model.producer_name = "fracture"
+    model.doc_string = "Bone-fracture classifier (fractured = positive). Research tool, not a medical device."
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Atomic replace: a killed export leaves the old file or none, never half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, parity_images: list[str] | None = None) -> dict[str, Any]:
+    """Export, check and install one FP32 ONNX file; returns its metadata."""
+    out = Path(out)
+    model = load_classifier(ckpt)
+    module = Deployable(model.net).eval()
+    size = model.contract.image_size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmpdir:
+        tmp = Path(tmpdir) / out.name
+        exporter = _to_onnx(module, size, tmp)
+        inputs = parity_inputs(model.contract, parity_images)
+        parity = check_parity(tmp, module, inputs)
+        meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity)
+        _write_metadata(tmp, meta)
+        _install(tmp, out)
+    return meta
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed images."""
+
+    def __init__(self, paths: list[str], contract: preprocess.Contract, batch: int = 16) -> None:
+        self.batches = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
+        self.contract = contract
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self.batches, None)
+        if chunk is None:
+            return None
+        return {"image": np.stack([preprocess.load(p, self.contract) for p in chunk])[:, None].astype(np.float32)}
+
+
+def _image_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+
+
+def _run_split(ckpt: Path, split: str) -> tuple[list[str], np.ndarray] | None:
+    """Paths and labels of one split of the checkpoint's run, from its splits.csv."""
+    table = ckpt.parent / "splits.csv"
+    if not table.is_file():
+        return None
+    import pandas as pd
+
+    rows = pd.read_csv(table)
+    rows = rows[rows["split"] == split]
+    return (rows["path"].tolist(), rows["label"].to_numpy()) if len(rows) else None
+
+
+def _predict_all(path: Path, paths: list[str], contract: preprocess.Contract, batch: int = 32) -> np.ndarray:
+    sess = session(path)
+    out = []
+    for i in progress(range(0, len(paths), batch), desc="int8 check"):
+        x = np.stack([preprocess.load(p, contract) for p in paths[i : i + batch]])[:, None].astype(np.float32)
+        out.append(sess.run(["probability"], {"image": x})[0])
+    return np.concatenate(out)
+
+
+def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_split: Path | None = None, max_calibration: int = 256, max_auroc_drop: float = 0.01) -> dict[str, Any]:
+    """Static QDQ INT8 (per-channel weights) calibrated on training images, kept only if AUROC holds.
+
+    Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
+    root, else every image under ``calibration``. Evaluation: ``eval_split`` (a
+    split folder with annotations.csv), else the checkpoint run's validation split.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from fracture.annotations import read_split
+
+    meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
+    contract = preprocess.Contract.from_dict(meta["contract"])
+    if (calibration / "train" / "annotations.csv").is_file():
+        calib = read_split(calibration / "train")["path"].tolist()
+    else:
+        calib = _image_files(calibration)
+    if not calib:
+        raise ExportError(f"no calibration images under {calibration}")
+    calib = [calib[i] for i in np.random.default_rng(0).permutation(len(calib))[:max_calibration]]
+    if eval_split is not None:
+        table = read_split(eval_split)
+        labelled = (table["path"].tolist(), table["label"].to_numpy())
+    else:
+        labelled = _run_split(ckpt, "val")
+    if labelled is None:
+        raise ExportError("--int8 needs a labelled split to check AUROC: pass --int8-eval SPLIT_DIR (a folder with images/ and annotations.csv)")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmpdir:
+        pre, tmp = Path(tmpdir) / "pre.onnx", Path(tmpdir) / out.name
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(tmp),
+            _Calibration(calib, contract),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        p32 = _predict_all(fp32, labelled[0], contract)
+        p8 = _predict_all(tmp, labelled[0], contract)
+        report = {
+            "n": int(len(p32)),
+            "calibration_images": len(calib),
+            "max_abs_prob_diff": float(np.abs(p32 - p8).max()),
+            "auroc_fp32": metrics.auroc(p32, labelled[1]),
+            "auroc_int8": metrics.auroc(p8, labelled[1]),
+        }
+        report["auroc_drop"] = report["auroc_fp32"] - report["auroc_int8"]
+        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop)
+        if report["kept"]:
+            _write_metadata(tmp, {**meta, "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", **report}})
+            _install(tmp, out)
+    return report
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint to export (default: the best one of the latest run under checkpoints/)")
+    parser.add_argument("--out", default="exports/fracture.onnx", help="output file (default: exports/fracture.onnx)")
+    parser.add_argument("--parity-images", nargs="*", help="image files for the parity check (default: synthetic radiographs)")
+    parser.add_argument("--int8", action="store_true", help="also write an INT8 (static QDQ) file next to --out as NAME.int8.onnx")
+    parser.add_argument("--calibration", type=Path, help="INT8 calibration: a dataset root (its train split) or a folder of images")
+    parser.add_argument("--int8-eval", type=Path, help="labelled split folder for the INT8 check (default: the run's validation split)")
+    ns = parser.parse_args(args)
+    try:
+        ckpt = Path(ns.ckpt) if ns.ckpt else latest_best()
+        meta = export(ckpt, ns.out, ns.parity_images)
+        print(f"exported {ckpt} → {ns.out} ({meta['exporter']} exporter; parity max |Δp| {meta['parity_max_abs_diff']})")
+        print(f"thresholds: {meta['thresholds']}")
+        if ns.int8:
+            if ns.calibration is None:
+                parser.error("--int8 needs --calibration DIR")
+            out8 = Path(ns.out).with_suffix(".int8.onnx")
+            report = quantize_int8(Path(ns.out), out8, ckpt, ns.calibration, ns.int8_eval)
+            print(
+                f"INT8 vs FP32 on {report['n']} labelled images: max |Δp| {report['max_abs_prob_diff']:.4f}, "
+                f"AUROC {report['auroc_fp32']:.4f} → {report['auroc_int8']:.4f} (drop {report['auroc_drop']:+.4f})"
+            )
+            print(f"kept {out8}" if report["kept"] else f"INT8 discarded: AUROC dropped by more than 0.01; only {ns.out} was written")
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Fracture probabilities from an exported ONNX file, on a CPU, without torch.
+
+    python -m fracture.predict MODEL.onnx INPUT… [--out preds.csv|preds.json]
+        [--threshold 0.3 | --operating-point screening] [--labels annotations.csv]
+
+INPUT: image files, folders (searched recursively), glob patterns, or a CSV with
+an image column (paths relative to the CSV's ``images/`` folder or the CSV
+itself). DICOM (``.dcm``) works when pydicom is installed (``fracture[dicom]``).
+The preprocessing (size, resize, scaling) is read from the model's metadata,
+never from flags. A file that cannot be read becomes an error row; the others
+are still predicted and the exit code is 1. Imports numpy, OpenCV and
+onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fracture import metrics, preprocess
+from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, parse_label
+from fracture.progress import progress
+
+METADATA_KEY = "fracture"
+
+
+class ModelError(Exception):
+    """A model file the predictor refuses; printed without a traceback."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    probability: float | None = None
+    fractured: bool | None = None
+    threshold: float | None = None
+    threshold_name: str = ""
+    error: str = ""
+
+
+class Predictor:
+    """One onnxruntime session plus the preprocessing contract stored in the model.
+
+    Args:
+        model_path: an ONNX file written by ``python -m fracture.export``.
+        threads: onnxruntime intra-op threads and decode threads (default: all cores).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for broken files
+            raise ModelError(f"{path}: not a loadable ONNX model, truncated or corrupt? ({str(exc).splitlines()[0][:200]})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise ModelError(f"{path}: no '{METADATA_KEY}' metadata; export models with `python -m fracture.export`")
+        try:
+            self.metadata = json.loads(raw)
+            self.contract = preprocess.Contract.from_dict(self.metadata["contract"])
+            self.thresholds = {str(k): float(v) for k, v in self.metadata["thresholds"].items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{path}: malformed '{METADATA_KEY}' metadata ({exc})") from None
+        self._check_graph(path)
+        self.threads = threads or os.cpu_count() or 1
+
+    def _check_graph(self, path: Path) -> None:
+        """The graph's input must be what the metadata promises (catches edited or mismatched files)."""
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or inputs[0].name != "image" or "probability" not in outputs:
+            raise ModelError(f"{path}: expected one input 'image' and an output 'probability'")
+        shape = inputs[0].shape
+        size = self.contract.image_size
+        if len(shape) != 4 or list(shape[1:]) != [self.contract.channels, size, size]:
+            raise ModelError(f"{path}: metadata promises {self.contract.channels}x{size}x{size} inputs but the graph takes {shape[1:]}; the file was altered or mixed up")
+
+    def threshold(self, value: float | None = None, operating_point: str | None = None) -> tuple[str, float]:
+        """Pick a threshold by value or by the name of an operating point stored in the model."""
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                raise ModelError(f"threshold must be within 0..1, got {value}")
+            return "custom", float(value)
+        name = operating_point or "default"
+        if name not in self.thresholds:
+            raise ModelError(f"operating point {name!r} is not in this model; it has {', '.join(self.thresholds)}")
+        return name, self.thresholds[name]
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """``N x H x W`` uint8 model inputs → ``N`` fracture probabilities."""
+        x = np.ascontiguousarray(pixels[:, None], dtype=np.float32)
+        return self.session.run(["probability"], {"image": x})[0].astype(np.float64)
+
+    def _load(self, path: str) -> np.ndarray | str:
+        try:
+            return preprocess.load(path, self.contract)
+        except preprocess.ImageError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder crash on one file must not stop the run
+            return f"{path}: cannot read ({type(exc).__name__}: {exc})"
+
+    def predict(self, paths: list[str], batch_size: int = 32, threshold: tuple[str, float] = ("default", 0.5), show_progress: bool = True) -> Iterator[Prediction]:
+        """Predictions in input order; decoding of the next batch overlaps inference of this one."""
+        name, value = threshold
+        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending = [pool.submit(lambda c=c: list(map(self._load, c))) for c in chunks[:1]]
+            bar = progress(range(len(paths)), desc="predict") if show_progress else iter(range(len(paths)))
+            for k, chunk in enumerate(chunks):
+                if k + 1 < len(chunks):
+                    pending.append(pool.submit(lambda c=chunks[k + 1]: list(map(self._load, c))))
+                loaded = pending.pop(0).result()
+                good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
+                probs = self.probabilities(np.stack([loaded[i] for i in good])) if good else []
+                by_index = dict(zip(good, probs))
+                for i, path in enumerate(chunk):
+                    next(bar, None)
+                    if i in by_index:
+                        p = float(by_index[i])
+                        yield Prediction(path, p, p > value, value, name)
+                    else:
+                        yield Prediction(path, error=str(loaded[i]))
+            for _ in bar:
+                pass
+
+
+def _csv_images(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    column = find_column(list(rows[0].keys()) if rows else [], IMAGE_COLUMNS)
+    if column is None:
+        raise ModelError(f"{path}: no image column (one of {', '.join(IMAGE_COLUMNS)})")
+    base = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    return [str(base / row[column].strip()) for row in rows]
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files, folders (recursive), globs and CSVs → image paths, in a stable order."""
+    paths: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in preprocess.IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file() and p.suffix.lower() == ".csv":
+            paths += _csv_images(p)
+        elif p.exists():
+            paths.append(str(p))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            paths += [m for m in matches if Path(m).is_file()] if matches else [item]  # a missing file becomes an error row
+    return paths
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """Resolved image path → 0/1 from an annotations.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    label_col = find_column(list(rows[0].keys()) if rows else [], LABEL_COLUMNS)
+    if label_col is None:
+        raise ModelError(f"{path}: no label column (one of {', '.join(LABEL_COLUMNS)})")
+    labels = {}
+    for image, row in zip(_csv_images(path), rows):
+        value = parse_label(row[label_col])
+        if value is None:
+            raise ModelError(f"{path}: label {row[label_col]!r} is not one of 0/1, yes/no, true/false, fractured/not fractured")
+        labels[os.path.realpath(image)] = value
+    return labels
+
+
+def write_output(rows: list[Prediction], out: Path) -> None:
+    records = [{"path": r.path, "probability": r.probability, "prediction": None if r.error else ("fractured" if r.fractured else "not_fractured"),
+                "threshold": r.threshold, "operating_point": r.threshold_name, "error": r.error} for r in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(records, indent=1))
+    else:
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["path"])
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def labelled_metrics(rows: list[Prediction], labels: dict[str, int], threshold: float) -> tuple[dict[str, float], int]:
+    """Numpy metrics over the predicted images that have a label; returns (metrics, n)."""
+    pairs = [(r.probability, labels[os.path.realpath(r.path)]) for r in rows if not r.error and os.path.realpath(r.path) in labels]
+    if not pairs:
+        return {}, 0
+    probs, y = np.array([p for p, _ in pairs]), np.array([t for _, t in pairs])
+    return metrics.binary_metrics(probs, y, threshold), len(pairs)
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="ONNX file from python -m fracture.export")
+    parser.add_argument("inputs", nargs="+", help="image files, folders, globs or a CSV with an image column")
+    parser.add_argument("--out", type=Path, help="write predictions to .csv or .json")
+    pick = parser.add_mutually_exclusive_group()
+    pick.add_argument("--threshold", type=float, help="call fractured above this probability")
+    pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
+    parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no per-image table on stdout")
+    ns = parser.parse_args(args)
+    try:
+        predictor = Predictor(ns.model, ns.threads)
+        threshold = predictor.threshold(ns.threshold, ns.operating_point)
+        labels = read_labels(ns.labels) if ns.labels else None
+        paths = expand_inputs(ns.inputs)
+    except (ModelError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    if not ns.quiet:
+        print(f"{'probability':>11}  {'prediction':<13}  path")
+    for row in predictor.predict(paths, ns.batch_size, threshold, show_progress=len(paths) >= 50):
+        rows.append(row)
+        if not ns.quiet:
+            shown = f"{row.probability:>11.4f}  {'fractured' if row.fractured else 'not_fractured':<13}" if not row.error else f"{'-':>11}  {'ERROR':<13}"
+            print(f"{shown}  {row.path}" + (f"  ({row.error})" if row.error else ""), flush=len(paths) < 50)
+    failed = [r for r in rows if r.error]
+    print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
+    if ns.out:
+        write_output(rows, ns.out)
+        print(f"wrote {ns.out}", file=sys.stderr)
+    if labels is not None:
+        scores, n = labelled_metrics(rows, labels, threshold[1])
+        print(f"\nmetrics on {n} labelled images (fractured = positive, threshold {threshold[1]:.4f}):")
+        for name in metrics.METRIC_NAMES:
+            value = scores.get(name, float("nan"))
+            print(f"  {name:<18} {'undefined' if np.isnan(value) else f'{value:.4f}'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from fracture import export as export_mod
+from fracture import preprocess
+from fracture.export import Deployable, ExportError, export, load_classifier, parity_inputs, quantize_int8, sha256
+
+
+def test_onnx_matches_checkpoint_at_batch_1_and_7(tiny_ckpt: Path, tiny_onnx: Path) -> None:
+    model = load_classifier(tiny_ckpt)
+    module = Deployable(model.net).eval()
+    x = parity_inputs(model.contract, n=7, seed=5)
+    with torch.no_grad():
+        expected_p, expected_logit = (t.numpy() for t in module(torch.from_numpy(x)))
+    sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    p7, logit7 = sess.run(["probability", "logit"], {"image": x})
+    assert p7.shape == (7,) and logit7.shape == (7,)
+    np.testing.assert_allclose(p7, expected_p, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logit7, expected_logit, atol=1e-4, rtol=1e-4)
+    p1 = sess.run(["probability"], {"image": x[3:4]})[0]
+    assert p1.shape == (1,) and abs(float(p1[0]) - float(expected_p[3])) < 1e-5
+
+
+def test_metadata_carries_the_deployment_contract(tiny_ckpt: Path, tiny_onnx: Path) -> None:
+    model = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = json.loads(props["fracture"])
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["fracture"]
+    assert meta["contract"] == ckpt["contract"] and meta["contract"]["image_size"] == 64
+    assert meta["thresholds"] == ckpt["thresholds"] and {"default", "screening", "balanced"} <= set(meta["thresholds"])
+    assert meta["class_names"] == ["not_fractured", "fractured"] and meta["positive_class"] == "fractured"
+    assert meta["train_counts"]["fractured"] > 0 and "auroc" in meta["val_metrics"]
+    assert meta["checkpoint_sha256"] == sha256(tiny_ckpt)
+    assert meta["exporter"] in {"dynamo", "torchscript"} and meta["version"]
+    assert max(meta["parity_max_abs_diff"].values()) <= 1e-5
+
+
+def test_failed_parity_leaves_the_old_file_untouched(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous export")
+    monkeypatch.setattr(export_mod, "PARITY_ATOL", -1.0)
+    with pytest.raises(ExportError, match="differ"):
+        export(tiny_ckpt, out)
+    assert out.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_export_cli_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert export_mod.main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny.int8.onnx"
+    report = quantize_int8(tiny_onnx, out, tiny_ckpt, synth_root, eval_split=synth_root / "test")
+    assert report["n"] > 0 and report["calibration_images"] > 0
+    assert 0.0 <= report["max_abs_prob_diff"] < 1.0
+    assert report["kept"] == (report["auroc_fp32"] - report["auroc_int8"] <= 0.01)
+    if report["kept"]:
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        x = parity_inputs(preprocess.Contract(image_size=64), n=3)
+        assert sess.run(["probability"], {"image": x})[0].shape == (3,)
+        ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+        meta = json.loads(sess.get_modelmeta().custom_metadata_map["fracture"])
+        assert meta["quantization"]["auroc_int8"] == report["auroc_int8"]
+    else:
+        assert not out.exists()
