@@ -84,15 +84,15 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike, exporter: str, **extra: Any) -> dict[str, Any]:
+def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike | None, exporter: str, **extra: Any) -> dict[str, Any]:
     """Everything a deployer needs, as stored under the ``fracture`` metadata key."""
     return {
         **model.deployment_info(),
         "input": {"name": "image", "dtype": "float32", "layout": "N x 1 x H x W", "range": "0..255 raw pixels from fracture.preprocess.load"},
         "outputs": ["probability", "logit"],
         "decision": "fractured when probability > threshold",
-        "checkpoint_sha256": sha256(ckpt),
-        "checkpoint": Path(ckpt).name,
+        "checkpoint_sha256": sha256(ckpt) if ckpt else None,
+        "checkpoint": Path(ckpt).name if ckpt else None,
         "exporter": exporter,
         **extra,
     }
@@ -164,17 +164,19 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, parity_images: list[str] | None = None) -> dict[str, Any]:
-    """Export, check and install one FP32 ONNX file; returns its metadata."""
+    """Export, check and install one FP32 ONNX file from a checkpoint; returns its metadata."""
+    return export_model(load_classifier(ckpt), out, ckpt, parity_images)
+
+
+def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | os.PathLike | None = None, parity_images: list[str] | None = None) -> dict[str, Any]:
+    """Export, check and install a loaded classifier (``ckpt`` names its source file, if any)."""
     out = Path(out)
-    model = load_classifier(ckpt)
     module = Deployable(model.net).eval()
-    size = model.contract.image_size
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmpdir:
         tmp = Path(tmpdir) / out.name
-        exporter = _to_onnx(module, size, tmp)
-        inputs = parity_inputs(model.contract, parity_images)
-        parity = check_parity(tmp, module, inputs)
+        exporter = _to_onnx(module, model.contract.image_size, tmp)
+        parity = check_parity(tmp, module, parity_inputs(model.contract, parity_images))
         meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity)
         _write_metadata(tmp, meta)
         _install(tmp, out)
@@ -220,16 +222,40 @@ def _predict_all(path: Path, paths: list[str], contract: preprocess.Contract, ba
     return np.concatenate(out)
 
 
+def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract: preprocess.Contract) -> None:
+    """Static QDQ INT8: per-channel int8 weights, int8 activations, MinMax calibration on ``calibration``.
+
+    Conv, ReLU, pooling and hidden dense layers run in int8; the last dense layer
+    and the sigmoid stay float so probabilities keep their resolution (no ties).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmpdir:
+        pre = Path(tmpdir) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        nodes = list(onnx.load(str(pre)).graph.node)
+        last_dense = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul", "Conv"))
+        quantize_static(
+            str(pre),
+            str(out),
+            _Calibration(calibration, contract),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[n.name for n in nodes[last_dense:]],
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+
 def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_split: Path | None = None, max_calibration: int = 256, max_auroc_drop: float = 0.01) -> dict[str, Any]:
-    """Static QDQ INT8 (per-channel weights) calibrated on training images, kept only if AUROC holds.
+    """INT8 calibrated on training images, installed only if AUROC drops by at most ``max_auroc_drop``.
 
     Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
     root, else every image under ``calibration``. Evaluation: ``eval_split`` (a
     split folder with annotations.csv), else the checkpoint run's validation split.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     from fracture.annotations import read_split
 
     meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
@@ -249,19 +275,8 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
     if labelled is None:
         raise ExportError("--int8 needs a labelled split to check AUROC: pass --int8-eval SPLIT_DIR (a folder with images/ and annotations.csv)")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmpdir:
-        pre, tmp = Path(tmpdir) / "pre.onnx", Path(tmpdir) / out.name
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(tmp),
-            _Calibration(calib, contract),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        tmp = Path(tmpdir) / out.name
+        quantize_static_qdq(fp32, tmp, calib, contract)
         p32 = _predict_all(fp32, labelled[0], contract)
         p8 = _predict_all(tmp, labelled[0], contract)
         report = {
@@ -274,7 +289,7 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
         report["auroc_drop"] = report["auroc_fp32"] - report["auroc_int8"]
         report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop)
         if report["kept"]:
-            _write_metadata(tmp, {**meta, "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", **report}})
+            _write_metadata(tmp, {**meta, "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "int8", **report}})
             _install(tmp, out)
     return report
 
