@@ -70,7 +70,7 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     columns = columns or Columns()
     split_dir = Path(split_dir)
     csv = split_dir / "annotations.csv"
-    images = (split_dir / "images").resolve()
+    images = Path(os.path.abspath(split_dir / "images"))
     if not csv.is_file():
         raise DatasetError(f"missing {csv}")
     try:
@@ -104,7 +104,8 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
         raise DatasetError(f"{csv}: the same image is listed more than once, lines {_rows(list(lines[dup]))}")
     paths, outside, missing = [], [], []
     for name, line in zip(names, lines):
-        path = (images / name).resolve()
+        # normpath, not resolve: `..` cannot escape, while symlinks the user placed in images/ stay usable
+        path = Path(os.path.normpath(images / name))
         if not name or Path(name).is_absolute() or not path.is_relative_to(images):
             outside.append(f"line {line}: {name!r}")
         elif not path.is_file():

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from fracture import preprocess
 from fracture.annotations import Columns, DatasetError, load_splits
+from fracture.audit import exact_leaks
 from fracture.progress import progress
 
 
@@ -165,6 +166,7 @@ class FractureDataModule(L.LightningDataModule):
         cache: ``memory`` (decode once per run), ``disk`` (decode once, memory-map after) or ``none``.
         cache_dir: where ``disk`` caches live.
         max_pixels: images whose header claims more pixels are refused before decoding.
+        allow_leakage: train even when an image file is byte-identical across splits.
         columns: annotation column names (auto-detected when unset).
         augmentation: train-only augmentation.
     """
@@ -181,6 +183,7 @@ class FractureDataModule(L.LightningDataModule):
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str = "data/.cache",
         max_pixels: int = preprocess.DEFAULT_MAX_PIXELS,
+        allow_leakage: bool = False,
         columns: Columns | None = None,
         augmentation: Augmentation | None = None,
     ) -> None:
@@ -194,6 +197,7 @@ class FractureDataModule(L.LightningDataModule):
         self.cache = cache
         self.cache_dir = cache_dir
         self.max_pixels = max_pixels
+        self.allow_leakage = allow_leakage
         self.columns = columns or Columns()
         self.augmentation = augmentation or Augmentation()
         self.tables: dict[str, pd.DataFrame] = {}
@@ -205,7 +209,13 @@ class FractureDataModule(L.LightningDataModule):
             train_csv = Path(self.root) / "train" / "annotations.csv"
             if not train_csv.is_file():
                 raise DatasetError(missing_dataset_message(self.root))
-            self.tables = load_splits(self.root, self.columns, self.val_fraction, self.split_seed)
+            tables = load_splits(self.root, self.columns, self.val_fraction, self.split_seed)
+            leaks = exact_leaks(tables)
+            if leaks and not self.allow_leakage:
+                shown = "\n  ".join(leaks[:10])
+                raise DatasetError(f"{len(leaks)} problem(s) found before training (run `python -m fracture.audit {self.root}` for the full audit; "
+                                   f"--data.allow_leakage true to train anyway):\n  {shown}")
+            self.tables = tables
         return self.tables
 
     @property

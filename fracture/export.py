@@ -60,7 +60,8 @@ class Deployable(nn.Module):
 def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
     """Load a checkpoint without unpickling arbitrary objects."""
     try:
-        model = FractureClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        # weights=None: the checkpoint holds the trained weights; the init file need not exist here
+        model = FractureClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, weights=None)
     except FileNotFoundError:
         raise ExportError(f"{ckpt}: checkpoint not found") from None
     except Exception as exc:  # a truncated or foreign file fails in many ways

@@ -111,8 +111,89 @@ class FractureNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_network(contract: Contract, arch: str = "seed_cnn", **kwargs) -> FractureNet:
-    """The network named ``arch`` for inputs made under ``contract``."""
-    if arch != "seed_cnn":
-        raise ValueError(f"unknown arch {arch!r}; available: seed_cnn")
-    return FractureNet(FractureCNN(image_size=contract.image_size, in_channels=contract.channels, **kwargs), contract)
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classifier split into ``features`` (last conv map) and a one-logit ``head``."""
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(1)
+
+
+def _gray_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same first convolution taking one channel."""
+    return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+
+
+def _torchvision(arch: str) -> TorchvisionBackbone:
+    import torchvision
+
+    m = getattr(torchvision.models, arch)(weights=None)
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if arch.startswith("resnet"):
+        m.conv1 = _gray_conv(m.conv1)
+        features = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+        return TorchvisionBackbone(features, nn.Sequential(*pool, nn.Linear(m.fc.in_features, 1)))
+    if arch.startswith("densenet"):
+        m.features.conv0 = _gray_conv(m.features.conv0)
+        return TorchvisionBackbone(nn.Sequential(m.features, nn.ReLU()), nn.Sequential(*pool, nn.Linear(m.classifier.in_features, 1)))
+    if arch.startswith("efficientnet"):
+        m.features[0][0] = _gray_conv(m.features[0][0])
+        return TorchvisionBackbone(m.features, nn.Sequential(*pool, nn.Dropout(m.classifier[0].p), nn.Linear(m.classifier[1].in_features, 1)))
+    if arch.startswith("convnext"):
+        m.features[0][0] = _gray_conv(m.features[0][0])
+        norm = m.classifier[0]
+        return TorchvisionBackbone(m.features, nn.Sequential(nn.AdaptiveAvgPool2d(1), norm, nn.Flatten(), nn.Linear(m.classifier[2].in_features, 1)))
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+ARCHS = ("seed_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny")
+
+
+def load_local_weights(backbone: nn.Module, path: str) -> None:
+    """Load a local torchvision state dict: RGB first conv summed to gray, classifier left fresh.
+
+    Never downloads. A missing file or a state dict of another architecture is a clear error.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.weights: {path} not found (weights are never downloaded; give a local torchvision state dict)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = backbone.state_dict()
+    # map torchvision names to ours by matching parameter order within equal shapes
+    mapped, skipped = {}, []
+    theirs = [(k, v) for k, v in state.items() if not k.startswith(("fc.", "classifier."))]
+    ours = [(k, v) for k, v in own.items() if not k.startswith("head.")]
+    if len(theirs) != len(ours):
+        raise ValueError(f"model.weights: {path} has {len(theirs)} feature tensors, this architecture {len(ours)}: wrong architecture?")
+    for (tk, tv), (ok, ov) in zip(theirs, ours):
+        if tv.ndim == 4 and tv.shape[1] == 3 and ov.shape[1] == 1:
+            tv = tv.sum(dim=1, keepdim=True)  # fold RGB into one channel: same response to a gray image
+        if tv.shape != ov.shape:
+            raise ValueError(f"model.weights: {tk} has shape {tuple(tv.shape)}, expected {tuple(ov.shape)} for {ok}: wrong architecture?")
+        mapped[ok] = tv
+    missing = backbone.load_state_dict(mapped, strict=False)
+    skipped = [k for k in missing.missing_keys if not k.startswith("head.")]
+    if skipped:
+        raise ValueError(f"model.weights: {path} lacks {skipped[:3]}")
+
+
+def build_network(contract: Contract, arch: str = "seed_cnn", weights: str | None = None, **kwargs) -> FractureNet:
+    """The network named ``arch`` for inputs made under ``contract``; ``kwargs`` configure the seed CNN."""
+    if arch == "seed_cnn":
+        backbone: nn.Module = FractureCNN(image_size=contract.image_size, in_channels=contract.channels, **kwargs)
+    elif arch in ARCHS:
+        backbone = _torchvision(arch)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; available: {', '.join(ARCHS)}")
+    if weights:
+        load_local_weights(backbone, weights)
+    return FractureNet(backbone, contract)

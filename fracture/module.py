@@ -32,6 +32,14 @@ from fracture.model import build_network
 from fracture.preprocess import Contract
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def _metric_collection(prefix: str) -> MetricCollection:
     return MetricCollection(
         {
@@ -51,7 +59,8 @@ class FractureClassifier(L.LightningModule):
     """Binary fracture classifier (fractured = positive).
 
     Args:
-        arch: network architecture.
+        arch: ``seed_cnn`` (the Keras port) or a torchvision classifier adapted to one channel.
+        weights: optional local torchvision state dict for ``arch`` (never downloaded).
         widths: filters per conv block of the seed CNN.
         dense: hidden dense layer widths of the seed CNN.
         dropout: dropout after each conv block.
@@ -60,6 +69,8 @@ class FractureClassifier(L.LightningModule):
         optimizer: ``adam`` or ``adamw``.
         lr: learning rate.
         weight_decay: weight decay (decoupled for ``adamw``).
+        scheduler: ``none`` (constant lr) or ``cosine`` (linear warm-up, then cosine decay to 0, per step).
+        warmup_epochs: warm-up length for ``cosine``.
         pos_weight: weight of the fractured class in the loss; ``auto`` = negatives/positives of the train split.
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size: input side in pixels (linked from ``data.image_size``).
@@ -70,7 +81,8 @@ class FractureClassifier(L.LightningModule):
 
     def __init__(
         self,
-        arch: Literal["seed_cnn"] = "seed_cnn",
+        arch: Literal["seed_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny"] = "seed_cnn",
+        weights: str | None = None,
         widths: Sequence[int] = (32, 64, 128),
         dense: Sequence[int] = (256, 128),
         dropout: float = 0.25,
@@ -79,6 +91,8 @@ class FractureClassifier(L.LightningModule):
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        scheduler: Literal["none", "cosine"] = "none",
+        warmup_epochs: float = 0.0,
         pos_weight: float | Literal["auto"] | None = None,
         screening_sensitivity: float = 0.95,
         image_size: int = 224,
@@ -89,7 +103,8 @@ class FractureClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std)
-        self.net = build_network(self.contract, arch, widths=tuple(widths), dense=tuple(dense), dropout=dropout, dense_dropout=dense_dropout, pool=pool)
+        seed = {"widths": tuple(widths), "dense": tuple(dense), "dropout": dropout, "dense_dropout": dense_dropout, "pool": pool} if arch == "seed_cnn" else {}
+        self.net = build_network(self.contract, arch, weights, **seed)
         weight = 1.0 if pos_weight in (None, "auto") else float(pos_weight)
         self.register_buffer("pos_weight", torch.tensor(weight))
         self.train_metrics = _metric_collection("train/")
@@ -175,9 +190,15 @@ class FractureClassifier(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.sigmoid(self(x))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
-        return cls(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = cls(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "none":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.hparams.warmup_epochs * total / max(self.trainer.max_epochs or 1, 1))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def deployment_info(self) -> dict[str, Any]:
         """What a deployer needs to know, kept in every checkpoint and later in the ONNX metadata."""
