@@ -124,3 +124,71 @@ def operating_points(probs: np.ndarray, labels: np.ndarray, min_sensitivity: flo
     points["screening"] = float(thresholds[ok[0]])  # cuts run high → low
     points["balanced"] = float(thresholds[int(np.argmax(tpr - fpr))])
     return points
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared error of the probabilities (lower is better)."""
+    probs, labels = _check(probs, labels)
+    return float(np.mean((probs - labels) ** 2)) if labels.size else float("nan")
+
+
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width probability bins: count, mean predicted probability, observed fractured rate."""
+    probs, labels = _check(probs, labels)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n,
+                    "mean_prob": float(probs[mask].mean()) if n else float("nan"),
+                    "observed": float(labels[mask].mean()) if n else float("nan")})
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Count-weighted mean |observed rate - mean probability| over equal-width bins."""
+    table = calibration_bins(probs, labels, bins)
+    total = sum(b["n"] for b in table)
+    if not total:
+        return float("nan")
+    return float(sum(b["n"] * abs(b["observed"] - b["mean_prob"]) for b in table if b["n"]) / total)
+
+
+def all_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """``binary_metrics`` plus Brier score and expected calibration error."""
+    return {**binary_metrics(probs, labels, threshold), "brier": brier(probs, labels), "ece": expected_calibration_error(probs, labels)}
+
+
+def bootstrap(probs: np.ndarray, labels: np.ndarray, threshold: float, groups: np.ndarray | None = None,
+              n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of ``all_metrics``; resamples whole groups when ``groups`` is given.
+
+    Resamples where a metric is undefined (a class missing) are skipped for that metric.
+    """
+    probs, labels = _check(probs, labels)
+    rng = np.random.default_rng(seed)
+    members = group_members(labels.size, groups)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = resample(members, rng)
+        for name, value in all_metrics(probs[idx], labels[idx], threshold).items():
+            if not np.isnan(value):
+                draws.setdefault(name, []).append(value)
+    alpha = (1 - level) / 2
+    return {name: (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) for name, v in draws.items()}
+
+
+def group_members(n: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Indices of each resampling unit: one image each, or all images of a group."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="mergesort")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+
+
+def resample(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One bootstrap draw: as many units as there are, with replacement, all images of each."""
+    pick = rng.integers(0, len(members), len(members))
+    return np.concatenate([members[g] for g in pick])

@@ -1,0 +1,318 @@
+"""Evaluate a checkpoint or an ONNX file on a labelled split, with confidence intervals, subgroups and plots.
+
+    python -m fracture.evaluate --ckpt checkpoints/RUN/best-….ckpt [--split test]
+    python -m fracture.evaluate --onnx exports/fracture.onnx --root data/fracatlas
+
+Writes ``reports/<name>/``: ``metrics.json``, ``report.md`` (one page), and PNG
+plots (ROC and precision-recall with the operating points, confusion matrices,
+reliability diagram, training curves, most confident errors). Every metric is
+computed at every operating point stored with the model (chosen on validation,
+never on this split) with a 95 % percentile bootstrap interval (seeded; whole
+patient/duplicate groups are resampled when the annotations have a group column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fracture import metrics, preprocess
+from fracture.annotations import DatasetError, read_split
+from fracture.progress import progress
+
+SUBGROUP_MIN = 10  # positives and negatives needed before a subgroup AUROC is worth printing
+CAVEAT = "Research tool, not a medical device: these figures do not show fitness for clinical use."
+
+
+def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32) -> tuple[np.ndarray, dict[str, Any]]:
+    """Probabilities from a checkpoint (torch, eval mode) and its deployment info."""
+    import torch
+
+    from fracture.export import load_classifier
+
+    model = load_classifier(ckpt)
+    out = []
+    with torch.inference_mode():
+        for i in progress(range(0, len(paths), batch), desc="predict"):
+            x = np.stack([preprocess.load(p, model.contract) for p in paths[i : i + batch]])[:, None].astype(np.float32)
+            out.append(torch.sigmoid(model(torch.from_numpy(x))).numpy())
+    info = model.deployment_info() | {"arch": model.hparams.arch, "source": str(ckpt)}
+    return np.concatenate(out).astype(np.float64), info
+
+
+def predict_onnx(path: Path, paths: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    from fracture.predict import Predictor
+
+    predictor = Predictor(path)
+    rows = list(predictor.predict(paths))
+    failed = [r for r in rows if r.error]
+    if failed:
+        raise DatasetError(f"{len(failed)} image(s) could not be read, e.g. {failed[0].error}")
+    return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}
+
+
+def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column."""
+    rows = []
+    labels = table["label"].to_numpy()
+    skip = {"path", "label", "line", "group", "group_id", "image"}
+    columns = [c for c in table.columns if c not in skip and 2 <= table[c].nunique() <= 20]
+    for column in columns:
+        for value, idx in table.groupby(column).indices.items():
+            if column == "fracture_type" and str(value).lower() in ("", "none"):
+                continue
+            idx = np.asarray(idx)
+            if column == "fracture_type":  # a type only exists among fractured images: add every negative
+                idx = np.union1d(idx, np.flatnonzero(labels == 0))
+            p, y = probs[idx], labels[idx]
+            m = metrics.binary_metrics(p, y, threshold)
+            pos, neg = int(y.sum()), int((y == 0).sum())
+            small = pos < SUBGROUP_MIN or neg < SUBGROUP_MIN
+            rows.append({
+                "column": column, "value": str(value), "n": int(len(idx)), "fractured": pos, "not_fractured": neg,
+                "sensitivity": m["sensitivity"], "specificity": m["specificity"] if column != "fracture_type" else float("nan"),
+                "auroc": float("nan") if small else m["auroc"],
+                "note": f"too small (needs >= {SUBGROUP_MIN} of each class)" if small else "",
+            })
+    return rows
+
+
+def _fmt(value: float, ci: tuple[float, float] | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def plots(out: Path, probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float], paths: list[str], run_dir: Path | None) -> list[str]:
+    """Write the PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    colors = {"default": "tab:gray", "screening": "tab:red", "balanced": "tab:blue"}
+    fpr, tpr, cut = metrics.roc_curve(probs, labels)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, lw=2, label=f"ROC (AUROC {metrics.auroc(probs, labels):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    for name, t in thresholds.items():
+        m = metrics.binary_metrics(probs, labels, t)
+        ax.plot(1 - m["specificity"], m["sensitivity"], "o", ms=8, color=colors.get(name, "tab:green"), label=f"{name} (t={t:.3f})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, fractured = positive")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+    made.append("roc.png")
+
+    order = np.argsort(-probs, kind="mergesort")
+    tp = np.cumsum(labels[order])
+    precision = tp / np.arange(1, len(order) + 1)
+    recall = tp / max(labels.sum(), 1)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(recall, precision, lw=2, label=f"AP {metrics.average_precision(probs, labels):.3f}")
+    ax.axhline(labels.mean(), color="k", ls="--", lw=0.8, label=f"prevalence {labels.mean():.2f}")
+    for name, t in thresholds.items():
+        m = metrics.binary_metrics(probs, labels, t)
+        ax.plot(m["sensitivity"], m["precision"], "o", ms=8, color=colors.get(name, "tab:green"), label=name)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pr.png", dpi=120)
+    plt.close(fig)
+    made.append("pr.png")
+
+    fig, axes = plt.subplots(1, len(thresholds), figsize=(3.3 * len(thresholds), 3.3))
+    for ax, (name, t) in zip(np.atleast_1d(axes), thresholds.items()):
+        c = metrics.confusion(probs, labels, t)
+        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=12, color="black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["not fr.", "fractured"], yticklabels=["not fr.", "fractured"], xlabel="predicted", ylabel="true", title=f"{name} (t={t:.3f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+    made.append("confusion.png")
+
+    bins = metrics.calibration_bins(probs, labels)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    full = [b for b in bins if b["n"]]
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.plot([b["mean_prob"] for b in full], [b["observed"] for b in full], "o-", label=f"model (ECE {metrics.expected_calibration_error(probs, labels):.3f})")
+    ax2 = ax.twinx()
+    ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09, alpha=0.2, color="gray")
+    ax2.set_ylabel("images per bin")
+    ax.set(xlabel="predicted probability", ylabel="observed fractured rate", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+    made.append("reliability.png")
+
+    log = run_dir / "metrics.csv" if run_dir else None
+    if log and log.is_file():
+        df = pd.read_csv(log)
+        by_epoch = df.groupby("epoch").max(numeric_only=True)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+        for key in ("train/loss_epoch", "val/loss"):
+            if key in by_epoch:
+                a1.plot(by_epoch.index, by_epoch[key], "o-", label=key)
+        for key in ("train/auroc", "val/auroc", "val/sensitivity", "val/specificity"):
+            if key in by_epoch:
+                a2.plot(by_epoch.index, by_epoch[key], "o-", label=key)
+        a1.set(xlabel="epoch", title="loss")
+        a2.set(xlabel="epoch", title="validation metrics", ylim=(0, 1.02))
+        a1.legend(fontsize=8)
+        a2.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "training_curves.png", dpi=120)
+        plt.close(fig)
+        made.append("training_curves.png")
+
+    fn = [i for i in np.argsort(probs) if labels[i] == 1][:6]
+    fp = [i for i in np.argsort(-probs) if labels[i] == 0][:6]
+    cols = max(len(fn), len(fp), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 5), squeeze=False)
+    for row, (title, picks) in enumerate((("missed fracture", fn), ("false alarm", fp))):
+        for k in range(cols):
+            ax = axes[row][k]
+            ax.axis("off")
+            if k < len(picks):
+                i = picks[k]
+                ax.imshow(preprocess.read_image(paths[i]), cmap="gray")
+                ax.set_title(f"{title}\np={probs[i]:.3f}\n{Path(paths[i]).name}", fontsize=7)
+    fig.suptitle("Most confident errors (false negatives top, false positives bottom)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=110)
+    plt.close(fig)
+    made.append("errors.png")
+    return made
+
+
+def audit_summary(root: Path) -> list[str]:
+    path = root / "audit.json"
+    if not path.is_file():
+        return [f"Not audited: run `python -m fracture.audit {root}` (duplicates, leakage, defects, shortcuts)."]
+    a = json.loads(path.read_text())
+    lines = [
+        f"- defective files: {len(a['defective'])}; duplicate groups: {len(a['duplicate_groups'])} "
+        f"({a['exact_pairs']} exact, {a['near_pairs']} near pairs), straddling splits: {a['cross_split_groups']}, "
+        f"test leaks: {a['test_leaks']}, groups with conflicting labels: {a['conflicting_groups']}",
+    ]
+    lines += [f"- shortcut warning: {w}" for w in a["shortcuts"]["warnings"]]
+    return lines
+
+
+def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: Path, root: Path, split: str,
+             run_dir: Path | None, n_boot: int = 1000, seed: int = 0, operating_point: str | None = None) -> dict[str, Any]:
+    """Compute everything, write metrics.json, plots and report.md; returns the metrics dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = table["label"].to_numpy()
+    groups = table["group"].to_numpy()
+    grouped = len(np.unique(groups)) < len(groups)
+    thresholds = info["thresholds"]
+    result: dict[str, Any] = {
+        "source": info["source"], "split": split, "root": str(root), "n": int(len(labels)), "fractured": int(labels.sum()),
+        "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95, "unit": "group" if grouped else "image"},
+        "thresholds_chosen_on": "validation split", "operating_points": {},
+    }
+    for name, t in progress(thresholds.items(), desc="bootstrap", min_total=1):
+        point = metrics.all_metrics(probs, labels, t)
+        cis = metrics.bootstrap(probs, labels, t, groups if grouped else None, n_boot, seed)
+        result["operating_points"][name] = {"threshold": t, "metrics": point, "ci95": cis, "confusion": metrics.confusion(probs, labels, t)}
+    op = operating_point or ("balanced" if "balanced" in thresholds else "default")
+    result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op])}
+    result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "report.md").write_text(report_md(result, info, table, root))
+    return result
+
+
+def report_md(result: dict[str, Any], info: dict[str, Any], table: pd.DataFrame, root: Path) -> str:
+    ops = result["operating_points"]
+    names = list(ops)
+    lines = [
+        f"# Fracture classifier evaluation: {Path(result['source']).name}",
+        "",
+        f"> **{CAVEAT}**",
+        "",
+        f"Model: `{result['source']}` ({info.get('arch', 'onnx')}, {info['contract']['image_size']} px, resize {info['contract']['resize']}). "
+        f"Trained on {info.get('train_counts', {})}. Fractured is the positive class.",
+        f"Evaluated on `{root}/{result['split']}`: **{result['n']} images, {result['fractured']} fractured** ({result['fractured'] / max(result['n'], 1):.1%}). "
+        f"Thresholds were chosen on the validation split, never on this one.",
+        f"95 % intervals: percentile bootstrap, {result['bootstrap']['resamples']} resamples (seed {result['bootstrap']['seed']}), resampling by {result['bootstrap']['unit']}.",
+        "",
+        "## Data audit",
+        *audit_summary(root),
+        "",
+        "## Metrics (95 % CI)",
+        "| metric | " + " | ".join(f"{n} (t={ops[n]['threshold']:.3f})" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for metric in ("sensitivity", "specificity", "precision", "accuracy", "f1", "auroc", "average_precision", "brier", "ece"):
+        cells = [_fmt(ops[n]["metrics"][metric], ops[n]["ci95"].get(metric)) for n in names]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append("| TP / FP / TN / FN | " + " | ".join("{tp} / {fp} / {tn} / {fn}".format(**ops[n]["confusion"]) for n in names) + " |")
+    sub = result["subgroups"]
+    lines += ["", f"## Subgroups (at `{sub['operating_point']}`)", "| column | value | n | fractured | sensitivity | specificity | AUROC | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in sub["rows"]:
+        lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {r['fractured']} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | {_fmt(r['auroc'])} | {r['note']} |")
+    if not sub["rows"]:
+        lines.append("| (no fracture type or metadata columns to split by) | | | | | | | |")
+    lines += ["", "## Plots", *[f"![{p}]({p})" for p in result["plots"]], "", f"_{CAVEAT}_", ""]
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", type=Path, help="checkpoint to evaluate (torch)")
+    src.add_argument("--onnx", type=Path, help="exported ONNX file to evaluate (onnxruntime)")
+    parser.add_argument("--root", type=Path, help="dataset root (default for --ckpt: data.root of the run's config.yaml)")
+    parser.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
+    parser.add_argument("--out", type=Path, help="report folder (default: reports/<run or file name>)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--operating-point", help="threshold for the subgroup table (default: balanced)")
+    ns = parser.parse_args(args)
+    run_dir = ns.ckpt.parent if ns.ckpt else None
+    root = ns.root
+    if root is None and run_dir and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        root = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["root"])
+    if root is None:
+        parser.error("--root is needed (no run config to read it from)")
+    try:
+        table = read_split(root / ns.split)
+        paths = table["path"].tolist()
+        probs, info = predict_checkpoint(ns.ckpt, paths) if ns.ckpt else predict_onnx(ns.onnx, paths)
+        out = ns.out or Path("reports") / (run_dir.name if run_dir else ns.onnx.stem)
+        result = evaluate(probs, table, info, out, root, ns.split, run_dir, ns.bootstrap, ns.seed, ns.operating_point)
+    except (DatasetError, preprocess.ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from fracture.export import ExportError
+        from fracture.predict import ModelError
+
+        if isinstance(exc, (ExportError, ModelError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print((out / "report.md").read_text().split("## Subgroups")[0])
+    print(f"report: {out / 'report.md'}")
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

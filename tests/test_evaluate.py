@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fracture import evaluate, metrics, preprocess
+from fracture.export import load_classifier
+
+
+def test_bootstrap_contains_the_estimate_and_is_reproducible() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.35 + rng.random(300) * 0.65, 0, 1)
+    ci = metrics.bootstrap(p, y, 0.5, n=1000, seed=3)
+    point = metrics.all_metrics(p, y, 0.5)
+    for name in ("auroc", "sensitivity", "specificity", "accuracy", "brier", "ece"):
+        lo, hi = ci[name]
+        assert lo <= point[name] <= hi and hi - lo > 0, name
+    assert metrics.bootstrap(p, y, 0.5, n=1000, seed=3) == ci
+    assert metrics.bootstrap(p, y, 0.5, n=1000, seed=4) != ci
+
+
+def test_grouped_bootstrap_resamples_whole_groups() -> None:
+    groups = np.repeat(np.arange(50), 3)[np.random.default_rng(1).permutation(150)]
+    members = metrics.group_members(150, groups)
+    assert len(members) == 50 and all(len(m) == 3 and len(set(groups[m])) == 1 for m in members)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = metrics.resample(members, rng)
+        counts = pd.Series(groups[idx]).value_counts()
+        assert len(idx) == 150 and (counts % 3 == 0).all()
+    singles = metrics.group_members(10)
+    assert [m.tolist() for m in singles] == [[i] for i in range(10)]
+
+
+def test_stored_thresholds_were_chosen_on_validation(tiny_ckpt: Path) -> None:
+    model = load_classifier(tiny_ckpt)
+    splits = pd.read_csv(tiny_ckpt.parent / "splits.csv")
+    val = splits[splits.split == "val"]
+    import torch
+
+    x = np.stack([preprocess.load(p, model.contract) for p in val["path"]])[:, None].astype(np.float32)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    expected = metrics.operating_points(probs, val["label"].to_numpy(), 0.95)
+    assert set(model.thresholds) == set(expected)
+    for name in expected:
+        assert model.thresholds[name] == pytest.approx(expected[name], abs=1e-6)
+    sens = metrics.binary_metrics(probs, val["label"].to_numpy(), model.thresholds["screening"])["sensitivity"]
+    assert sens >= 0.95
+
+
+def test_report_renders_with_every_plot(synth_root: Path, tiny_ckpt: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--root", str(synth_root), "--out", str(out), "--bootstrap", "200"]) == 0
+    for name in ("roc.png", "pr.png", "confusion.png", "reliability.png", "training_curves.png", "errors.png"):
+        assert (out / name).stat().st_size > 5000, name
+    report = (out / "report.md").read_text()
+    assert "not a medical device" in report and "Subgroups" in report and "fracture_type" in report
+    assert all(f"]({p})" in report for p in ("roc.png", "errors.png"))
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["bootstrap"]["unit"] == "group"  # synthetic patients with two views
+    for point in result["operating_points"].values():
+        lo, hi = point["ci95"]["auroc"]
+        assert lo <= point["metrics"]["auroc"] <= hi
+    onnx_out = tmp_path / "onnx"
+    assert evaluate.main(["--onnx", str(tiny_onnx), "--root", str(synth_root), "--out", str(onnx_out), "--bootstrap", "50"]) == 0
+    via_onnx = json.loads((onnx_out / "metrics.json").read_text())
+    assert via_onnx["operating_points"]["default"]["metrics"]["auroc"] == pytest.approx(result["operating_points"]["default"]["metrics"]["auroc"], abs=1e-4)
+
+
+def test_small_subgroups_are_marked() -> None:
+    table = pd.DataFrame({"label": [1] * 5 + [0] * 40, "fracture_type": ["oblique"] * 5 + ["none"] * 40, "region": ["hand"] * 20 + ["hip"] * 25})
+    rows = evaluate.subgroups(table, np.linspace(0, 1, 45), 0.5)
+    oblique = next(r for r in rows if r["value"] == "oblique")
+    assert oblique["fractured"] == 5 and "too small" in oblique["note"] and np.isnan(oblique["auroc"])
+    assert {r["value"] for r in rows if r["column"] == "region"} == {"hand", "hip"}
