@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -239,10 +240,15 @@ class FractureDataModule(L.LightningDataModule):
             self._dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # the default distributed sampler pads with repeated images: metrics would count some twice
+            sampler = UnrepeatedDistributedSampler(self._dataset(split), shuffle=False)
         return DataLoader(
             self._dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -161,6 +161,8 @@ def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
 def _install(tmp: Path, out: Path) -> None:
     """Atomic replace: a killed export leaves the old file or none, never half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, out)
 
 

@@ -11,6 +11,7 @@ Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -26,12 +27,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 
 from fracture import __version__, metrics
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule, write_splits
-from fracture.module import FractureClassifier
+from fracture.module import FractureClassifier, TrainingDiverged
+from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, trim_log
 
 RUN_ENV = "FRACTURE_RUN_NAME"  # shared with DDP child processes so every rank writes to one run folder
 
@@ -101,11 +103,14 @@ class FractureCLI(LightningCLI):
             monitor="val/auroc",
             mode="max",
             save_top_k=1,
-            save_last=True,
         )
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, EpochSummary()]
+        # Lightning's save_last only refreshes last.ckpt when the best one changed; a run killed later would lose epochs
+        latest = ModelCheckpoint(dirpath=self.run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, EpochSummary()]
+        plugins = trainer_cfg.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if trainer_cfg.get("logger") is not False:
-            loggers: list[Logger] = [CSVLogger(save_dir=self.config["output_dir"], name=self.run_name, version="")]
+            loggers: list[Logger] = [ResumableCSVLogger(save_dir=self.config["output_dir"], name=self.run_name, version="")]
             if importlib.util.find_spec("tensorboard") is not None:
                 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -180,11 +185,18 @@ def main(args: list[str] | None = None) -> int:
         dm: FractureDataModule = cli.datamodule
         tables = dm.check()
         trainer = cli.trainer
+        resume = cli.resume
+        if resume == "last":
+            resume = str(cli.run_dir / "last.ckpt")
         if trainer.is_global_zero:
             cli.run_dir.mkdir(parents=True, exist_ok=True)
             write_splits(tables, cli.run_dir / "splits.csv")
             (cli.run_dir / "run_info.json").write_text(json.dumps(run_info(cli), indent=2))
-        trainer.fit(cli.model, datamodule=dm, ckpt_path=cli.resume)
+            if resume:
+                if not Path(resume).is_file():
+                    raise DatasetError(f"--ckpt_path: {resume} not found")
+                trim_log(cli.run_dir / "metrics.csv", torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
+        trainer.fit(cli.model, datamodule=dm, ckpt_path=resume)
         if trainer.interrupted or not cli.config["test_after_fit"]:
             return 0
         best = trainer.checkpoint_callback.best_model_path or "last"
@@ -198,6 +210,16 @@ def main(args: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        last = cli.run_dir / "last.ckpt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written before it"
+        print(f"error: {exc}; stopped, {kept}. Lower model.lr, set trainer.gradient_clip_val, or check the data.", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST):
+            raise
+        print(f"error: cannot write {exc.filename or 'the run folder'}: {exc.strerror}. Free disk space or choose another --output_dir.", file=sys.stderr)
+        return 4
     return 0
 
 

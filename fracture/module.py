@@ -32,6 +32,10 @@ from fracture.model import build_network
 from fracture.preprocess import Contract
 
 
+class TrainingDiverged(Exception):
+    """The loss stopped being a finite number; the last good checkpoint is kept."""
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
@@ -133,15 +137,17 @@ class FractureClassifier(L.LightningModule):
         if self.hparams.pos_weight == "auto":
             self.pos_weight.fill_(self.train_counts["not_fractured"] / max(self.train_counts["fractured"], 1))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
+        if stage == "train" and not torch.isfinite(loss):
+            raise TrainingDiverged(f"training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}")
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")
         return loss, torch.sigmoid(logits.detach().float())
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, probs = self._step(batch, "train")
+        loss, probs = self._step(batch, "train", batch_idx)
         self.train_metrics.update(probs, batch[1].int())
         return loss
 
