@@ -23,6 +23,7 @@ import numpy as np
 RESIZE_METHODS = ("stretch", "letterbox")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
+MIN_SIDE = 16  # smaller "radiographs" are icons or placeholders; upscaling them invents the input
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
 
@@ -204,6 +205,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"{path}: unsupported image layout {img.shape}")
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
+    if min(img.shape) < MIN_SIDE:
+        raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
     return _to_uint8(img)
 
 
