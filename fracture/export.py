@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fracture import metrics, preprocess
+from fracture.model import cam_from_features, normalise_cam
 from fracture.module import FractureClassifier
 from fracture.progress import progress
 from fracture.synth import radiograph
@@ -46,15 +47,19 @@ class ExportError(Exception):
 
 
 class Deployable(nn.Module):
-    """Raw pixels → (probability, logit): the function the ONNX file computes."""
+    """Raw pixels → (probability, logit[, heatmap]): the function the ONNX file computes."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, heatmap: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.heatmap = heatmap
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.net(image)
-        return torch.sigmoid(logit), logit
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.heatmap:
+            logit = self.net(image)
+            return torch.sigmoid(logit), logit
+        logit, cam = cam_from_features(self.net, self.net.forward_features(image))
+        return torch.sigmoid(logit), logit, normalise_cam(cam)
 
 
 def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
@@ -99,10 +104,11 @@ def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike | Non
     }
 
 
-def _to_onnx(module: nn.Module, size: int, path: Path) -> str:
+def _to_onnx(module: Deployable, size: int, path: Path) -> str:
     """Export with the dynamo exporter, falling back to the legacy one; returns which one worked."""
     example = (torch.zeros(2, 1, size, size),)
-    names = {"input_names": ["image"], "output_names": ["probability", "logit"]}
+    outputs = ["probability", "logit"] + (["heatmap"] if module.heatmap else [])
+    names = {"input_names": ["image"], "output_names": outputs}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -113,7 +119,7 @@ def _to_onnx(module: nn.Module, size: int, path: Path) -> str:
         return "dynamo"
     except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back, and we say so
         print(f"dynamo exporter failed ({type(exc).__name__}: {str(exc)[:200]}); using the legacy TorchScript exporter", file=sys.stderr)
-    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}, "logit": {0: "batch"}}, **names)
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]}, **names)
     return "torchscript"
 
 
@@ -134,16 +140,22 @@ def session(path: str | os.PathLike, threads: int | None = None) -> ort.Inferenc
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def check_parity(onnx_path: Path, module: nn.Module, inputs: np.ndarray) -> dict[str, float]:
-    """Max |p_onnx - p_torch| at batch 1 (each image) and at batch N; raises ExportError over 1e-5."""
+def check_parity(onnx_path: Path, module: Deployable, inputs: np.ndarray) -> dict[str, float]:
+    """Max |ONNX - torch| of probabilities (limit 1e-5) and heatmaps (1e-4) at batch 1 and batch N."""
     sess = session(onnx_path)
+    names = ["probability"] + (["heatmap"] if module.heatmap else [])
     with torch.no_grad():
-        expected = module(torch.from_numpy(inputs))[0].numpy()
-    one = np.concatenate([sess.run(["probability"], {"image": inputs[i : i + 1]})[0] for i in range(len(inputs))])
-    full = sess.run(["probability"], {"image": inputs})[0]
-    report = {"batch_1": float(np.abs(one - expected).max()), f"batch_{len(inputs)}": float(np.abs(full - expected).max())}
-    if max(report.values()) > PARITY_ATOL:
-        raise ExportError(f"ONNX probabilities differ from the checkpoint's by {report} (limit {PARITY_ATOL}); not shipping {onnx_path.name}")
+        out = module(torch.from_numpy(inputs))
+    expected = {"probability": out[0].numpy(), "heatmap": out[2].numpy() if module.heatmap else None}
+    one = [sess.run(names, {"image": inputs[i : i + 1]}) for i in range(len(inputs))]
+    full = sess.run(names, {"image": inputs})
+    report, limits = {}, {"probability": PARITY_ATOL, "heatmap": 1e-4}
+    for k, name in enumerate(names):
+        report[f"{name}_batch_1"] = float(np.abs(np.concatenate([o[k] for o in one]) - expected[name]).max())
+        report[f"{name}_batch_{len(inputs)}"] = float(np.abs(full[k] - expected[name]).max())
+    bad = {k: v for k, v in report.items() if not v <= limits[k.rsplit("_batch", 1)[0]]}  # NaN fails too
+    if bad:
+        raise ExportError(f"ONNX outputs differ from the checkpoint's by {bad} (limits {limits}); not shipping {onnx_path.name}")
     return report
 
 
@@ -166,21 +178,25 @@ def _install(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike, parity_images: list[str] | None = None) -> dict[str, Any]:
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, parity_images: list[str] | None = None, heatmap: bool = False) -> dict[str, Any]:
     """Export, check and install one FP32 ONNX file from a checkpoint; returns its metadata."""
-    return export_model(load_classifier(ckpt), out, ckpt, parity_images)
+    return export_model(load_classifier(ckpt), out, ckpt, parity_images, heatmap)
 
 
-def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | os.PathLike | None = None, parity_images: list[str] | None = None) -> dict[str, Any]:
+def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | os.PathLike | None = None, parity_images: list[str] | None = None,
+                 heatmap: bool = False) -> dict[str, Any]:
     """Export, check and install a loaded classifier (``ckpt`` names its source file, if any)."""
     out = Path(out)
-    module = Deployable(model.net).eval()
+    module = Deployable(model.net, heatmap).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmpdir:
         tmp = Path(tmpdir) / out.name
         exporter = _to_onnx(module, model.contract.image_size, tmp)
         parity = check_parity(tmp, module, parity_inputs(model.contract, parity_images))
-        meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity)
+        extra = {"heatmap": {"output": "heatmap", "method": "Grad-CAM of the fracture logit on the last conv block", "range": "0..1 per image"}} if heatmap else {}
+        meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity, **extra)
+        if heatmap:
+            meta["outputs"] = ["probability", "logit", "heatmap"]
         _write_metadata(tmp, meta)
         _install(tmp, out)
     return meta
@@ -302,14 +318,15 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", help="checkpoint to export (default: the best one of the latest run under checkpoints/)")
     parser.add_argument("--out", default="exports/fracture.onnx", help="output file (default: exports/fracture.onnx)")
     parser.add_argument("--parity-images", nargs="*", help="image files for the parity check (default: synthetic radiographs)")
+    parser.add_argument("--heatmap", action="store_true", help="add a 'heatmap' output (Grad-CAM computed inside the graph)")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 (static QDQ) file next to --out as NAME.int8.onnx")
     parser.add_argument("--calibration", type=Path, help="INT8 calibration: a dataset root (its train split) or a folder of images")
     parser.add_argument("--int8-eval", type=Path, help="labelled split folder for the INT8 check (default: the run's validation split)")
     ns = parser.parse_args(args)
     try:
         ckpt = Path(ns.ckpt) if ns.ckpt else latest_best()
-        meta = export(ckpt, ns.out, ns.parity_images)
-        print(f"exported {ckpt} → {ns.out} ({meta['exporter']} exporter; parity max |Δp| {meta['parity_max_abs_diff']})")
+        meta = export(ckpt, ns.out, ns.parity_images, ns.heatmap)
+        print(f"exported {ckpt} → {ns.out} ({meta['exporter']} exporter; parity max |Δ| {meta['parity_max_abs_diff']})")
         print(f"thresholds: {meta['thresholds']}")
         if ns.int8:
             if ns.calibration is None:

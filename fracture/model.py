@@ -126,6 +126,44 @@ class TorchvisionBackbone(nn.Module):
         return self.head(features).squeeze(1)
 
 
+def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit, Grad-CAM) with the logit's gradient written as plain tensor ops, so ONNX exporters can trace it.
+
+    Walks the dense head forward, then back: Linear → times its weight, ReLU →
+    times its mask, global max-pool → the arg-max mask, global average-pool →
+    1/(H·W). Grad-CAM = ReLU(sum_c mean_hw(grad_c) · feature_c), not normalised.
+    """
+    modules = list(net.backbone.head)
+    outputs = []
+    h = features
+    for m in modules:
+        h = m(h)
+        outputs.append(h)
+    logit = h.squeeze(1)
+    grad = torch.ones_like(h)
+    for i in range(len(modules) - 1, -1, -1):
+        m, inp = modules[i], (outputs[i - 1] if i else features)
+        if isinstance(m, nn.Linear):
+            grad = grad @ m.weight
+        elif isinstance(m, nn.ReLU):
+            grad = grad * (outputs[i] > 0).to(grad.dtype)
+        elif isinstance(m, nn.Flatten):
+            grad = grad.reshape(inp.shape)
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            grad = grad.expand(inp.shape) / (inp.shape[2] * inp.shape[3])
+        elif isinstance(m, nn.AdaptiveMaxPool2d):
+            grad = grad * (inp == inp.amax(dim=(2, 3), keepdim=True)).to(grad.dtype)
+        elif not isinstance(m, (nn.Dropout, nn.Identity)):
+            raise ValueError(f"heatmaps are not supported for a head with {type(m).__name__}")
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    return logit, torch.relu((weights * features).sum(dim=1))
+
+
+def normalise_cam(cam: torch.Tensor) -> torch.Tensor:
+    """0..1 per image (a map of where, not how much); an all-zero map stays zero."""
+    return cam / cam.amax(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+
+
 def _gray_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """The same first convolution taking one channel."""
     return nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fracture import metrics, preprocess
+from fracture import heatmap, metrics, preprocess
 from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, parse_label
 from fracture.progress import progress
 
@@ -87,6 +87,7 @@ class Predictor:
         outputs = {o.name for o in self.session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != "image" or "probability" not in outputs:
             raise ModelError(f"{path}: expected one input 'image' and an output 'probability'")
+        self.has_heatmap = "heatmap" in outputs
         shape = inputs[0].shape
         size = self.contract.image_size
         if len(shape) != 4 or list(shape[1:]) != [self.contract.channels, size, size]:
@@ -103,40 +104,49 @@ class Predictor:
             raise ModelError(f"operating point {name!r} is not in this model; it has {', '.join(self.thresholds)}")
         return name, self.thresholds[name]
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """``N x H x W`` uint8 model inputs → ``N`` fracture probabilities."""
-        x = np.ascontiguousarray(pixels[:, None], dtype=np.float32)
-        return self.session.run(["probability"], {"image": x})[0].astype(np.float64)
-
-    def _load(self, path: str) -> np.ndarray | str:
+    def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | None] | str:
+        """(model input, original image or None), or the reason it cannot be read."""
         try:
-            return preprocess.load(path, self.contract)
+            original = preprocess.read_image(path)
+            return preprocess.resize(original, self.contract), original if keep_original else None
         except preprocess.ImageError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder crash on one file must not stop the run
             return f"{path}: cannot read ({type(exc).__name__}: {exc})"
 
-    def predict(self, paths: list[str], batch_size: int = 32, threshold: tuple[str, float] = ("default", 0.5), show_progress: bool = True) -> Iterator[Prediction]:
-        """Predictions in input order; decoding of the next batch overlaps inference of this one."""
+    def predict(self, paths: list[str], batch_size: int = 32, threshold: tuple[str, float] = ("default", 0.5), show_progress: bool = True,
+                heatmap_dir: str | os.PathLike | None = None) -> Iterator[Prediction]:
+        """Predictions in input order; decoding of the next batch overlaps inference of this one.
+
+        With ``heatmap_dir`` (models exported with ``--heatmap``), an overlay per image is written there.
+        """
+        if heatmap_dir is not None and not self.has_heatmap:
+            raise ModelError("this model has no heatmap output; export it with `python -m fracture.export --heatmap`")
         name, value = threshold
+        outputs = ["probability", "heatmap"] if heatmap_dir is not None else ["probability"]
+        load = (lambda c: [self._load(p, heatmap_dir is not None) for p in c])
         chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            pending = [pool.submit(lambda c=c: list(map(self._load, c))) for c in chunks[:1]]
+            pending = [pool.submit(load, c) for c in chunks[:1]]
             bar = progress(range(len(paths)), desc="predict") if show_progress else iter(range(len(paths)))
             for k, chunk in enumerate(chunks):
                 if k + 1 < len(chunks):
-                    pending.append(pool.submit(lambda c=chunks[k + 1]: list(map(self._load, c))))
+                    pending.append(pool.submit(load, chunks[k + 1]))
                 loaded = pending.pop(0).result()
-                good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
-                probs = self.probabilities(np.stack([loaded[i] for i in good])) if good else []
-                by_index = dict(zip(good, probs))
+                good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
+                results = self.session.run(outputs, {"image": np.stack([loaded[i][0] for i in good])[:, None].astype(np.float32)}) if good else [[], []]
+                by_index = {i: j for j, i in enumerate(good)}
                 for i, path in enumerate(chunk):
                     next(bar, None)
-                    if i in by_index:
-                        p = float(by_index[i])
-                        yield Prediction(path, p, p > value, value, name)
-                    else:
+                    if i not in by_index:
                         yield Prediction(path, error=str(loaded[i]))
+                        continue
+                    p = float(results[0][by_index[i]])
+                    if heatmap_dir is not None:
+                        original = loaded[i][1]
+                        full = heatmap.to_original(results[1][by_index[i]], original.shape[0], original.shape[1], self.contract)
+                        heatmap.write_overlay(heatmap_dir, path, original, full, p)
+                    yield Prediction(path, p, p > value, value, name)
             for _ in bar:
                 pass
 
@@ -214,6 +224,7 @@ def main(args: list[str] | None = None) -> int:
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--threshold", type=float, help="call fractured above this probability")
     pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
+    parser.add_argument("--heatmaps", type=Path, help="write heatmap overlays here (models exported with --heatmap)")
     parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -230,11 +241,15 @@ def main(args: list[str] | None = None) -> int:
     rows = []
     if not ns.quiet:
         print(f"{'probability':>11}  {'prediction':<13}  path")
-    for row in predictor.predict(paths, ns.batch_size, threshold, show_progress=len(paths) >= 50):
-        rows.append(row)
-        if not ns.quiet:
-            shown = f"{row.probability:>11.4f}  {'fractured' if row.fractured else 'not_fractured':<13}" if not row.error else f"{'-':>11}  {'ERROR':<13}"
-            print(f"{shown}  {row.path}" + (f"  ({row.error})" if row.error else ""), flush=len(paths) < 50)
+    try:
+        for row in predictor.predict(paths, ns.batch_size, threshold, show_progress=len(paths) >= 50, heatmap_dir=ns.heatmaps):
+            rows.append(row)
+            if not ns.quiet:
+                shown = f"{row.probability:>11.4f}  {'fractured' if row.fractured else 'not_fractured':<13}" if not row.error else f"{'-':>11}  {'ERROR':<13}"
+                print(f"{shown}  {row.path}" + (f"  ({row.error})" if row.error else ""), flush=len(paths) < 50)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     failed = [r for r in rows if r.error]
     print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
     if ns.out:

@@ -1,0 +1,94 @@
+"""Heatmaps on the original radiograph, and how well they point at fractures (torch-free).
+
+Shared by ``fracture.explain`` (torch Grad-CAM) and ``fracture.predict``
+(heatmap output of the ONNX graph), so overlays and scores are made one way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fracture.preprocess import Contract, geometry
+
+
+def to_original(cam: np.ndarray, height: int, width: int, contract: Contract) -> np.ndarray:
+    """Low-res map over the model input → map over the original image (undoes stretch or letterbox)."""
+    size = contract.image_size
+    full = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    g = geometry(height, width, contract)
+    inner = full[g.top : g.top + g.inner_height, g.left : g.left + g.inner_width]
+    return cv2.resize(inner, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(cam: np.ndarray) -> np.ndarray:
+    """Scale to 0..1 by the image's own maximum (a map of where, not how much)."""
+    cam = np.maximum(cam, 0)
+    top = float(cam.max())
+    return cam / top if top > 0 else cam
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float = 0.4) -> np.ndarray:
+    """Side by side: the plain radiograph and the heatmap blended over it, probability in the corner (BGR)."""
+    gray = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(np.rint(normalise(cam) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(colour, alpha, gray, 1 - alpha, 0)
+    scale = max(image.shape) / 600
+    text = f"p(fracture) = {probability:.3f}"
+    for img in (blend,):
+        cv2.putText(img, text, (int(10 * scale) + 2, int(30 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (0, 0, 0), max(2, int(3 * scale)), cv2.LINE_AA)
+        cv2.putText(img, text, (int(10 * scale), int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+    return np.hstack([gray, blend])
+
+
+def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float) -> Path:
+    out = Path(out_dir) / f"{Path(source).stem}_heatmap.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), overlay(image, cam_full, probability))
+    return out
+
+
+def read_yolo_boxes(label_file: str | os.PathLike, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """YOLO ``class cx cy w h`` (normalised) → pixel boxes (x0, y0, x1, y1); none when the file is absent or empty."""
+    path = Path(label_file)
+    if not path.is_file():
+        return []
+    boxes = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5:
+            cx, cy, w, h = (float(v) for v in parts[1:5])
+            boxes.append((int(round((cx - w / 2) * width)), int(round((cy - h / 2) * height)), int(round((cx + w / 2) * width)), int(round((cy + h / 2) * height))))
+    return boxes
+
+
+def box_mask(boxes: list[tuple[int, int, int, int]], height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+    return mask
+
+
+def pointing(cam_full: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Pointing-game hit (the map's maximum lies in a box) and the share of the map's mass inside boxes."""
+    y, x = np.unravel_index(int(np.argmax(cam_full)), cam_full.shape)
+    mass = np.maximum(cam_full, 0)
+    total = float(mass.sum())
+    return {"hit": float(mask[y, x]), "mass_in_boxes": float(mass[mask].sum() / total) if total > 0 else float("nan")}
+
+
+def centre_map(height: int, width: int) -> np.ndarray:
+    """The centre-point baseline: a Gaussian blob in the middle of the image."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    sigma = 0.15 * max(height, width)
+    return np.exp(-(((yy - height / 2) ** 2 + (xx - width / 2) ** 2) / (2 * sigma**2)))
+
+
+def baselines(mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """Centre-point and random baselines for one image (random: expected values, exact)."""
+    h, w = mask.shape
+    share = float(mask.mean())
+    return {"centre": pointing(centre_map(h, w), mask), "random": {"hit": share, "mass_in_boxes": share}}
