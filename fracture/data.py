@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fracture import preprocess
@@ -161,6 +161,7 @@ class FractureDataModule(L.LightningDataModule):
         image_size: side of the square model input in pixels.
         resize: ``stretch`` to the square, or ``letterbox`` (aspect kept, zero padded).
         batch_size: images per batch (per device).
+        sampler: ``shuffle``, or ``balanced`` (draw each class equally often; an alternative to ``pos_weight``).
         num_workers: loader worker processes.
         val_fraction: share of train carved off for validation when there is no ``val/``.
         split_seed: seed of that carve-out.
@@ -178,6 +179,7 @@ class FractureDataModule(L.LightningDataModule):
         image_size: int = 224,
         resize: Literal["stretch", "letterbox"] = "stretch",
         batch_size: int = 32,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
         num_workers: int = 2,
         val_fraction: float = 0.15,
         split_seed: int = 42,
@@ -192,6 +194,7 @@ class FractureDataModule(L.LightningDataModule):
         self.root = root
         self.contract = preprocess.Contract(image_size=image_size, resize=resize)
         self.batch_size = batch_size
+        self.sampler = sampler
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -239,30 +242,35 @@ class FractureDataModule(L.LightningDataModule):
         for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]:
             self._dataset(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self._dataset(split)
         sampler = None
-        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # the default distributed sampler pads with repeated images: metrics would count some twice
-            sampler = UnrepeatedDistributedSampler(self._dataset(split), shuffle=False)
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        if train and self.sampler == "balanced":
+            labels = dataset.labels.astype(int)
+            weights = 1.0 / np.bincount(labels, minlength=2)[labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(labels), replacement=True)
         return DataLoader(
-            self._dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle and len(self._dataset(split)) > self.batch_size,
+            drop_last=train and len(dataset) > self.batch_size,  # no 1-image batch for batch-norm
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", train=False)
 
 
 def missing_dataset_message(root: str | os.PathLike) -> str:

@@ -51,7 +51,7 @@ def explain(ckpt: Path, paths: list[str], out: Path, boxes: Path | None = None) 
             failed.append(str(exc))
             continue
         x = torch.from_numpy(preprocess.resize(image, contract)[None, None].astype(np.float32))
-        prob, cam = grad_cam(model.net.eval(), x)
+        prob, cam = grad_cam(model.inference_net.eval(), x)
         full = heatmap.to_original(cam[0].numpy(), image.shape[0], image.shape[1], contract)
         heatmap.write_overlay(out, path, image, full, float(prob[0]))
         if boxes is not None:

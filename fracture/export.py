@@ -34,7 +34,7 @@ from torch import nn
 
 from fracture import metrics, preprocess
 from fracture.model import cam_from_features, normalise_cam
-from fracture.module import FractureClassifier
+from fracture.module import FractureClassifier, tta_logits
 from fracture.progress import progress
 from fracture.synth import radiograph
 
@@ -49,14 +49,17 @@ class ExportError(Exception):
 class Deployable(nn.Module):
     """Raw pixels → (probability, logit[, heatmap]): the function the ONNX file computes."""
 
-    def __init__(self, net: nn.Module, heatmap: bool = False) -> None:
+    def __init__(self, net: nn.Module, heatmap: bool = False, tta: bool = False) -> None:
         super().__init__()
+        if heatmap and tta:
+            raise ExportError("--heatmap with test-time augmentation is not supported; export without one of them")
         self.net = net
         self.heatmap = heatmap
+        self.tta = tta
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.heatmap:
-            logit = self.net(image)
+            logit = tta_logits(self.net, image) if self.tta else self.net(image)
             return torch.sigmoid(logit), logit
         logit, cam = cam_from_features(self.net, self.net.forward_features(image))
         return torch.sigmoid(logit), logit, normalise_cam(cam)
@@ -187,7 +190,7 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
                  heatmap: bool = False) -> dict[str, Any]:
     """Export, check and install a loaded classifier (``ckpt`` names its source file, if any)."""
     out = Path(out)
-    module = Deployable(model.net, heatmap).eval()
+    module = Deployable(model.inference_net, heatmap, bool(model.hparams.tta)).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmpdir:
         tmp = Path(tmpdir) / out.name

@@ -32,6 +32,11 @@ from fracture.model import build_network
 from fracture.preprocess import Contract
 
 
+def tta_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean logit of the image and its left-right mirror."""
+    return (net(x) + net(torch.flip(x, dims=[-1]))) / 2
+
+
 class TrainingDiverged(Exception):
     """The loss stopped being a finite number; the last good checkpoint is kept."""
 
@@ -75,6 +80,9 @@ class FractureClassifier(L.LightningModule):
         weight_decay: weight decay (decoupled for ``adamw``).
         scheduler: ``none`` (constant lr) or ``cosine`` (linear warm-up, then cosine decay to 0, per step).
         warmup_epochs: warm-up length for ``cosine``.
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.999) and validate, test and
+            export with it; ``null`` = off.
+        tta: average the logits of the image and its horizontal mirror at evaluation (and in the ONNX file).
         pos_weight: weight of the fractured class in the loss; ``auto`` = negatives/positives of the train split.
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size: input side in pixels (linked from ``data.image_size``).
@@ -97,6 +105,8 @@ class FractureClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         scheduler: Literal["none", "cosine"] = "none",
         warmup_epochs: float = 0.0,
+        ema_decay: float | None = None,
+        tta: bool = False,
         pos_weight: float | Literal["auto"] | None = None,
         screening_sensitivity: float = 0.95,
         image_size: int = 224,
@@ -109,6 +119,11 @@ class FractureClassifier(L.LightningModule):
         self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std)
         seed = {"widths": tuple(widths), "dense": tuple(dense), "dropout": dropout, "dense_dropout": dense_dropout, "pool": pool} if arch == "seed_cnn" else {}
         self.net = build_network(self.contract, arch, weights, **seed)
+        self.ema = None
+        if ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         weight = 1.0 if pos_weight in (None, "auto") else float(pos_weight)
         self.register_buffer("pos_weight", torch.tensor(weight))
         self.train_metrics = _metric_collection("train/")
@@ -122,9 +137,20 @@ class FractureClassifier(L.LightningModule):
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
         self.example_input_array = torch.zeros(2, 1, image_size, image_size)
 
+    @property
+    def inference_net(self) -> nn.Module:
+        """What evaluation and export run: the EMA weights when kept, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.net
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pixels (0..255) → fracture logits."""
-        return self.net(x)
+        """Raw pixels (0..255) → fracture logits (EMA weights and mirror TTA outside training)."""
+        if self.training:
+            return self.net(x)
+        return tta_logits(self.inference_net, x) if self.hparams.tta else self.inference_net(x)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

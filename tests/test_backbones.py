@@ -1,0 +1,127 @@
+"""Backbones and recipe switches: each builds, trains, exports with parity, and does what it claims."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from conftest import tiny_fit_args
+from fracture import fit, preprocess
+from fracture.data import FractureDataModule
+from fracture.export import export, export_model, load_classifier
+from fracture.model import ARCHS, build_network
+from fracture.module import FractureClassifier, lr_factor
+from fracture.predict import Predictor
+from fracture.preprocess import Contract
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backbone_trains_a_step_and_exports_with_parity(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FractureClassifier(arch=arch, image_size=64)
+    first = next(model.net.backbone.parameters())
+    assert first.shape[1] == 1  # one input channel
+    before = first.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x, y = torch.rand(4, 1, 64, 64) * 255, torch.tensor([0.0, 1.0, 0.0, 1.0])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, first.detach())
+    meta = export_model(model.eval(), tmp_path / f"{arch}.onnx")  # raises unless parity holds
+    assert max(meta["parity_max_abs_diff"].values()) <= 1e-5
+
+
+def test_local_weights_fold_rgb_and_refuse_mismatches(tmp_path: Path) -> None:
+    rgb = torchvision.models.resnet18(weights=None)
+    torch.save(rgb.state_dict(), tmp_path / "resnet18.pth")
+    net = build_network(Contract(image_size=64), "resnet18", str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(net.backbone.features[0].weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(net.backbone.features[7][1].conv2.weight, rgb.layer4[1].conv2.weight)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ValueError, match="wrong architecture"):
+        build_network(Contract(image_size=64), "resnet18", str(tmp_path / "resnet34.pth"))
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        build_network(Contract(image_size=64), "resnet18", str(tmp_path / "absent.pth"))
+
+
+def test_warmup_cosine_schedule_values() -> None:
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0) and lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_schedule_and_ema_in_a_real_run(synth_root: Path, tmp_path: Path) -> None:
+    args = tiny_fit_args(synth_root, tmp_path, "--model.scheduler", "cosine", "--model.warmup_epochs", "1", "--model.ema_decay", "0.9",
+                         "--test_after_fit", "false", epochs=2)
+    assert fit.main(args) == 0
+    ckpt = torch.load(tmp_path / "tiny" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["lr_schedulers"][0]["_last_lr"][0] < 1e-4  # decayed to ~0 at the last step
+    logs = pd.read_csv(tmp_path / "tiny" / "metrics.csv")
+    state = ckpt["state_dict"]
+    raw, ema = state["net.backbone.features.0.weight"], state["ema.module.backbone.features.0.weight"]
+    assert not torch.equal(raw, ema)
+    model = load_classifier(tmp_path / "tiny" / "last.ckpt")
+    assert model.inference_net is model.ema.module
+    x = torch.rand(2, 1, 64, 64) * 255
+    with torch.no_grad():
+        assert torch.equal(model(x), model.ema.module(x)) and not torch.equal(model(x), model.net(x))
+    assert logs["val/auroc"].notna().sum() == 2
+
+
+def test_tta_averages_mirrored_predictions_and_travels_into_onnx(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FractureClassifier(image_size=64, tta=True, pool="max").eval()
+    x = torch.rand(3, 1, 64, 64) * 255
+    with torch.no_grad():
+        expected = (model.net(x) + model.net(torch.flip(x, dims=[-1]))) / 2
+        assert torch.allclose(model(x), expected) and not torch.allclose(model(x), model.net(x))
+    export_model(model, tmp_path / "tta.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "tta.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["logit"], {"image": x.numpy()})[0], expected.numpy(), atol=1e-4)
+
+
+def test_balanced_sampler_draws_classes_equally(tmp_path: Path, synth_root: Path) -> None:
+    root = tmp_path / "ds"
+    import shutil
+
+    shutil.copytree(synth_root, root)
+    table = pd.read_csv(root / "train" / "annotations.csv", dtype=str)
+    keep = pd.concat([table[table.fracture == "no"], table[table.fracture == "yes"].head(6)])
+    keep.to_csv(root / "train" / "annotations.csv", index=False)
+    torch.manual_seed(0)
+    drawn = []
+    for sampler in ("shuffle", "balanced"):
+        dm = FractureDataModule(root=str(root), image_size=32, num_workers=0, batch_size=8, sampler=sampler, val_fraction=0.2)
+        dm.setup("fit")
+        labels = torch.cat([y for _ in range(20) for _, y in dm.train_dataloader()])
+        drawn.append(float(labels.mean()))
+    assert drawn[0] < 0.2 and abs(drawn[1] - 0.5) < 0.08
+
+
+def test_letterbox_is_the_same_in_training_and_the_predictor(synth_root: Path, tmp_path: Path) -> None:
+    assert fit.main(tiny_fit_args(synth_root, tmp_path, "--data.resize", "letterbox", "--test_after_fit", "false", epochs=1)) == 0
+    ckpt = next((tmp_path / "tiny").glob("best-*.ckpt"))
+    model = load_classifier(ckpt)
+    assert model.contract.resize == "letterbox"
+    dm = FractureDataModule(root=str(synth_root), image_size=64, resize="letterbox", num_workers=0)
+    dm.setup("fit")
+    x, _ = dm.datasets["val"][0]
+    path = dm.datasets["val"].paths[0]
+    direct = preprocess.load(path, model.contract)
+    assert torch.equal(x[0], torch.from_numpy(direct).float()) and (direct[:, :2] == 0).all()  # padded columns
+    export(ckpt, tmp_path / "lb.onnx")
+    predictor = Predictor(tmp_path / "lb.onnx")
+    assert predictor.contract == model.contract
+    p = next(predictor.predict([path], show_progress=False)).probability
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x[None])).item()
+    assert p == pytest.approx(expected, abs=1e-5)
+    assert json.loads(ort.InferenceSession(str(tmp_path / "lb.onnx")).get_modelmeta().custom_metadata_map["fracture"])["contract"]["resize"] == "letterbox"
