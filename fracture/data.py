@@ -283,8 +283,9 @@ fracture.fit expects a Kaggle-style dataset:
 annotations.csv has one row per image: an image path relative to images/ and a
 fracture label (0/1, yes/no, fractured/not fractured); see README.md, "Dataset".
 Download a bone-fracture X-ray dataset (for example FracAtlas, CC BY 4.0, or a
-Kaggle "bone fracture" dataset), arrange it this way, and point data.root at it:
-  python -m fracture.fit --config configs/default.yaml --data.root PATH
+Kaggle "bone fracture" dataset) and import it into this layout:
+  python -m fracture.datasets import fracatlas|folders|yolo SRC --out {root}
+then train:  python -m fracture.fit --config configs/default.yaml --data.root {root}
 
 No dataset yet? Train the demo on built-in synthetic radiographs:
   python -m fracture.synth --out data/synthetic && python -m fracture.fit --config configs/demo.yaml"""

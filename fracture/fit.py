@@ -180,7 +180,7 @@ def main(args: list[str] | None = None) -> int:
             args=args,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"description": __doc__, "default_env": False},
+            parser_kwargs={"prog": "python -m fracture.fit", "description": __doc__, "default_env": False},
         )
         dm: FractureDataModule = cli.datamodule
         tables = dm.check()
