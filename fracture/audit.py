@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fracture import metrics
+from fracture import metrics, preprocess
 from fracture.annotations import SPLITS, read_split
 from fracture.progress import progress
 
@@ -64,7 +64,14 @@ def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
         facts.problem = "zero-size file"
         return facts, None
     truncated = data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if data[128:132] == b"DICM" or path.lower().endswith(".dcm"):
+        try:
+            img = preprocess.read_image(path)
+        except preprocess.ImageError as exc:
+            facts.problem = str(exc).split(": ", 1)[-1]
+            return facts, None
+    else:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None and truncated:
         img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
     if img is None:
