@@ -77,7 +77,8 @@ class FractureCLI(LightningCLI):
     def _resolve_run(self) -> tuple[str, str | None]:
         cfg = self.config
         ckpt = cfg["ckpt_path"]
-        name = cfg["run_name"] or os.environ.get(RUN_ENV)
+        # a DDP child process (LOCAL_RANK > 0) joins the run folder its parent chose
+        name = cfg["run_name"] or (os.environ.get(RUN_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None)
         if ckpt == "last" and not name:
             run = latest_run(cfg["output_dir"])
             if run is None:
@@ -137,7 +138,7 @@ def run_info(cli: FractureCLI) -> dict[str, Any]:
     }
 
 
-def test_report(model: FractureClassifier, best: str) -> dict[str, Any]:
+def report_on_test(model: FractureClassifier, best: str) -> dict[str, Any]:
     """Test-split metrics at every operating point chosen on validation, plus confusion counts."""
     probs, labels = model.test_predictions
     report: dict[str, Any] = {"checkpoint": best, "n": int(labels.size), "positives": int(labels.sum()), "operating_points": {}}
@@ -202,7 +203,7 @@ def main(args: list[str] | None = None) -> int:
         best = trainer.checkpoint_callback.best_model_path or "last"
         trainer.test(cli.model, datamodule=dm, ckpt_path=best)
         if trainer.is_global_zero:
-            report = test_report(cli.model, best)
+            report = report_on_test(cli.model, best)
             out = cli.run_dir / "test_metrics.json"
             out.write_text(json.dumps(report, indent=2))
             print(format_report(report))
