@@ -153,6 +153,14 @@ def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.T
             grad = grad.expand(inp.shape) / (inp.shape[2] * inp.shape[3])
         elif isinstance(m, nn.AdaptiveMaxPool2d):
             grad = grad * (inp == inp.amax(dim=(2, 3), keepdim=True)).to(grad.dtype)
+        elif isinstance(m, nn.LayerNorm):  # ConvNeXt's LayerNorm2d over channels of the pooled 1x1 map
+            dims = tuple(range(1, inp.ndim)) if inp.ndim == 2 else (1,)
+            mean = inp.mean(dim=dims, keepdim=True)
+            var = inp.var(dim=dims, keepdim=True, unbiased=False)
+            xhat = (inp - mean) / torch.sqrt(var + m.eps)
+            weight = m.weight.reshape(1, -1, *([1] * (inp.ndim - 2)))
+            g = grad * weight
+            grad = (g - g.mean(dim=dims, keepdim=True) - xhat * (g * xhat).mean(dim=dims, keepdim=True)) / torch.sqrt(var + m.eps)
         elif not isinstance(m, (nn.Dropout, nn.Identity)):
             raise ValueError(f"heatmaps are not supported for a head with {type(m).__name__}")
     weights = grad.mean(dim=(2, 3), keepdim=True)

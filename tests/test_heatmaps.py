@@ -58,7 +58,8 @@ def test_grad_cam_highlights_a_planted_line() -> None:
     assert np.mean(inside) > 3 * np.mean(outside)
 
 
-@pytest.mark.parametrize("arch,pool", [("seed_cnn", "flatten"), ("seed_cnn", "max"), ("seed_cnn", "avg"), ("resnet18", None)])
+@pytest.mark.parametrize("arch,pool", [("seed_cnn", "flatten"), ("seed_cnn", "max"), ("seed_cnn", "avg"), ("resnet18", None), ("densenet121", None),
+                                       ("efficientnet_b0", None), ("convnext_tiny", None)])
 def test_traceable_cam_equals_autograd_grad_cam(arch: str, pool: str | None) -> None:
     torch.manual_seed(1)
     kwargs = {"pool": pool, "widths": (8, 16, 16)} if arch == "seed_cnn" else {}
