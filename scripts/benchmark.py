@@ -110,7 +110,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {ns.threads}; "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}; model {'checkpoint ' + ns.ckpt if ns.ckpt else 'seed CNN (default config)'}, {size} px")
     base = results["torch eager (CPU)"]["batch32_ips"]
-    print(f"\n| engine | p50 latency (ms) | p95 latency (ms) | batch-32 images/s | × torch eager |")
+    print("\n| engine | p50 latency (ms) | p95 latency (ms) | batch-32 images/s | × torch eager |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['batch32_ips']:.1f} | {r['batch32_ips'] / base:.2f} |")

@@ -129,7 +129,7 @@ def test_tampered_or_foreign_models_are_refused(tiny_onnx: Path, tmp_path: Path)
 
 
 def test_dicom_round_trip(tmp_path: Path, tiny_onnx: Path) -> None:
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

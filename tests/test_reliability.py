@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from conftest import REPO, tiny_fit_args
 from fracture import fit, metrics, preprocess
 from fracture.export import load_classifier
 from fracture.module import FractureClassifier
-from fracture.runio import AtomicCheckpointIO, atomic_write
+from fracture.runio import AtomicCheckpointIO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
