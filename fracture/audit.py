@@ -63,8 +63,8 @@ def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
     if not data:
         facts.problem = "zero-size file"
         return facts, None
-    truncated = data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    if data[128:132] == b"DICM" or path.lower().endswith(".dcm"):
+    truncated = preprocess.is_truncated_jpeg(data)
+    if preprocess.is_dicom(path, data):
         try:
             img = preprocess.read_image(path)
         except preprocess.ImageError as exc:

@@ -41,7 +41,7 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32) -> tuple[n
     out = []
     with torch.inference_mode():
         for i in progress(range(0, len(paths), batch), desc="predict"):
-            x = np.stack([preprocess.load(p, model.contract) for p in paths[i : i + batch]])[:, None].astype(np.float32)
+            x = preprocess.load_batch(paths[i : i + batch], model.contract)
             out.append(torch.sigmoid(model(torch.from_numpy(x))).numpy())
     info = model.deployment_info() | {"arch": model.hparams.arch, "source": str(ckpt)}
     return np.concatenate(out).astype(np.float64), info

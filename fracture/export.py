@@ -36,6 +36,7 @@ from fracture import metrics, preprocess
 from fracture.model import cam_from_features, normalise_cam
 from fracture.module import FractureClassifier, tta_logits
 from fracture.progress import progress
+from fracture.runio import newest
 from fracture.synth import radiograph
 
 METADATA_KEY = "fracture"
@@ -79,10 +80,10 @@ def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
 
 def latest_best(output_dir: str | os.PathLike = "checkpoints") -> Path:
     """The best checkpoint of the most recent run."""
-    found = sorted(Path(output_dir).glob("*/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = newest(output_dir, "best-*.ckpt")
+    if found is None:
         raise ExportError(f"no best-*.ckpt under {output_dir}/; train first (python -m fracture.fit) or pass --ckpt")
-    return found[-1]
+    return found
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -133,7 +134,7 @@ def parity_inputs(contract: preprocess.Contract, images: list[str] | None = None
     else:
         rng = np.random.default_rng(seed)
         batch = [preprocess.resize(np.rint(radiograph(rng, i % 2 == 1, "oblique") * 255).astype(np.uint8), contract) for i in range(n)]
-    return np.stack(batch)[:, None].astype(np.float32)
+    return preprocess.as_batch(batch)
 
 
 def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
@@ -216,7 +217,7 @@ class _Calibration:
         chunk = next(self.batches, None)
         if chunk is None:
             return None
-        return {"image": np.stack([preprocess.load(p, self.contract) for p in chunk])[:, None].astype(np.float32)}
+        return {"image": preprocess.load_batch(chunk, self.contract)}
 
 
 def _image_files(root: Path) -> list[str]:
@@ -239,7 +240,7 @@ def _predict_all(path: Path, paths: list[str], contract: preprocess.Contract, ba
     sess = session(path)
     out = []
     for i in progress(range(0, len(paths), batch), desc="int8 check"):
-        x = np.stack([preprocess.load(p, contract) for p in paths[i : i + batch]])[:, None].astype(np.float32)
+        x = preprocess.load_batch(paths[i : i + batch], contract)
         out.append(sess.run(["probability"], {"image": x})[0])
     return np.concatenate(out)
 

@@ -33,15 +33,9 @@ from fracture import __version__, metrics
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule, write_splits
 from fracture.module import FractureClassifier, TrainingDiverged
-from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, trim_log
+from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, newest, trim_log
 
 RUN_ENV = "FRACTURE_RUN_NAME"  # shared with DDP child processes so every rank writes to one run folder
-
-
-def latest_run(output_dir: str | os.PathLike, filename: str = "last.ckpt") -> Path | None:
-    """The most recently modified run folder holding ``filename``."""
-    found = sorted(Path(output_dir).glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
 
 
 def _git_commit() -> str | None:
@@ -80,10 +74,10 @@ class FractureCLI(LightningCLI):
         # a DDP child process (LOCAL_RANK > 0) joins the run folder its parent chose
         name = cfg["run_name"] or (os.environ.get(RUN_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None)
         if ckpt == "last" and not name:
-            run = latest_run(cfg["output_dir"])
-            if run is None:
+            last = newest(cfg["output_dir"], "last.ckpt")
+            if last is None:
                 raise DatasetError(f"--ckpt_path last: no run with a last.ckpt under {cfg['output_dir']}/")
-            name = run.name
+            name = last.parent.name
         if ckpt and ckpt != "last" and not name:
             name = Path(ckpt).resolve().parent.name
         if not name:

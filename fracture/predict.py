@@ -134,7 +134,7 @@ class Predictor:
                     pending.append(pool.submit(load, chunks[k + 1]))
                 loaded = pending.pop(0).result()
                 good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
-                results = self.session.run(outputs, {"image": np.stack([loaded[i][0] for i in good])[:, None].astype(np.float32)}) if good else [[], []]
+                results = self.session.run(outputs, {"image": preprocess.as_batch([loaded[i][0] for i in good])}) if good else [[], []]
                 by_index = {i: j for j, i in enumerate(good)}
                 for i, path in enumerate(chunk):
                     next(bar, None)

@@ -113,8 +113,14 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _is_dicom(path: Path, data: bytes) -> bool:
-    return data[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+def is_dicom(path: str | os.PathLike, data: bytes) -> bool:
+    """DICOM by its magic at byte 128, or by suffix."""
+    return data[128:132] == b"DICM" or Path(path).suffix.lower() == ".dcm"
+
+
+def is_truncated_jpeg(data: bytes) -> bool:
+    """A JPEG whose end-of-image marker is missing (it decodes, if at all, with a grey band)."""
+    return data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
 def _to_uint8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -179,7 +185,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
-    if _is_dicom(path, data):
+    if is_dicom(path, data):
         return _read_dicom(path)
     size = _header_size(data)
     if size is not None:
@@ -188,7 +194,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise ImageError(f"{path}: header claims {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit")
         if w == 0 or h == 0:
             raise ImageError(f"{path}: header claims an empty {w}x{h} image")
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+    if is_truncated_jpeg(data):
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
@@ -235,3 +241,13 @@ def resize(img: np.ndarray, contract: Contract) -> np.ndarray:
 def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """File → model input (``uint8``, ``image_size`` square). The single entry point."""
     return resize(read_image(path, max_pixels=max_pixels), contract)
+
+
+def as_batch(inputs: list[np.ndarray]) -> np.ndarray:
+    """Model inputs → the network's ``N x 1 x H x W`` float32 batch of raw pixel values."""
+    return np.stack(inputs)[:, None].astype(np.float32)
+
+
+def load_batch(paths: list[str], contract: Contract) -> np.ndarray:
+    """Files → ``N x 1 x H x W`` float32 batch (raises ImageError on the first bad file)."""
+    return as_batch([load(p, contract) for p in paths])

@@ -14,6 +14,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def newest(output_dir: str | os.PathLike, pattern: str) -> Path | None:
+    """The most recently modified ``<output_dir>/<run>/<pattern>`` file, if any."""
+    found = sorted(Path(output_dir).glob(f"*/{pattern}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """``write(tmp_path)`` then fsync and rename: a kill leaves the old file or none, never half a file."""
     path = Path(path)
