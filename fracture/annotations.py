@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fracture.labels import GROUP_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
+from fracture.detection import format_boxes, parse_boxes
+from fracture.labels import BOX_COLUMNS, GROUP_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
 
 SPLITS = ("train", "val", "test")
 _SHOW = 5  # offending rows quoted in an error
@@ -34,12 +35,14 @@ class Columns:
         label: fracture label (0/1, yes/no, true/false, fractured/not fractured).
         fracture_type: optional fracture type (kept for subgroup reports).
         group: optional patient/group id; a group never straddles train and val.
+        boxes: optional fracture boxes, normalised corners ``x0 y0 x1 y1`` separated by ``;``.
     """
 
     image: str | None = None
     label: str | None = None
     fracture_type: str | None = None
     group: str | None = None
+    boxes: str | None = None
 
 
 def _rows(lines: list[int]) -> str:
@@ -87,6 +90,7 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     label_col = _pick(table, columns.label, LABEL_COLUMNS, "fracture label", csv, True)
     type_col = _pick(table, columns.fracture_type, TYPE_COLUMNS, "fracture type", csv, False)
     group_col = _pick(table, columns.group, GROUP_COLUMNS, "patient/group", csv, False)
+    box_col = _pick(table, columns.boxes, BOX_COLUMNS, "boxes", csv, False)
     lines = np.arange(len(table)) + 2  # header is line 1
 
     labels = table[label_col].map(parse_label)
@@ -116,13 +120,29 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     if missing:
         raise DatasetError(f"{csv}: {len(missing)} image(s) do not exist under {images}: {_rows(missing)}")
 
-    out = table.drop(columns=[c for c in (image_col, label_col, type_col, group_col) if c])
+    boxes = []
+    if box_col:
+        bad_boxes = []
+        for text, line, label in zip(table[box_col], lines, labels):
+            try:
+                found = parse_boxes(text)
+            except ValueError as exc:
+                bad_boxes.append(f"line {line}: {exc}")
+                found = []
+            if found and label == 0:
+                bad_boxes.append(f"line {line}: a not-fractured image with fracture boxes")
+            boxes.append(format_boxes(found))
+        if bad_boxes:
+            raise DatasetError(f"{csv}: {len(bad_boxes)} bad value(s) in column {box_col!r}: {_rows(bad_boxes)}")
+
+    out = table.drop(columns=[c for c in (image_col, label_col, type_col, group_col, box_col) if c])
     out.insert(0, "path", paths)
     out.insert(1, "label", labels.astype(int).to_numpy())
     out.insert(2, "fracture_type", table[type_col].str.strip().to_numpy() if type_col else "")
     groups = table[group_col].str.strip() if group_col else names
     out.insert(3, "group", groups.where(groups != "", names).to_numpy())
     out.insert(4, "line", lines)
+    out.insert(5, "boxes", boxes or [""] * len(out))
     return out.reset_index(drop=True)
 
 

@@ -1,4 +1,11 @@
-"""Dataset and LightningDataModule: validated splits, a cache of resized images, train-only augmentation."""
+"""Dataset and LightningDataModule: validated splits, a cache of resized images, train-only augmentation.
+
+Every item is ``(image, label, mask, boxes, has_boxes)``: the float pixels
+``1 x H x W``, the 0/1 label, the fracture-box mask over those pixels (0/1,
+moved with the pixels by every augmentation and crop), the true boxes in model
+input pixels (``MAX_BOXES x 4``, padded with -1; unaugmented, for scoring on
+validation/test) and whether the image has box annotations at all.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from fracture import preprocess
+from fracture import detection, preprocess
 from fracture.annotations import Columns, DatasetError, load_splits
 from fracture.audit import exact_leaks
 from fracture.progress import progress
@@ -61,41 +68,90 @@ class _PixelNoise(torch.nn.Module):
         return (x + torch.randn_like(x) * self.std).clamp_(0.0, 255.0)
 
 
-def eval_transform() -> v2.Transform:
-    """uint8 ``1 x H x W`` → float pixel values, nothing else."""
-    return v2.ToDtype(torch.float32, scale=False)
+class Transform:
+    """Train or eval transform of an (image, box mask) pair of uint8 ``H x W`` tensors.
+
+    Geometry (affine, flip) moves image and mask together; the random crop
+    (``crop`` px, placed over a box with probability ``crop_on_box``) cuts both,
+    and a fractured image whose crop keeps under a quarter of its box area
+    becomes a negative with an empty mask. Exposure and noise touch the image only.
+    """
+
+    def __init__(self, aug: Augmentation | None = None, crop: int | None = None, crop_on_box: float = 0.5) -> None:
+        self.crop, self.crop_on_box = crop, crop_on_box
+        self.geometry = self.exposure = self.noise = None
+        if aug is not None and aug.enabled:
+            self.geometry = v2.Compose([
+                v2.RandomAffine(degrees=aug.rotation, translate=(aug.translate, aug.translate), scale=(aug.scale_min, aug.scale_max),
+                                interpolation=v2.InterpolationMode.BILINEAR),
+                v2.RandomHorizontalFlip(aug.hflip),
+            ])
+            if aug.brightness or aug.contrast:
+                self.exposure = v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast)
+            if aug.noise_std > 0:
+                self.noise = _PixelNoise(aug.noise_std)
+
+    def _crop(self, image: torch.Tensor, mask: torch.Tensor, label: float, has_boxes: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        size = self.crop
+        h, w = image.shape
+        if size is None or size >= min(h, w):
+            return image, mask, label
+        on = mask.nonzero()
+        if len(on) and float(torch.rand(())) < self.crop_on_box:
+            r, c = on[int(torch.randint(len(on), ()))].tolist()  # a box pixel, anywhere inside the crop
+            top = int(torch.randint(max(r - size + 1, 0), min(r, h - size) + 1, ()))
+            left = int(torch.randint(max(c - size + 1, 0), min(c, w - size) + 1, ()))
+        else:
+            top, left = int(torch.randint(h - size + 1, ())), int(torch.randint(w - size + 1, ()))
+        image, cut = image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+        if has_boxes:
+            total = int((mask > 0).sum())
+            kept = int((cut > 0).sum())
+            if label and kept < 0.25 * total:  # the fracture is (almost) outside the crop
+                return image, torch.zeros_like(cut), 0.0
+        return image, cut, label
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, label: float, has_boxes: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """→ (float ``1 x h x w`` pixels, float 0/1 ``1 x h x w`` mask, label)."""
+        if self.geometry is not None:
+            both = self.geometry(torch.stack([image, mask]))
+            image, mask = both[0], (both[1] > 127).to(torch.uint8) * 255
+        image, mask, label = self._crop(image, mask, label, has_boxes)
+        image = image.unsqueeze(0)
+        if self.exposure is not None:
+            image = self.exposure(image)
+        image = image.to(torch.float32)
+        if self.noise is not None:
+            image = self.noise(image)
+        return image, (mask > 0).to(torch.float32).unsqueeze(0), label
 
 
-def train_transform(aug: Augmentation) -> v2.Transform:
-    """Random geometry and exposure on the uint8 image, then noise on floats."""
-    if not aug.enabled:
-        return eval_transform()
-    steps: list[torch.nn.Module] = [
-        v2.RandomAffine(
-            degrees=aug.rotation,
-            translate=(aug.translate, aug.translate),
-            scale=(aug.scale_min, aug.scale_max),
-            interpolation=v2.InterpolationMode.BILINEAR,
-        ),
-        v2.RandomHorizontalFlip(aug.hflip),
-    ]
-    if aug.brightness or aug.contrast:
-        steps.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
-    steps.append(v2.ToDtype(torch.float32, scale=False))
-    if aug.noise_std > 0:
-        steps.append(_PixelNoise(aug.noise_std))
-    return v2.Compose(steps)
+def eval_transform() -> Transform:
+    """Pixels as float, nothing else."""
+    return Transform()
+
+
+def train_transform(aug: Augmentation, crop: int | None = None, crop_on_box: float = 0.5) -> Transform:
+    """Random geometry, crop and exposure; the box mask moves with the pixels."""
+    return Transform(aug, crop, crop_on_box)
+
+
+Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class FractureDataset(Dataset):
-    """Model inputs from a cached ``N x H x W`` uint8 array, or decoded per item when uncached."""
+    """Model inputs from a cached ``N x H x W`` uint8 array (with original sizes), or decoded per item when uncached."""
 
-    def __init__(self, table: pd.DataFrame, contract: preprocess.Contract, transform: v2.Transform, images: np.ndarray | None = None, max_pixels: int = preprocess.DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, table: pd.DataFrame, contract: preprocess.Contract, transform: Transform, images: np.ndarray | None = None,
+                 max_pixels: int = preprocess.DEFAULT_MAX_PIXELS, sizes: np.ndarray | None = None) -> None:
         self.paths = table["path"].tolist()
         self.labels = table["label"].to_numpy(np.float32)
+        boxes = table["boxes"] if "boxes" in table.columns else [""] * len(self.paths)
+        self.boxes = [detection.parse_boxes(b) for b in boxes]
         self.contract = contract
         self.transform = transform
         self.images = images
+        self.sizes = sizes
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -103,20 +159,39 @@ class FractureDataset(Dataset):
 
     def pixels(self, index: int) -> np.ndarray:
         """The preprocessed uint8 input of one item, before any augmentation."""
+        return self.pixels_and_size(index)[0]
+
+    def pixels_and_size(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         if self.images is not None:
-            return np.asarray(self.images[index])
-        return preprocess.load(self.paths[index], self.contract, self.max_pixels)
+            return np.asarray(self.images[index]), tuple(self.sizes[index])
+        original = preprocess.read_image(self.paths[index], self.max_pixels)
+        return preprocess.resize(original, self.contract), original.shape
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self.pixels(index).copy()).unsqueeze(0)
-        return self.transform(x), torch.tensor(self.labels[index])
+    def input_boxes(self, index: int, height: int, width: int) -> list[detection.Box]:
+        """The item's true boxes in model input pixels."""
+        return detection.to_input(self.boxes[index], height, width, self.contract)
+
+    def __getitem__(self, index: int) -> Item:
+        pixels, (h, w) = self.pixels_and_size(index)
+        boxes = self.input_boxes(index, h, w)
+        mask = detection.rasterize(boxes, *pixels.shape)
+        has_boxes = bool(boxes)
+        x, m, y = self.transform(torch.from_numpy(pixels.copy()), torch.from_numpy(mask), float(self.labels[index]), has_boxes)
+        padded = torch.full((detection.MAX_BOXES, 4), -1.0)
+        if boxes:
+            kept = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[: detection.MAX_BOXES]
+            padded[: len(kept)] = torch.tensor(kept, dtype=torch.float32)
+        return x, torch.tensor(y, dtype=torch.float32), m, padded, torch.tensor(has_boxes)
 
 
-def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cache_dir: str | os.PathLike, max_pixels: int, desc: str = "cache") -> np.ndarray:
+def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cache_dir: str | os.PathLike, max_pixels: int,
+                desc: str = "cache") -> tuple[np.ndarray, np.ndarray]:
     """Decode and resize every image once; raise one DatasetError listing every unreadable file.
 
-    ``disk`` mode keeps the array in ``cache_dir`` keyed by the files (path,
-    size, mtime) and the contract, and memory-maps it on later runs.
+    Returns the ``N x S x S`` inputs and the ``N x 2`` original (height, width),
+    which place boxes in letterboxed inputs. ``disk`` mode keeps both in
+    ``cache_dir`` keyed by the files (path, size, mtime) and the contract, and
+    memory-maps them on later runs.
     """
     target = None
     if mode == "disk":
@@ -125,15 +200,19 @@ def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cach
             st = os.stat(p)
             key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         target = Path(cache_dir) / f"{desc}-{key.hexdigest()[:16]}.npy"
-        if target.is_file():
-            return np.load(target, mmap_mode="r")
+        size_file = target.with_suffix(".sizes.npy")
+        if target.is_file() and size_file.is_file():
+            return np.load(target, mmap_mode="r"), np.load(size_file)
     size = contract.image_size
     images = np.empty((len(paths), size, size), np.uint8)
+    sizes = np.zeros((len(paths), 2), np.int64)
     errors: list[str] = []
 
     def work(i: int) -> None:
         try:
-            images[i] = preprocess.load(paths[i], contract, max_pixels)
+            original = preprocess.read_image(paths[i], max_pixels)
+            sizes[i] = original.shape
+            images[i] = preprocess.resize(original, contract)
         except preprocess.ImageError as exc:
             errors.append(str(exc))
 
@@ -146,10 +225,11 @@ def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cach
         raise DatasetError(f"{len(errors)} image(s) cannot be used; fix or remove them from annotations.csv:\n  {shown}{more}")
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp.npy")
-        np.save(tmp, images)
-        os.replace(tmp, target)
-    return images
+        for array, path in ((sizes, size_file), (images, target)):  # images last: their presence means both are complete
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, array)
+            os.replace(tmp, path)
+    return images, sizes
 
 
 class FractureDataModule(L.LightningDataModule):
@@ -167,6 +247,9 @@ class FractureDataModule(L.LightningDataModule):
         split_seed: seed of that carve-out.
         cache: ``memory`` (decode once per run), ``disk`` (decode once, memory-map after) or ``none``.
         cache_dir: where ``disk`` caches live.
+        crop: train on random ``crop`` px squares of the ``image_size`` input (validation and test see the
+            whole input; needs a fully convolutional model such as ``model.head: localise``); ``null`` = no crop.
+        crop_on_box: probability that a training crop is placed over a fracture box (images with boxes).
         max_pixels: images whose header claims more pixels are refused before decoding.
         allow_leakage: train even when an image file is byte-identical across splits.
         columns: annotation column names (auto-detected when unset).
@@ -185,6 +268,8 @@ class FractureDataModule(L.LightningDataModule):
         split_seed: int = 42,
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str = "data/.cache",
+        crop: int | None = None,
+        crop_on_box: float = 0.5,
         max_pixels: int = preprocess.DEFAULT_MAX_PIXELS,
         allow_leakage: bool = False,
         columns: Columns | None = None,
@@ -192,7 +277,7 @@ class FractureDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = root
-        self.contract = preprocess.Contract(image_size=image_size, resize=resize)
+        self.contract = preprocess.Contract(image_size=image_size, resize=resize, train_crop=crop)
         self.batch_size = batch_size
         self.sampler = sampler
         self.num_workers = num_workers
@@ -200,6 +285,7 @@ class FractureDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.cache = cache
         self.cache_dir = cache_dir
+        self.crop, self.crop_on_box = crop, crop_on_box
         self.max_pixels = max_pixels
         self.allow_leakage = allow_leakage
         self.columns = columns or Columns()
@@ -231,11 +317,11 @@ class FractureDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> FractureDataset:
         if split not in self.datasets:
             table = self.check()[split]
-            images = None
+            images = sizes = None
             if self.cache != "none":
-                images = build_cache(table["path"].tolist(), self.contract, self.cache, self.cache_dir, self.max_pixels, desc=split)
-            transform = train_transform(self.augmentation) if split == "train" else eval_transform()
-            self.datasets[split] = FractureDataset(table, self.contract, transform, images, self.max_pixels)
+                images, sizes = build_cache(table["path"].tolist(), self.contract, self.cache, self.cache_dir, self.max_pixels, desc=split)
+            transform = train_transform(self.augmentation, self.crop, self.crop_on_box) if split == "train" else eval_transform()
+            self.datasets[split] = FractureDataset(table, self.contract, transform, images, self.max_pixels, sizes)
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:

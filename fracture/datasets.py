@@ -6,12 +6,17 @@
 
 - ``fracatlas``: labels from the ``Fractured``/``Non_fractured`` folders; each
   disagreement with the upstream ``dataset.csv`` is reported; body region,
-  hardware, view, multiscan and ``fracture_count`` are kept as metadata.
+  hardware, view, multiscan and ``fracture_count`` are kept as metadata, and
+  the radiologists' boxes (``Annotations/YOLO/``) become the ``boxes`` column.
 - ``folders``: ``{train,val,test}/{fractured,not fractured}/`` and its spelling
   variants (case, ``_``, ``non_fractured``, ``normal``, ``valid`` …); its
   splits are kept.
 - ``yolo``: ``images/`` + ``labels/`` (optionally per split); a non-empty label
-  file means fractured and its class names become ``fracture_type``.
+  file means fractured, its class names become ``fracture_type`` and its boxes
+  the ``boxes`` column.
+
+Boxes are written as normalised corners ``x0 y0 x1 y1``, ``;`` between boxes
+(see ``fracture.detection``); images without boxes have an empty cell.
 
 Where the source has no split, images are split deterministically (stratified,
 seeded) and exact/near-duplicate groups (see ``fracture.audit``) never straddle
@@ -36,6 +41,7 @@ import pandas as pd
 
 from fracture.annotations import split_by_group
 from fracture.audit import NEAR_DEFAULT, duplicate_groups, inspect_all
+from fracture.detection import format_boxes, yolo_to_boxes
 from fracture.labels import parse_label
 from fracture.preprocess import IMAGE_SUFFIXES
 
@@ -67,6 +73,13 @@ def read_fracatlas(src: Path) -> tuple[pd.DataFrame, list[str]]:
         rows += [{"src": str(p), "label": label} for p in _images(sub)]
     table = pd.DataFrame(rows)
     table["image"] = table["src"].map(lambda p: Path(p).name)
+    yolo = _child(_child(src, "Annotations") or src, "YOLO")
+    if yolo is not None:
+        def boxes(row: pd.Series) -> str:
+            f = yolo / f"{Path(row['src']).stem}.txt"
+            return format_boxes(yolo_to_boxes(f.read_text())) if row["label"] == 1 and f.is_file() else ""
+
+        table["boxes"] = table.apply(boxes, axis=1)
     notes: list[str] = []
     meta_csv = src / "dataset.csv"
     if meta_csv.is_file():
@@ -138,12 +151,14 @@ def read_yolo(src: Path) -> pd.DataFrame:
     for img in _images(images_root):
         rel = img.relative_to(images_root)
         label_file = labels_root / rel.with_suffix(".txt")
-        classes = []
+        classes, boxes = [], []
         if label_file.is_file():
-            classes = sorted({int(float(line.split()[0])) for line in label_file.read_text().splitlines() if line.strip()})
+            text = label_file.read_text()
+            classes = sorted({int(float(line.split()[0])) for line in text.splitlines() if line.strip()})
+            boxes = yolo_to_boxes(text)
         split = SPLIT_NAMES.get(rel.parts[0].lower()) if len(rel.parts) > 1 else None
         kinds = [names[c] if c < len(names) else f"class_{c}" for c in classes]
-        rows.append({"src": str(img), "label": int(bool(classes)), "fracture_type": ",".join(kinds) or "none", "split": split, "boxes": len(classes)})
+        rows.append({"src": str(img), "label": int(bool(classes)), "fracture_type": ",".join(kinds) or "none", "split": split, "boxes": format_boxes(boxes)})
     if not rows:
         raise FileNotFoundError(f"no images under {images_root}")
     table = pd.DataFrame(rows)

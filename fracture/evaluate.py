@@ -9,6 +9,12 @@ reliability diagram, training curves, most confident errors). Every metric is
 computed at every operating point stored with the model (chosen on validation,
 never on this split) with a 95 % percentile bootstrap interval (seeded; whole
 patient/duplicate groups are resampled when the annotations have a group column).
+
+When the split has fracture boxes, the model's map (a ``localise`` model's
+fracture map, or a ``classify`` model's Grad-CAM) is scored against them too:
+pointing game, mass in boxes, FROC and AP with intervals, against the centre
+baseline (see ``fracture.localisation``), plus ``froc.png`` and
+``localisation_examples.png``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fracture import metrics, preprocess
+from fracture import detection, localisation, metrics, preprocess
 from fracture.annotations import DatasetError, read_split
 from fracture.progress import progress
 
@@ -31,38 +37,84 @@ SUBGROUP_MIN = 10  # positives and negatives needed before a subgroup AUROC is w
 CAVEAT = "Research tool, not a medical device: these figures do not show fitness for clinical use."
 
 
-def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32) -> tuple[np.ndarray, dict[str, Any]]:
-    """Probabilities from a checkpoint (torch, eval mode) and its deployment info."""
+Maps = list[np.ndarray] | None
+
+
+def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool = False) -> tuple[np.ndarray, dict[str, Any], Maps]:
+    """Probabilities from a checkpoint (torch, eval mode), its deployment info, and with ``maps`` its low-res maps.
+
+    The maps are a ``localise`` model's fracture map, or a ``classify`` model's Grad-CAM.
+    """
     import torch
 
+    from fracture.explain import grad_cam
     from fracture.export import load_classifier
 
     model = load_classifier(ckpt)
-    out = []
-    with torch.inference_mode():
-        for i in progress(range(0, len(paths), batch), desc="predict"):
-            x = preprocess.load_batch(paths[i : i + batch], model.contract)
-            out.append(torch.sigmoid(model(torch.from_numpy(x))).numpy())
+    out, found = [], []
+    for i in progress(range(0, len(paths), batch), desc="predict"):
+        x = torch.from_numpy(preprocess.load_batch(paths[i : i + batch], model.contract))
+        if model.localise:
+            with torch.inference_mode():
+                p, m = model.probabilities_and_maps(x)
+        elif maps:
+            p, m = grad_cam(model.inference_net, x)
+            with torch.inference_mode():
+                p = torch.sigmoid(model(x))  # with mirror TTA when the model uses it
+        else:
+            with torch.inference_mode():
+                p, m = torch.sigmoid(model(x)), None
+        out.append(p.numpy())
+        if m is not None:
+            found += list(m.numpy())
     info = model.deployment_info() | {"arch": model.hparams.arch, "source": str(ckpt)}
-    return np.concatenate(out).astype(np.float64), info
+    return np.concatenate(out).astype(np.float64), info, found if maps else None
 
 
-def predict_onnx(path: Path, paths: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+def predict_onnx(path: Path, paths: list[str], maps: bool = False) -> tuple[np.ndarray, dict[str, Any], Maps]:
     from fracture.predict import Predictor
 
     predictor = Predictor(path)
-    rows = list(predictor.predict(paths))
+    want = maps and predictor.has_heatmap
+    rows = list(predictor.predict(paths, keep_maps=want))
     failed = [r for r in rows if r.error]
     if failed:
         raise DatasetError(f"{len(failed)} image(s) could not be read, e.g. {failed[0].error}")
-    return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}
+    return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}, [r.raw_map for r in rows] if want else None
+
+
+def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], info: dict[str, Any], out: Path, n_boot: int, seed: int,
+             groups: np.ndarray | None) -> dict[str, Any]:
+    """Score the maps against the split's boxes (``fracture.localisation``); returns the summary with plot names."""
+    contract = preprocess.Contract.from_dict(info["contract"])
+    own = info.get("localisation")
+    if own:  # a localise model: its fracture map, with the box threshold chosen on validation
+        method, threshold, min_area, relative = "fracture map (localise head)", own["box_threshold"], own.get("min_area_fraction", 0.0), False
+    else:
+        method, threshold, min_area, relative = "Grad-CAM (classify model)", localisation.GRAD_CAM_BOX_THRESHOLD, 0.0, True
+    truths = [detection.parse_boxes(b) for b in table["boxes"]]
+    centre = localisation.median_box_size(truths)
+    results, paths = [], table["path"].tolist()
+    for i in progress(range(len(paths)), desc="localise"):
+        h, w = preprocess.read_image(paths[i]).shape
+        results.append(localisation.score_image(maps[i], h, w, contract, truths[i], float(probs[i]), threshold, min_area, relative, centre))
+    summary = localisation.summarise(results, groups, n_boot, seed)
+    summary.update({"method": method, "box_threshold": threshold, "min_area_fraction": min_area, "centre_box_size": list(centre)})
+
+    def redo_map(i: int, image: np.ndarray) -> np.ndarray:
+        from fracture import heatmap
+
+        return heatmap.to_original(maps[i], image.shape[0], image.shape[1], contract)
+
+    summary["plots"] = localisation.plots(out, summary, results, paths, probs, redo_map, method)
+    return summary
 
 
 def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
     """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column."""
     rows = []
     labels = table["label"].to_numpy()
-    skip = {"path", "label", "line", "group", "group_id", "image"}
+    skip = {"path", "label", "line", "group", "group_id", "image", "boxes"}
     columns = [c for c in table.columns if c not in skip and 2 <= table[c].nunique() <= 20]
     for column in columns:
         for value, idx in table.groupby(column).indices.items():
@@ -212,8 +264,12 @@ def audit_summary(root: Path) -> list[str]:
     return lines
 
 
+def has_boxes(table: pd.DataFrame) -> bool:
+    return "boxes" in table.columns and bool((table["boxes"] != "").any())
+
+
 def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: Path, root: Path, split: str,
-             run_dir: Path | None, n_boot: int = 1000, seed: int = 0, operating_point: str | None = None) -> dict[str, Any]:
+             run_dir: Path | None, n_boot: int = 1000, seed: int = 0, operating_point: str | None = None, maps: Maps = None) -> dict[str, Any]:
     """Compute everything, write metrics.json, plots and report.md; returns the metrics dict."""
     out.mkdir(parents=True, exist_ok=True)
     labels = table["label"].to_numpy()
@@ -232,6 +288,9 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     op = operating_point or ("balanced" if "balanced" in thresholds else "default")
     result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op])}
     result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
+    if maps is not None and has_boxes(table):
+        result["localisation"] = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
+        result["plots"] += result["localisation"].pop("plots")
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "report.md").write_text(report_md(result, info, table, root))
     return result
@@ -268,8 +327,39 @@ def report_md(result: dict[str, Any], info: dict[str, Any], table: pd.DataFrame,
         lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {r['fractured']} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | {_fmt(r['auroc'])} | {r['note']} |")
     if not sub["rows"]:
         lines.append("| (no fracture type or metadata columns to split by) | | | | | | | |")
+    lines += localisation_md(result.get("localisation"))
     lines += ["", "## Plots", *[f"![{p}]({p})" for p in result["plots"]], "", f"_{CAVEAT}_", ""]
     return "\n".join(lines)
+
+
+LOCALISATION_ROWS = (
+    ("pointing_hit_rate", "pointing game: map maximum inside a true box (fractured images with boxes)"),
+    ("mass_in_boxes", "share of map mass inside true boxes"),
+    ("froc_centre_sensitivity_at_0.5_fp", "FROC sensitivity at 0.5 FP/image (hit = centre in box)"),
+    ("froc_centre_sensitivity_at_1_fp", "FROC sensitivity at 1 FP/image (hit = centre in box)"),
+    ("froc_centre_sensitivity_at_2_fp", "FROC sensitivity at 2 FP/image (hit = centre in box)"),
+    ("froc_iou_sensitivity_at_0.5_fp", "FROC sensitivity at 0.5 FP/image (hit = IoU >= 0.25)"),
+    ("froc_iou_sensitivity_at_1_fp", "FROC sensitivity at 1 FP/image (hit = IoU >= 0.25)"),
+    ("froc_iou_sensitivity_at_2_fp", "FROC sensitivity at 2 FP/image (hit = IoU >= 0.25)"),
+    ("ap_iou25", "AP at IoU 0.25"),
+    ("ap_iou50", "AP at IoU 0.5"),
+)
+
+
+def localisation_md(loc: dict[str, Any] | None) -> list[str]:
+    if not loc:
+        return []
+    lines = [
+        "", "## Where: localisation against the true boxes (95 % CI)",
+        f"{loc['method']}; {loc['fractured_with_boxes']} fractured images with {loc['true_boxes']} boxes among {loc['images']} images; "
+        f"{loc['predicted_boxes']} predicted boxes (threshold {loc['box_threshold']:.2f}). False positives are counted over all images. "
+        f"Centre baseline: a Gaussian at the centre (pointing) and one centred box of the median true size, scored by the image probability (FROC, AP).",
+        "| measure | model | centre baseline |", "|---|---|---|",
+    ]
+    for key, name in LOCALISATION_ROWS:
+        cells = [_fmt(loc[w]["metrics"].get(key, float("nan")), loc[w]["ci95"].get(key)) for w in ("model", "centre")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(args: list[str] | None = None) -> int:
@@ -295,9 +385,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         table = read_split(root / ns.split)
         paths = table["path"].tolist()
-        probs, info = predict_checkpoint(ns.ckpt, paths) if ns.ckpt else predict_onnx(ns.onnx, paths)
+        want_maps = has_boxes(table)
+        probs, info, maps = predict_checkpoint(ns.ckpt, paths, maps=want_maps) if ns.ckpt else predict_onnx(ns.onnx, paths, maps=want_maps)
         out = ns.out or Path("reports") / (run_dir.name if run_dir else ns.onnx.stem)
-        evaluate(probs, table, info, out, root, ns.split, run_dir, ns.bootstrap, ns.seed, ns.operating_point)
+        evaluate(probs, table, info, out, root, ns.split, run_dir, ns.bootstrap, ns.seed, ns.operating_point, maps)
     except (DatasetError, preprocess.ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
     python -m fracture.explain --ckpt CKPT IMAGES… --out DIR
     python -m fracture.explain --ckpt CKPT IMAGES… --out DIR --boxes YOLO_DIR
 
-Grad-CAM of the fracture logit on the last convolution block, resized back
+Grad-CAM of the fracture logit on the last convolution block (for a
+``localise`` model: its own fracture map, with its boxes drawn), resized back
 onto the original radiograph (undoing stretch or letterbox), blended with an
 OpenCV colormap next to the plain image, probability in the corner. With
 ``--boxes`` (YOLO ``.txt`` files named like the images), fractured images are
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fracture import heatmap, preprocess
+from fracture import detection, heatmap, preprocess
 from fracture.export import ExportError, load_classifier
 from fracture.model import FractureNet, normalise_cam
 from fracture.predict import expand_inputs
@@ -51,9 +52,18 @@ def explain(ckpt: Path, paths: list[str], out: Path, boxes: Path | None = None) 
             failed.append(str(exc))
             continue
         x = torch.from_numpy(preprocess.resize(image, contract)[None, None].astype(np.float32))
-        prob, cam = grad_cam(model.inference_net.eval(), x)
+        found_boxes = None
+        if model.localise:
+            with torch.inference_mode():
+                prob, cam = model.probabilities_and_maps(x)
+        else:
+            prob, cam = grad_cam(model.inference_net.eval(), x)
         full = heatmap.to_original(cam[0].numpy(), image.shape[0], image.shape[1], contract)
-        heatmap.write_overlay(out, path, image, full, float(prob[0]))
+        if model.localise:
+            h, w = image.shape
+            loc = model.box_params
+            found_boxes = detection.map_to_boxes(full, loc.get("box_threshold", 0.5), detection.min_area_in_original(loc.get("min_area_fraction", 0.0), h, w, contract))
+        heatmap.write_overlay(out, path, image, full, float(prob[0]), found_boxes)
         if boxes is not None:
             found = heatmap.read_yolo_boxes(boxes / f"{Path(path).stem}.txt", *image.shape)
             if found:

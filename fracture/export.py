@@ -7,7 +7,8 @@ The graph holds everything after the shared resize step: pixel scaling,
 normalisation, the network and the sigmoid. Input ``image``: float32
 ``N x 1 x H x W`` raw pixel values (0..255) exactly as
 ``fracture.preprocess.load`` makes them; outputs ``probability`` and ``logit``
-(``N``). Metadata key ``fracture`` holds a JSON object with the contract,
+(``N``), and for ``localise`` models ``map`` (``N x H/8 x W/8`` fracture
+probability per 8x8 cell, mirror TTA included when the model uses it). Metadata key ``fracture`` holds a JSON object with the contract,
 thresholds, class names, training counts, validation metrics, checkpoint
 sha256 and package version. Every export is checked with
 ``onnx.checker`` (full check) and for parity with the checkpoint on
@@ -33,8 +34,8 @@ import torch
 from torch import nn
 
 from fracture import metrics, preprocess
-from fracture.model import cam_from_features, normalise_cam
-from fracture.module import FractureClassifier, tta_logits
+from fracture.model import LocaliseNet, cam_from_features, normalise_cam
+from fracture.module import FractureClassifier, localise_outputs, tta_logits
 from fracture.progress import progress
 from fracture.runio import newest
 from fracture.synth import radiograph
@@ -48,17 +49,28 @@ class ExportError(Exception):
 
 
 class Deployable(nn.Module):
-    """Raw pixels → (probability, logit[, heatmap]): the function the ONNX file computes."""
+    """Raw pixels → (probability, logit[, heatmap | map]): the function the ONNX file computes."""
 
     def __init__(self, net: nn.Module, heatmap: bool = False, tta: bool = False) -> None:
         super().__init__()
+        self.localise = isinstance(net, LocaliseNet)
+        if self.localise:
+            heatmap = False  # its fracture map is the heatmap; no Grad-CAM needed
         if heatmap and tta:
             raise ExportError("--heatmap with test-time augmentation is not supported; export without one of them")
         self.net = net
         self.heatmap = heatmap
         self.tta = tta
 
+    @property
+    def output_names(self) -> list[str]:
+        return ["probability", "logit"] + (["heatmap"] if self.heatmap else []) + (["map"] if self.localise else [])
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.localise:
+            pooled, joint, maps = localise_outputs(self.net, image, self.tta)
+            logit = self.net.fuse(pooled, joint)
+            return torch.sigmoid(logit), logit, torch.sigmoid(maps)
         if not self.heatmap:
             logit = tta_logits(self.net, image) if self.tta else self.net(image)
             return torch.sigmoid(logit), logit
@@ -111,7 +123,7 @@ def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike | Non
 def _to_onnx(module: Deployable, size: int, path: Path) -> str:
     """Export with the dynamo exporter, falling back to the legacy one; returns which one worked."""
     example = (torch.zeros(2, 1, size, size),)
-    outputs = ["probability", "logit"] + (["heatmap"] if module.heatmap else [])
+    outputs = module.output_names
     names = {"input_names": ["image"], "output_names": outputs}
     try:
         with warnings.catch_warnings():
@@ -145,15 +157,15 @@ def session(path: str | os.PathLike, threads: int | None = None) -> ort.Inferenc
 
 
 def check_parity(onnx_path: Path, module: Deployable, inputs: np.ndarray) -> dict[str, float]:
-    """Max |ONNX - torch| of probabilities (limit 1e-5) and heatmaps (1e-4) at batch 1 and batch N."""
+    """Max |ONNX - torch| of probabilities (limit 1e-5) and heatmaps / maps (1e-4) at batch 1 and batch N."""
     sess = session(onnx_path)
-    names = ["probability"] + (["heatmap"] if module.heatmap else [])
+    names = [n for n in module.output_names if n != "logit"]
     with torch.no_grad():
-        out = module(torch.from_numpy(inputs))
-    expected = {"probability": out[0].numpy(), "heatmap": out[2].numpy() if module.heatmap else None}
+        out = dict(zip(module.output_names, module(torch.from_numpy(inputs))))
+    expected = {n: out[n].numpy() for n in names}
     one = [sess.run(names, {"image": inputs[i : i + 1]}) for i in range(len(inputs))]
     full = sess.run(names, {"image": inputs})
-    report, limits = {}, {"probability": PARITY_ATOL, "heatmap": 1e-4}
+    report, limits = {}, {"probability": PARITY_ATOL, "heatmap": 1e-4, "map": 1e-4}
     for k, name in enumerate(names):
         report[f"{name}_batch_1"] = float(np.abs(np.concatenate([o[k] for o in one]) - expected[name]).max())
         report[f"{name}_batch_{len(inputs)}"] = float(np.abs(full[k] - expected[name]).max())
@@ -197,10 +209,12 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
         tmp = Path(tmpdir) / out.name
         exporter = _to_onnx(module, model.contract.image_size, tmp)
         parity = check_parity(tmp, module, parity_inputs(model.contract, parity_images))
-        extra = {"heatmap": {"output": "heatmap", "method": "Grad-CAM of the fracture logit on the last conv block", "range": "0..1 per image"}} if heatmap else {}
+        extra = {"heatmap": {"output": "heatmap", "method": "Grad-CAM of the fracture logit on the last conv block", "range": "0..1 per image"}} if module.heatmap else {}
+        if module.localise:
+            extra["map"] = {"output": "map", "stride": 8, "range": "0..1 fracture probability per 8x8 input cell",
+                            "boxes": "regions of the map resized onto the image above localisation.box_threshold, at least min_area_fraction of the input"}
         meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity, **extra)
-        if heatmap:
-            meta["outputs"] = ["probability", "logit", "heatmap"]
+        meta["outputs"] = module.output_names
         _write_metadata(tmp, meta)
         _install(tmp, out)
     return meta

@@ -31,11 +31,26 @@ def normalise(cam: np.ndarray) -> np.ndarray:
     return cam / top if top > 0 else cam
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float = 0.4) -> np.ndarray:
-    """Side by side: the plain radiograph and the heatmap blended over it, probability in the corner (BGR)."""
+def draw_boxes(img: np.ndarray, boxes: list, colour: tuple[int, int, int], scores: bool = True) -> None:
+    """Rectangles (x0, y0, x1, y1[, score]) in place, score above each."""
+    scale = max(img.shape[:2]) / 600
+    for b in boxes:
+        p0, p1 = (int(round(b[0])), int(round(b[1]))), (int(round(b[2])) - 1, int(round(b[3])) - 1)
+        cv2.rectangle(img, p0, p1, colour, max(1, int(2 * scale)), cv2.LINE_AA)
+        if scores and len(b) > 4:
+            cv2.putText(img, f"{b[4]:.2f}", (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float = 0.4, boxes: list | None = None, truth: list | None = None) -> np.ndarray:
+    """Side by side: the plain radiograph and the heatmap blended over it, probability in the corner (BGR).
+
+    ``boxes`` (predicted, white) and ``truth`` (green) are drawn on the heatmap side.
+    """
     gray = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     colour = cv2.applyColorMap(np.rint(normalise(cam) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     blend = cv2.addWeighted(colour, alpha, gray, 1 - alpha, 0)
+    draw_boxes(blend, truth or [], (0, 200, 0), scores=False)
+    draw_boxes(blend, boxes or [], (255, 255, 255))
     scale = max(image.shape) / 600
     text = f"p(fracture) = {probability:.3f}"
     for img in (blend,):
@@ -44,10 +59,10 @@ def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float
     return np.hstack([gray, blend])
 
 
-def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float) -> Path:
+def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float, boxes: list | None = None) -> Path:
     out = Path(out_dir) / f"{Path(source).stem}_heatmap.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), overlay(image, cam_full, probability))
+    cv2.imwrite(str(out), overlay(image, cam_full, probability, boxes=boxes))
     return out
 
 

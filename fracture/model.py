@@ -8,6 +8,7 @@ so the exported ONNX graph carries them too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -126,6 +127,93 @@ class TorchvisionBackbone(nn.Module):
         return self.head(features).squeeze(1)
 
 
+class Pyramid(nn.Module):
+    """A backbone's ``features`` run block by block, returning the last map of every stride from 8 up."""
+
+    def __init__(self, features: nn.Sequential, in_channels: int = 1, probe: int = 64) -> None:
+        super().__init__()
+        self.features = features
+        was = features.training
+        features.eval()
+        x = torch.zeros(1, in_channels, probe, probe)
+        last_at: dict[int, tuple[int, int]] = {}
+        with torch.no_grad():
+            for i, block in enumerate(features):
+                x = block(x)
+                stride = probe // x.shape[-1]
+                if stride >= 8:
+                    last_at[stride] = (i, x.shape[1])
+        features.train(was)
+        if 8 not in last_at:
+            raise ValueError("the localise head needs a feature map at stride 8 (seed CNN: 3 pooling blocks)")
+        self.taps = [last_at[s][0] for s in sorted(last_at)]
+        self.channels = [last_at[s][1] for s in sorted(last_at)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.taps:
+                out.append(x)
+            if i == self.taps[-1]:
+                break
+        return out
+
+
+class LocaliseNet(nn.Module):
+    """Input scaling + backbone + a light FPN decoder: a fracture map at stride 8 and an image logit.
+
+    The decoder merges every stride from 8 up (1x1 lateral convs, nearest 2x
+    upsampling, addition) and ends in two 3x3 conv blocks and a 1x1 conv: one
+    map logit per 8x8 input cell. The image logit is a fusion of two heads:
+    log-sum-exp pooling of the map (``map``) and a global-average-pool linear
+    head on the deepest features (``joint``); ``fusion`` (a buffer, chosen on
+    validation) weighs them: 1 = map only, 0 = joint only. Fully convolutional,
+    so it trains on crops and predicts on the whole input.
+
+    Args:
+        features: the backbone's feature blocks (seed CNN or resnet).
+        contract: the preprocessing contract (input scaling).
+        width: decoder channels.
+        lse_r: sharpness of the log-sum-exp pooling (large = max, small = mean).
+    """
+
+    def __init__(self, features: nn.Sequential, contract: Contract, width: int = 96, lse_r: float = 5.0) -> None:
+        super().__init__()
+        self.scaling = InputScaling(contract)
+        self.pyramid = Pyramid(features, contract.channels)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.pyramid.channels)
+        block = [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.decoder = nn.Sequential(*block, *[nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)])
+        self.map_out = nn.Conv2d(width, 1, 1)
+        nn.init.constant_(self.map_out.bias, -4.0)  # fractures cover ~1 % of cells: start near that prior
+        self.joint = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.pyramid.channels[-1], 1))
+        self.lse_r = lse_r
+        self.register_buffer("fusion", torch.tensor(0.5))
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(map-pooled logit, joint logit, map logits ``N x H/8 x W/8``)."""
+        feats = self.pyramid(self.scaling(x))
+        top = self.lateral[-1](feats[-1])
+        for f, lateral in zip(reversed(feats[:-1]), reversed(list(self.lateral)[:-1])):
+            top = nn.functional.interpolate(top, scale_factor=2.0, mode="nearest") + lateral(f)
+        maps = self.map_out(self.decoder(top)).squeeze(1)
+        flat = maps.flatten(1) * self.lse_r
+        pooled = (torch.logsumexp(flat, dim=1) - math.log(flat.shape[1])) / self.lse_r
+        return pooled, self.joint(feats[-1]).squeeze(1), maps
+
+    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+        return self.fusion * pooled + (1 - self.fusion) * joint
+
+    def forward_logit_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image logit, map logits): what evaluation and export use."""
+        pooled, joint, maps = self.forward_maps(x)
+        return self.fuse(pooled, joint), maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_logit_map(x)[0]
+
+
 def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logit, Grad-CAM) with the logit's gradient written as plain tensor ops, so ONNX exporters can trace it.
 
@@ -200,6 +288,7 @@ def _torchvision(arch: str) -> TorchvisionBackbone:
 
 
 ARCHS = ("seed_cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny")
+LOCALISE_ARCHS = ("seed_cnn", "resnet18", "resnet34", "resnet50")
 
 
 def load_local_weights(backbone: nn.Module, path: str) -> None:
@@ -232,9 +321,19 @@ def load_local_weights(backbone: nn.Module, path: str) -> None:
         raise ValueError(f"model.weights: {path} lacks {skipped[:3]}")
 
 
-def build_network(contract: Contract, arch: str = "seed_cnn", weights: str | None = None, **kwargs) -> FractureNet:
-    """The network named ``arch`` for inputs made under ``contract``; ``kwargs`` configure the seed CNN."""
+def build_network(contract: Contract, arch: str = "seed_cnn", weights: str | None = None, head: str = "classify", **kwargs) -> nn.Module:
+    """The network named ``arch`` for inputs made under ``contract``; ``kwargs`` configure the seed CNN.
+
+    ``head="classify"``: one logit per image (:class:`FractureNet`); ``"localise"``:
+    a fracture map and an image logit (:class:`LocaliseNet`).
+    """
+    if head not in ("classify", "localise"):
+        raise ValueError(f"head must be classify or localise, got {head!r}")
+    if head == "localise" and arch not in LOCALISE_ARCHS:
+        raise ValueError(f"the localise head is built for {', '.join(LOCALISE_ARCHS)}, not {arch!r}")
     if arch == "seed_cnn":
+        if head == "localise":
+            kwargs["pool"] = "max"  # the dense head is not used; a flatten head would only waste memory
         backbone: nn.Module = FractureCNN(image_size=contract.image_size, in_channels=contract.channels, **kwargs)
     elif arch in ARCHS:
         backbone = _torchvision(arch)
@@ -242,4 +341,6 @@ def build_network(contract: Contract, arch: str = "seed_cnn", weights: str | Non
         raise ValueError(f"unknown arch {arch!r}; available: {', '.join(ARCHS)}")
     if weights:
         load_local_weights(backbone, weights)
+    if head == "localise":
+        return LocaliseNet(backbone.features, contract)
     return FractureNet(backbone, contract)

@@ -8,8 +8,10 @@ an image column (paths relative to the CSV's ``images/`` folder or the CSV
 itself). DICOM (``.dcm``) works when pydicom is installed (``fracture[dicom]``).
 The preprocessing (size, resize, scaling) is read from the model's metadata,
 never from flags. A file that cannot be read becomes an error row; the others
-are still predicted and the exit code is 1. Imports numpy, OpenCV and
-onnxruntime only.
+are still predicted and the exit code is 1. Models with a fracture map
+(``model.head: localise``) also give boxes in original-image pixels (``x0, y0,
+x1, y1, score``): one CSV row per box, or a ``boxes`` list per image in JSON;
+``--heatmaps`` draws them. Imports numpy, OpenCV and onnxruntime only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fracture import heatmap, metrics, preprocess
+from fracture import detection, heatmap, metrics, preprocess
 from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, parse_label
 from fracture.progress import progress
 
@@ -47,6 +49,8 @@ class Prediction:
     threshold: float | None = None
     threshold_name: str = ""
     error: str = ""
+    boxes: list[tuple[float, float, float, float, float]] | None = None  # original-image pixels + score; None = no map
+    raw_map: np.ndarray | None = None  # the model's low-resolution map or heatmap, when asked for (evaluation)
 
 
 class Predictor:
@@ -87,7 +91,11 @@ class Predictor:
         outputs = {o.name for o in self.session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != "image" or "probability" not in outputs:
             raise ModelError(f"{path}: expected one input 'image' and an output 'probability'")
-        self.has_heatmap = "heatmap" in outputs
+        self.has_map = "map" in outputs
+        self.has_heatmap = "heatmap" in outputs or self.has_map
+        self.localisation = self.metadata.get("localisation", {}) if self.has_map else {}
+        if self.has_map and "box_threshold" not in self.localisation:
+            raise ModelError(f"{path}: has a fracture map but no localisation.box_threshold in its metadata")
         shape = inputs[0].shape
         size = self.contract.image_size
         if len(shape) != 4 or list(shape[1:]) != [self.contract.channels, size, size]:
@@ -104,26 +112,33 @@ class Predictor:
             raise ModelError(f"operating point {name!r} is not in this model; it has {', '.join(self.thresholds)}")
         return name, self.thresholds[name]
 
-    def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | None] | str:
-        """(model input, original image or None), or the reason it cannot be read."""
+    def boxes(self, prob_map: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[tuple[float, float, float, float, float]]]:
+        """A map output → (the map over the original image, boxes there with the stored threshold and minimum size)."""
+        full = heatmap.to_original(prob_map, height, width, self.contract)
+        min_area = detection.min_area_in_original(self.localisation.get("min_area_fraction", 0.0), height, width, self.contract)
+        return full, detection.map_to_boxes(full, self.localisation["box_threshold"], min_area)
+
+    def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | tuple[int, int]] | str:
+        """(model input, original image when kept else its shape), or the reason it cannot be read."""
         try:
             original = preprocess.read_image(path)
-            return preprocess.resize(original, self.contract), original if keep_original else None
+            return preprocess.resize(original, self.contract), original if keep_original else original.shape
         except preprocess.ImageError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder crash on one file must not stop the run
             return f"{path}: cannot read ({type(exc).__name__}: {exc})"
 
     def predict(self, paths: list[str], batch_size: int = 32, threshold: tuple[str, float] = ("default", 0.5), show_progress: bool = True,
-                heatmap_dir: str | os.PathLike | None = None) -> Iterator[Prediction]:
+                heatmap_dir: str | os.PathLike | None = None, keep_maps: bool = False) -> Iterator[Prediction]:
         """Predictions in input order; decoding of the next batch overlaps inference of this one.
 
-        With ``heatmap_dir`` (models exported with ``--heatmap``), an overlay per image is written there.
+        With ``heatmap_dir`` (models exported with ``--heatmap``, or with a fracture map), an overlay per
+        image is written there. Models with a map give each prediction its boxes.
         """
         if heatmap_dir is not None and not self.has_heatmap:
             raise ModelError("this model has no heatmap output; export it with `python -m fracture.export --heatmap`")
         name, value = threshold
-        outputs = ["probability", "heatmap"] if heatmap_dir is not None else ["probability"]
+        outputs = ["probability"] + (["map"] if self.has_map else ["heatmap"] if heatmap_dir is not None or keep_maps else [])
         load = (lambda c: [self._load(p, heatmap_dir is not None) for p in c])
         chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
@@ -142,11 +157,17 @@ class Predictor:
                         yield Prediction(path, error=str(loaded[i]))
                         continue
                     p = float(results[0][by_index[i]])
+                    original = loaded[i][1]
+                    h, w = original.shape[:2] if isinstance(original, np.ndarray) else original
+                    boxes = None
+                    if self.has_map:
+                        full, boxes = self.boxes(results[1][by_index[i]], h, w)
+                    elif heatmap_dir is not None:
+                        full = heatmap.to_original(results[1][by_index[i]], h, w, self.contract)
                     if heatmap_dir is not None:
-                        original = loaded[i][1]
-                        full = heatmap.to_original(results[1][by_index[i]], original.shape[0], original.shape[1], self.contract)
-                        heatmap.write_overlay(heatmap_dir, path, original, full, p)
-                    yield Prediction(path, p, p > value, value, name)
+                        heatmap.write_overlay(heatmap_dir, path, original, full, p, boxes)
+                    raw = results[1][by_index[i]] if keep_maps and len(outputs) > 1 else None
+                    yield Prediction(path, p, p > value, value, name, boxes=boxes, raw_map=raw)
             for _ in bar:
                 pass
 
@@ -194,15 +215,25 @@ def read_labels(path: Path) -> dict[str, int]:
     return labels
 
 
+BOX_FIELDS = ("box_x0", "box_y0", "box_x1", "box_y1", "box_score")
+
+
 def write_output(rows: list[Prediction], out: Path) -> None:
+    """CSV (one row per image, or per box for models with a map) or JSON (a ``boxes`` list per image)."""
     records = [{"path": r.path, "probability": r.probability, "prediction": None if r.error else ("fractured" if r.fractured else "not_fractured"),
                 "threshold": r.threshold, "operating_point": r.threshold_name, "error": r.error} for r in rows]
+    with_boxes = any(r.boxes is not None for r in rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
+        if with_boxes:
+            for rec, r in zip(records, rows):
+                rec["boxes"] = [dict(zip(("x0", "y0", "x1", "y1", "score"), b)) for b in r.boxes or []]
         out.write_text(json.dumps(records, indent=1))
     else:
+        if with_boxes:
+            records = [{**rec, **dict(zip(BOX_FIELDS, b))} for rec, r in zip(records, rows) for b in (r.boxes or [(None,) * 5])]
         with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["path"])
+            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["path"], restval="")
             writer.writeheader()
             writer.writerows(records)
 
@@ -224,7 +255,7 @@ def main(args: list[str] | None = None) -> int:
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--threshold", type=float, help="call fractured above this probability")
     pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
-    parser.add_argument("--heatmaps", type=Path, help="write heatmap overlays here (models exported with --heatmap)")
+    parser.add_argument("--heatmaps", type=Path, help="write heatmap overlays here (models exported with --heatmap or with a fracture map; boxes drawn)")
     parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -246,7 +277,8 @@ def main(args: list[str] | None = None) -> int:
             rows.append(row)
             if not ns.quiet:
                 shown = f"{row.probability:>11.4f}  {'fractured' if row.fractured else 'not_fractured':<13}" if not row.error else f"{'-':>11}  {'ERROR':<13}"
-                print(f"{shown}  {row.path}" + (f"  ({row.error})" if row.error else ""), flush=len(paths) < 50)
+                where = f"  [{len(row.boxes)} box{'es' if len(row.boxes) != 1 else ''}]" if row.boxes is not None else ""
+                print(f"{shown}  {row.path}{where}" + (f"  ({row.error})" if row.error else ""), flush=len(paths) < 50)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

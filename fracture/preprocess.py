@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
 MIN_SIDE = 16  # smaller "radiographs" are icons or placeholders; upscaling them invents the input
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+CONTRACT_VERSION = 2  # 2: train_crop, version
 
 
 class ImageError(ValueError):
@@ -36,7 +37,10 @@ class Contract:
     """Everything a model needs to know about how its input was made.
 
     Stored in the checkpoint and in the ONNX metadata; the predictor rebuilds
-    it from there and never from command-line flags.
+    it from there and never from command-line flags. ``train_crop`` records the
+    square crop the model was trained on (``None``: whole inputs); prediction
+    always uses the whole ``image_size`` input. Version 1 (before
+    ``train_crop``) still loads.
     """
 
     image_size: int = 224
@@ -46,6 +50,8 @@ class Contract:
     pixel_scale: float = 1.0 / 255.0
     mean: float = 0.5
     std: float = 0.25
+    train_crop: int | None = None
+    version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
         if not 16 <= int(self.image_size) <= 1024:
@@ -58,14 +64,21 @@ class Contract:
             raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}")
         if not self.std > 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.train_crop is not None and not 16 <= self.train_crop <= self.image_size:
+            raise ValueError(f"train_crop must be within 16..image_size, got {self.train_crop}")
+        if self.version > CONTRACT_VERSION:
+            raise ValueError(f"preprocessing contract version {self.version} is newer than this fracture ({CONTRACT_VERSION}); upgrade fracture")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Contract:
-        """Rebuild from stored metadata, refusing unknown or missing keys."""
+        """Rebuild from stored metadata, refusing unknown or missing keys (a version-1 contract lacks the v2 ones)."""
         names = {f.name for f in fields(cls)}
+        data = dict(data)
+        if "version" not in data:  # version 1: written before train_crop and version existed
+            data.update(version=1, train_crop=data.get("train_crop"))
         unknown = set(data) - names
         missing = names - set(data)
         if unknown or missing:

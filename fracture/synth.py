@@ -3,9 +3,11 @@
 Each image shows soft tissue and one or two long bones (bright cortex, darker
 medullary canal) under varying exposure, blur, quantum-like noise, rotation and
 position. Fractured images carry a fracture of a recorded type (transverse,
-oblique, comminuted, displaced). The fracture is a thin local structure, so
-global intensity statistics barely separate the classes (tested) while a CNN
-learns the task. Torch-free and deterministic for a seed.
+oblique, comminuted, displaced) and its true box (the ``boxes`` column); half
+the fractures sit near the bone's middle, half far along the shaft, so the
+image centre is a weak guess of where. The fracture is a thin local structure,
+so global intensity statistics barely separate the classes (tested) while a
+CNN learns the task. Torch-free and deterministic for a seed.
 
     python -m fracture.synth --out data/synthetic --n 1000 --seed 0
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fracture.detection import Box, format_boxes
 from fracture.progress import progress
 
 FRACTURE_TYPES = ("transverse", "oblique", "comminuted", "displaced")
@@ -68,7 +71,8 @@ def _line_mask(u: np.ndarray, v: np.ndarray, u0: float, slope: float, width: flo
 
 def _fracture(u: np.ndarray, v: np.ndarray, bone: Bone, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gap mask, u-shift, v-shift) of a fracture of ``kind`` in bone coordinates."""
-    u0 = rng.uniform(-0.3, 0.3) * bone.length
+    near_middle = rng.random() < 0.5
+    u0 = rng.choice([-1, 1]) * (rng.uniform(0.0, 0.08) if near_middle else rng.uniform(0.15, 0.36)) * bone.length
     width = rng.uniform(3.5, 6.0)
     jag = rng.normal(0, 0.8, 12)
     slopes = {
@@ -92,6 +96,12 @@ def _fracture(u: np.ndarray, v: np.ndarray, bone: Bone, kind: str, rng: np.rando
 
 def radiograph(rng: np.random.Generator, fractured: bool, kind: str = "", shape: tuple[int, int] | None = None, anatomy: dict | None = None) -> np.ndarray:
     """One synthetic radiograph as a float image in [0, 1]; ``anatomy`` fixes a patient's bones across views."""
+    return radiograph_and_boxes(rng, fractured, kind, shape, anatomy)[0]
+
+
+def radiograph_and_boxes(rng: np.random.Generator, fractured: bool, kind: str = "", shape: tuple[int, int] | None = None,
+                         anatomy: dict | None = None) -> tuple[np.ndarray, list[Box]]:
+    """A synthetic radiograph and the normalised box around its fracture (none when not fractured)."""
     if shape is None:
         shape = (int(rng.integers(280, 360)), int(rng.integers(240, 330)))
     h, w = shape
@@ -117,15 +127,20 @@ def radiograph(rng: np.random.Generator, fractured: bool, kind: str = "", shape:
             )
         )
     broken = int(rng.integers(len(bones))) if fractured else -1
+    boxes: list[Box] = []
     for i, bone in enumerate(bones):
         u, v = _bone_frame(shape, bone)
         gap = None
         if i == broken:
             gap, du, dv = _fracture(u, v, bone, kind, rng)
             u, v = u - du, v - dv
-        att, _ = _draw_bone(u, v, bone, rng)
+        att, inside = _draw_bone(u, v, bone, rng)
         if gap is not None:
             att = att * (1.0 - rng.uniform(0.85, 1.0) * gap)
+            ys, xs = np.nonzero((gap > 0.5) & inside)
+            if xs.size:
+                pad = 3.0
+                boxes.append((max(xs.min() - pad, 0) / w, max(ys.min() - pad, 0) / h, min(xs.max() + 1 + pad, w) / w, min(ys.max() + 1 + pad, h) / h))
         density += att * rng.uniform(0.55, 0.75)
     # skin folds and a side marker: dark/bright structures unrelated to the label
     for _ in range(int(rng.integers(0, 3))):
@@ -148,7 +163,7 @@ def radiograph(rng: np.random.Generator, fractured: bool, kind: str = "", shape:
     photons = rng.uniform(150, 600)
     img = rng.poisson(np.clip(img, 0, 1) * photons) / photons
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
-    return np.clip(img, 0, 1).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32), boxes
 
 
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.2, positive_fraction: float = 0.5) -> dict[str, int]:
@@ -171,7 +186,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
         views = min(int(rng.choice([1, 2])), n - made)
         view_seed = int(rng.integers(2**31))
         for view in range(views):
-            img = radiograph(np.random.default_rng([view_seed, view]), fractured, kind, anatomy=anatomy)
+            img, boxes = radiograph_and_boxes(np.random.default_rng([view_seed, view]), fractured, kind, anatomy=anatomy)
             folder = out / split / "images"
             folder.mkdir(parents=True, exist_ok=True)
             name = f"p{patient:05d}_v{view}.png"
@@ -180,7 +195,8 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
             else:
                 cv2.imwrite(str(folder / name), np.rint(img * 255).astype(np.uint8))
             rows[split].append(
-                {"image": name, "fracture": "yes" if fractured else "no", "fracture_type": kind or "none", "patient_id": f"p{patient:05d}", "view": "AP" if view == 0 else "lateral"}
+                {"image": name, "fracture": "yes" if fractured else "no", "fracture_type": kind or "none", "patient_id": f"p{patient:05d}",
+                 "view": "AP" if view == 0 else "lateral", "boxes": format_boxes(boxes)}
             )
             made += 1
             next(bar, None)
@@ -190,7 +206,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
     for split, split_rows in rows.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         with open(out / split / "annotations.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "fracture", "fracture_type", "patient_id", "view"])
+            writer = csv.DictWriter(f, fieldnames=["image", "fracture", "fracture_type", "patient_id", "view", "boxes"])
             writer.writeheader()
             writer.writerows(split_rows)
     return {split: len(r) for split, r in rows.items()}

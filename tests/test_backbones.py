@@ -101,7 +101,7 @@ def test_balanced_sampler_draws_classes_equally(tmp_path: Path, synth_root: Path
     for sampler in ("shuffle", "balanced"):
         dm = FractureDataModule(root=str(root), image_size=32, num_workers=0, batch_size=8, sampler=sampler, val_fraction=0.2)
         dm.setup("fit")
-        labels = torch.cat([y for _ in range(20) for _, y in dm.train_dataloader()])
+        labels = torch.cat([batch[1] for _ in range(20) for batch in dm.train_dataloader()])
         drawn.append(float(labels.mean()))
     assert drawn[0] < 0.2 and abs(drawn[1] - 0.5) < 0.08
 
@@ -113,7 +113,7 @@ def test_letterbox_is_the_same_in_training_and_the_predictor(synth_root: Path, t
     assert model.contract.resize == "letterbox"
     dm = FractureDataModule(root=str(synth_root), image_size=64, resize="letterbox", num_workers=0)
     dm.setup("fit")
-    x, _ = dm.datasets["val"][0]
+    x = dm.datasets["val"][0][0]
     path = dm.datasets["val"].paths[0]
     direct = preprocess.load(path, model.contract)
     assert torch.equal(x[0], torch.from_numpy(direct).float()) and (direct[:, :2] == 0).all()  # padded columns

@@ -19,7 +19,7 @@ def test_eval_inputs_equal_a_direct_preprocess_call(synth_root: Path) -> None:
     for split in ("val", "test"):
         ds = dm.datasets[split]
         for i in (0, len(ds) - 1):
-            x, y = ds[i]
+            x, y = ds[i][:2]
             direct = preprocess.load(ds.paths[i], preprocess.Contract(image_size=48))
             assert x.dtype == torch.float32 and x.shape == (1, 48, 48)
             assert torch.equal(x[0], torch.from_numpy(direct).float())
@@ -44,15 +44,15 @@ def test_augmentation_only_on_train(synth_root: Path) -> None:
 def test_disk_cache_is_reused_and_matches_memory(synth_root: Path, tmp_path: Path) -> None:
     paths = sorted(str(p) for p in (synth_root / "test" / "images").glob("*.png"))[:10]
     contract = preprocess.Contract(image_size=40)
-    mem = build_cache(paths, contract, "memory", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
-    disk = build_cache(paths, contract, "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
-    files = list(tmp_path.glob("*.npy"))
-    assert len(files) == 1
-    again = build_cache(paths, contract, "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
+    mem, mem_sizes = build_cache(paths, contract, "memory", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
+    disk, disk_sizes = build_cache(paths, contract, "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
+    assert len(list(tmp_path.glob("*.npy"))) == 2  # inputs + original sizes
+    again, again_sizes = build_cache(paths, contract, "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
     assert isinstance(again, np.memmap)
     assert np.array_equal(mem, disk) and np.array_equal(mem, again)
+    assert np.array_equal(mem_sizes, again_sizes) and tuple(mem_sizes[0]) == preprocess.read_image(paths[0]).shape
     build_cache(paths, preprocess.Contract(image_size=32), "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
-    assert len(list(tmp_path.glob("*.npy"))) == 2  # a new contract is a new cache
+    assert len(list(tmp_path.glob("*.npy"))) == 4  # a new contract is a new cache
 
 
 def test_unreadable_images_are_all_reported_before_training(synth_root: Path, tmp_path: Path) -> None:

@@ -83,3 +83,28 @@ def test_yolo_importer_reads_boxes_and_class_names(tmp_path: Path) -> None:
     assert both["label"].sum() == 5 and report["images_found"] == 12
     kinds = dict(zip(both["path"].map(lambda p: Path(p).name), both["fracture_type"]))
     assert kinds["x0.jpg"] == "elbow fracture" and kinds["x1.jpg"] == "finger fracture" and kinds["x6.jpg"] == "none"
+
+
+def test_fracatlas_and_yolo_importers_carry_boxes(tmp_path: Path) -> None:
+    src = tmp_path / "fa"
+    (src / "Annotations" / "YOLO").mkdir(parents=True)
+    for i in range(12):
+        fractured = i < 4
+        _img(src / "images" / ("Fractured" if fractured else "Non_fractured") / f"IMG{i}.jpg", i, fractured)
+        if fractured:
+            (src / "Annotations" / "YOLO" / f"IMG{i}.txt").write_text("0 0.5 0.25 0.2 0.1\n3 0.1 0.9 0.1 0.1\n" if i == 0 else "0 0.3 0.6 0.2 0.2\n")
+    (src / "Annotations" / "YOLO" / "IMG7.txt").write_text("")  # non-fractured: empty file
+    import_dataset("fracatlas", src, tmp_path / "out", test_fraction=0.25)
+    both = pd.concat([read_split(tmp_path / "out" / s) for s in ("train", "test")]).set_index("path").rename(lambda p: Path(p).name)
+    assert both.loc["IMG0.jpg", "boxes"] == "0.400000 0.200000 0.600000 0.300000;0.050000 0.850000 0.150000 0.950000"
+    assert (both["boxes"] != "").sum() == 4 and both.loc["IMG7.jpg", "boxes"] == ""
+
+    yolo = tmp_path / "yolo"
+    (yolo / "labels").mkdir(parents=True)
+    for i in range(8):
+        _img(yolo / "images" / f"x{i}.jpg", i, i < 3)
+        if i < 3:
+            (yolo / "labels" / f"x{i}.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    import_dataset("yolo", yolo, tmp_path / "yout", test_fraction=0.25)
+    both = pd.concat([read_split(tmp_path / "yout" / s) for s in ("train", "test")])
+    assert sorted(both["boxes"]) == [""] * 5 + ["0.400000 0.300000 0.600000 0.700000"] * 3

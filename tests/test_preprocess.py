@@ -74,3 +74,17 @@ def test_contract_round_trip_and_validation() -> None:
         Contract(resize="crop")
     with pytest.raises(ValueError):
         Contract.from_dict({**c.to_dict(), "surprise": 1})
+
+
+def test_version_1_contracts_of_older_models_still_load() -> None:
+    v1 = {"image_size": 224, "channels": 1, "resize": "stretch", "interpolation": "area", "pixel_scale": 1 / 255, "mean": 0.5, "std": 0.25}
+    old = Contract.from_dict(v1)
+    assert old.version == 1 and old.train_crop is None and old.image_size == 224
+    new = Contract(image_size=448, resize="letterbox", train_crop=256)
+    assert new.version == 2 and Contract.from_dict(new.to_dict()) == new
+    with pytest.raises(ValueError, match="misses"):
+        Contract.from_dict({k: v for k, v in new.to_dict().items() if k != "train_crop"})
+    with pytest.raises(ValueError, match="newer"):
+        Contract.from_dict({**new.to_dict(), "version": 99})
+    with pytest.raises(ValueError, match="train_crop"):
+        Contract(image_size=64, train_crop=128)

@@ -1,0 +1,237 @@
+"""Fracture boxes: their text form, their geometry, maps → boxes, and how to score boxes (torch-free).
+
+Boxes travel in ``annotations.csv`` as a ``boxes`` column of corner coordinates
+normalised to the image's width and height, ``x0 y0 x1 y1`` per box, boxes
+separated by ``;`` (empty = none). Normalised corners survive resizing of the
+source (the FracAtlas copy's downscaled scans) and need no image size to write.
+
+Scoring follows the definitions used in the README:
+- a predicted box *hits* a true box when its centre lies inside it (``centre``)
+  or when their IoU is at least 0.25 (``iou``), reported separately;
+- FROC: lesion sensitivity against false-positive boxes per image, counted over
+  **all** images (fractured or not); a predicted box that hits an already-found
+  lesion is neither a hit nor a false positive;
+- AP at an IoU: greedy one-to-one matching by score within each image, area
+  under the all-point-interpolated precision-recall curve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from fracture.preprocess import Contract, geometry
+
+Box = tuple[float, float, float, float]
+FP_RATES = (0.5, 1.0, 2.0)
+MAX_BOXES = 16  # per image in a training batch (padded); more are dropped with the rest of the smallest
+
+
+def parse_boxes(text: object) -> list[Box]:
+    """``"x0 y0 x1 y1;…"`` (normalised) → boxes; raises ValueError on malformed text."""
+    text = "" if text is None else str(text).strip()
+    if text.lower() in ("", "nan", "none"):
+        return []
+    boxes = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        values = [float(v) for v in part.replace(",", " ").split()]
+        if len(values) != 4:
+            raise ValueError(f"a box needs 4 numbers (x0 y0 x1 y1), got {part.strip()!r}")
+        x0, y0, x1, y1 = values
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"box {part.strip()!r} is not normalised corners with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+        boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
+def format_boxes(boxes: Sequence[Box]) -> str:
+    return ";".join(" ".join(f"{v:.6f}" for v in b) for b in boxes)
+
+
+def yolo_to_boxes(lines: str) -> list[Box]:
+    """YOLO ``class cx cy w h`` lines → normalised corner boxes, clipped to the image."""
+    boxes = []
+    for line in lines.splitlines():
+        parts = line.split()
+        if len(parts) >= 5:
+            cx, cy, w, h = (float(v) for v in parts[1:5])
+            box = (max(cx - w / 2, 0.0), max(cy - h / 2, 0.0), min(cx + w / 2, 1.0), min(cy + h / 2, 1.0))
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes.append(box)
+    return boxes
+
+
+def to_pixels(boxes: Sequence[Box], height: int, width: int) -> list[Box]:
+    """Normalised → pixel corners of the original image."""
+    return [(x0 * width, y0 * height, x1 * width, y1 * height) for x0, y0, x1, y1 in boxes]
+
+
+def to_input(boxes: Sequence[Box], height: int, width: int, contract: Contract) -> list[Box]:
+    """Normalised boxes of an ``height x width`` image → pixel corners in the model input (stretch or letterbox)."""
+    g = geometry(height, width, contract)
+    return [(g.left + x0 * g.inner_width, g.top + y0 * g.inner_height, g.left + x1 * g.inner_width, g.top + y1 * g.inner_height) for x0, y0, x1, y1 in boxes]
+
+
+def min_area_in_original(fraction: float, height: int, width: int, contract: Contract) -> float:
+    """A minimum box area given as a fraction of the model input → pixels of an ``height x width`` original."""
+    g = geometry(height, width, contract)
+    scale = (g.inner_width / width) * (g.inner_height / height)
+    return fraction * contract.image_size**2 / scale
+
+
+def rasterize(boxes: Sequence[Box], height: int, width: int) -> np.ndarray:
+    """Pixel boxes → uint8 mask (255 inside); a pixel is inside when its centre is."""
+    mask = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = int(np.clip(np.ceil(x0 - 0.5), 0, width)), int(np.clip(np.ceil(y0 - 0.5), 0, height))
+        c1, r1 = int(np.clip(np.ceil(x1 - 0.5), 0, width)), int(np.clip(np.ceil(y1 - 0.5), 0, height))
+        mask[r0 : max(r1, r0 + 1) if r0 < height else r0, c0 : max(c1, c0 + 1) if c0 < width else c0] = 255
+    return mask
+
+
+def map_to_boxes(prob_map: np.ndarray, threshold: float, min_area: float = 0.0) -> list[tuple[float, float, float, float, float]]:
+    """Connected regions of ``prob_map > threshold`` → ``(x0, y0, x1, y1, score)`` in the map's pixels.
+
+    ``score`` is the region's peak value; boxes whose area is under ``min_area`` pixels are dropped.
+    """
+    binary = (prob_map > threshold).astype(np.uint8)
+    if not binary.any():
+        return []
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    peaks = np.full(n, -np.inf)
+    np.maximum.at(peaks, labels.ravel(), prob_map.ravel())
+    out = []
+    for k in range(1, n):
+        x, y, w, h, area = stats[k]
+        if w * h >= min_area:
+            out.append((float(x), float(y), float(x + w), float(y + h), float(peaks[k])))
+    return sorted(out, key=lambda b: -b[4])
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def hits(pred: Sequence[float], truth: Sequence[float], criterion: str) -> bool:
+    """``centre``: the predicted box's centre lies in the true box; ``iou``: IoU >= 0.25."""
+    if criterion == "centre":
+        cx, cy = (pred[0] + pred[2]) / 2, (pred[1] + pred[3]) / 2
+        return truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3]
+    return iou(pred, truth) >= 0.25
+
+
+class ImageScores:
+    """What one image contributes to FROC and AP, precomputed so bootstrap resamples are cheap."""
+
+    def __init__(self, preds: Sequence[Sequence[float]], truths: Sequence[Sequence[float]], criterion: str, ap_iou: float | None = None) -> None:
+        self.n_truth = len(truths)
+        lesion = np.full(len(truths), -np.inf)
+        fps = []
+        for p in preds:
+            found = [j for j, t in enumerate(truths) if hits(p, t, criterion)]
+            if found:
+                for j in found:
+                    lesion[j] = max(lesion[j], p[4])
+            else:
+                fps.append(p[4])
+        self.lesion_scores = lesion
+        self.fp_scores = np.asarray(fps, float)
+        # AP: greedy matching by descending score (preds are sorted that way by map_to_boxes; sort anyway)
+        used: set[int] = set()
+        ap = []
+        for p in sorted(preds, key=lambda b: -b[4]):
+            best, best_iou = -1, ap_iou if ap_iou is not None else 0.25
+            for j, t in enumerate(truths):
+                v = iou(p, t)
+                if j not in used and v >= best_iou:
+                    best, best_iou = j, v
+            if best >= 0:
+                used.add(best)
+            ap.append((p[4], best >= 0))
+        self.ap_pairs = np.asarray(ap, float).reshape(-1, 2)
+
+
+def froc(images: Sequence[ImageScores], rates: Sequence[float] = FP_RATES) -> dict[str, float]:
+    """Lesion sensitivity at each false-positive rate per image (over every image given)."""
+    n = len(images)
+    lesions = np.concatenate([im.lesion_scores for im in images]) if images else np.zeros(0)
+    fps = np.sort(np.concatenate([im.fp_scores for im in images]))[::-1] if images else np.zeros(0)
+    out = {}
+    for r in rates:
+        allowed = int(np.floor(r * n + 1e-9))
+        cut = fps[allowed] if allowed < fps.size else -np.inf  # scores above the first FP we may not take
+        out[f"sensitivity_at_{r:g}_fp"] = float((lesions > cut).mean()) if lesions.size else float("nan")
+    return out
+
+
+def froc_curve(images: Sequence[ImageScores]) -> tuple[np.ndarray, np.ndarray]:
+    """(false positives per image, lesion sensitivity) as the score threshold falls."""
+    lesions = np.concatenate([im.lesion_scores for im in images])
+    fps = np.concatenate([im.fp_scores for im in images])
+    cuts = np.unique(np.concatenate([lesions[np.isfinite(lesions)], fps]))[::-1]
+    fp_rate = np.array([(fps >= c).sum() / len(images) for c in cuts])
+    sens = np.array([(lesions >= c).mean() for c in cuts]) if lesions.size else np.zeros(len(cuts))
+    return np.concatenate([[0.0], fp_rate]), np.concatenate([[0.0], sens])
+
+
+def average_precision(images: Sequence[ImageScores]) -> float:
+    """All-point-interpolated AP of the box detections (matching as built into ``ImageScores``)."""
+    n_truth = sum(im.n_truth for im in images)
+    pairs = np.concatenate([im.ap_pairs for im in images]) if images else np.zeros((0, 2))
+    if n_truth == 0:
+        return float("nan")
+    if not len(pairs):
+        return 0.0
+    order = np.argsort(-pairs[:, 0], kind="mergesort")
+    tp = np.cumsum(pairs[order, 1])
+    precision = tp / np.arange(1, len(order) + 1)
+    recall = tp / n_truth
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float((envelope * steps).sum())
+
+
+def score_detections(preds: Sequence[Sequence[Sequence[float]]], truths: Sequence[Sequence[Sequence[float]]]) -> dict[str, dict[str, ImageScores] | list]:
+    """Per-image scores for both hit criteria and both AP IoUs."""
+    return {
+        "centre": [ImageScores(p, t, "centre") for p, t in zip(preds, truths)],
+        "iou": [ImageScores(p, t, "iou", ap_iou=0.25) for p, t in zip(preds, truths)],
+        "iou50": [ImageScores(p, t, "iou", ap_iou=0.5) for p, t in zip(preds, truths)],
+    }
+
+
+def detection_metrics(scored: dict[str, list[ImageScores]], index: np.ndarray | None = None) -> dict[str, float]:
+    """FROC sensitivities (both criteria) and AP at IoU 0.25 / 0.5, optionally on a resample of images."""
+    pick = (lambda ims: ims) if index is None else (lambda ims: [ims[i] for i in index])
+    out = {}
+    for crit in ("centre", "iou"):
+        out.update({f"froc_{crit}_{k}": v for k, v in froc(pick(scored[crit])).items()})
+    out["ap_iou25"] = average_precision(pick(scored["iou"]))
+    out["ap_iou50"] = average_precision(pick(scored["iou50"]))
+    return out
+
+
+def choose_box_threshold(maps: Sequence[np.ndarray], truths: Sequence[Sequence[Box]], thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                         min_areas: Sequence[float] = (0.0, 0.0005, 0.002)) -> dict[str, float]:
+    """Box threshold and minimum area (fraction of the map) maximising mean FROC sensitivity at 0.5/1/2 FP per image.
+
+    ``maps`` are probability maps over the model input, ``truths`` pixel boxes in the same frame.
+    Ties go to the higher threshold (fewer boxes shown to a reader).
+    """
+    best = {"box_threshold": 0.5, "min_area_fraction": 0.0, "froc_mean": -1.0}
+    for t in thresholds:
+        raw = [map_to_boxes(m, t) for m in maps]
+        for area in min_areas:
+            preds = [[b for b in r if (b[2] - b[0]) * (b[3] - b[1]) >= area * m.size] for r, m in zip(raw, maps)]  # = map_to_boxes(m, t, area * m.size)
+            score = float(np.mean(list(froc([ImageScores(p, tr, "centre") for p, tr in zip(preds, truths)]).values())))
+            if score >= best["froc_mean"]:
+                best = {"box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}
+    return best

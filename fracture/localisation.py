@@ -1,0 +1,146 @@
+"""Does the model point at the fracture? Maps scored against true boxes, with bootstrap intervals (torch-free).
+
+Used by ``fracture.evaluate`` for every model that has a map: the fracture map
+of a ``localise`` model, or the Grad-CAM of a ``classify`` model. Per image the
+low-resolution map is put back onto the original radiograph (stretch or
+letterbox undone), turned into boxes, and scored (definitions in
+``fracture.detection``):
+
+- pointing game on fractured images with boxes: the map's maximum inside a
+  true box; and the share of the map's mass inside boxes;
+- FROC on **all** images: lesion sensitivity at 0.5 / 1 / 2 false-positive
+  boxes per image, a hit being a predicted box whose centre is inside a true
+  box (``centre``) or whose IoU with it is >= 0.25 (``iou``);
+- AP of the boxes at IoU 0.25 and 0.5.
+
+The same numbers are computed for the centre baseline: a Gaussian at the
+image centre for the pointing game, and one box of the split's median true
+box size at the centre, scored by the model's image probability, for FROC/AP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fracture import detection, heatmap, metrics, preprocess
+from fracture.preprocess import Contract
+
+GRAD_CAM_BOX_THRESHOLD = 0.5  # of each Grad-CAM map's own maximum; its boxes are scored by probability x peak
+
+
+@dataclass
+class ImageResult:
+    """What one image contributes; maps themselves are not kept (they can be large)."""
+
+    truth: list[detection.Box]  # original pixels
+    preds: list[tuple[float, float, float, float, float]]
+    centre_pred: list[tuple[float, float, float, float, float]]
+    pointing: dict[str, float] = field(default_factory=dict)
+    centre_pointing: dict[str, float] = field(default_factory=dict)
+
+
+def score_image(low_res: np.ndarray, height: int, width: int, contract: Contract, truth_norm: list[detection.Box], probability: float,
+                box_threshold: float, min_area_fraction: float, relative: bool, centre_size: tuple[float, float]) -> ImageResult:
+    """Score one map. ``relative``: a Grad-CAM (threshold of its own maximum, box score = probability x peak)."""
+    full = heatmap.to_original(low_res, height, width, contract)
+    truth = detection.to_pixels(truth_norm, height, width)
+    if relative:
+        top = float(full.max())
+        norm = full / top if top > 0 else full
+        preds = [(*b[:4], probability * b[4]) for b in detection.map_to_boxes(norm, box_threshold)]
+    else:
+        min_area = detection.min_area_in_original(min_area_fraction, height, width, contract)
+        preds = detection.map_to_boxes(full, box_threshold, min_area)
+    cw, ch = centre_size[0] * width, centre_size[1] * height
+    centre = [(width / 2 - cw / 2, height / 2 - ch / 2, width / 2 + cw / 2, height / 2 + ch / 2, probability)]
+    result = ImageResult(truth, preds, centre)
+    if truth:
+        mask = heatmap.box_mask([tuple(int(round(v)) for v in b) for b in truth], height, width)
+        result.pointing = heatmap.pointing(full, mask)
+        result.centre_pointing = heatmap.pointing(heatmap.centre_map(height, width), mask)
+    return result
+
+
+def median_box_size(truths_norm: list[list[detection.Box]]) -> tuple[float, float]:
+    sizes = [(b[2] - b[0], b[3] - b[1]) for boxes in truths_norm for b in boxes]
+    return tuple(np.median(np.array(sizes), axis=0)) if sizes else (0.1, 0.1)
+
+
+def _values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray) -> dict[str, float]:
+    values = detection.detection_metrics(scored, index)
+    boxed = index[~np.isnan(hits[index])]
+    values["pointing_hit_rate"] = float(hits[boxed].mean()) if boxed.size else float("nan")
+    values["mass_in_boxes"] = float(np.nanmean(mass[boxed])) if boxed.size else float("nan")
+    return values
+
+
+def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Point estimates and 95 % percentile-bootstrap intervals (whole groups resampled), model and centre baseline."""
+    out: dict[str, Any] = {"images": len(results), "fractured_with_boxes": sum(1 for r in results if r.truth),
+                           "true_boxes": sum(len(r.truth) for r in results), "predicted_boxes": sum(len(r.preds) for r in results)}
+    members = metrics.group_members(len(results), groups)
+    for who, key in (("model", "pointing"), ("centre", "centre_pointing")):
+        # score every image once, then resample the per-image scores
+        scored = detection.score_detections([r.preds if who == "model" else r.centre_pred for r in results], [r.truth for r in results])
+        hits = np.array([getattr(r, key).get("hit", np.nan) for r in results])
+        mass = np.array([getattr(r, key).get("mass_in_boxes", np.nan) for r in results])
+        rng = np.random.default_rng(seed)
+        draws: dict[str, list[float]] = {}
+        for _ in range(n_boot):
+            for k, v in _values(scored, hits, mass, metrics.resample(members, rng)).items():
+                if not np.isnan(v):
+                    draws.setdefault(k, []).append(v)
+        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results))),
+                    "ci95": {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in draws.items()},
+                    "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
+    return out
+
+
+def plots(out: Path, summary: dict[str, Any], results: list[ImageResult], paths: list[str], probs: np.ndarray,
+          redo_map: Any, label: str, n: int = 4) -> list[str]:
+    """FROC curves and a grid of the best / worst fractured images (by map mass in boxes), true boxes green."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, crit, title in zip(axes, ("centre", "iou"), ("hit = box centre inside a true box", "hit = IoU >= 0.25")):
+        fp, sens = summary["model"]["froc_curve"][crit]
+        ax.step(fp, sens, where="post", lw=2, label=label)
+        cfp, csens = summary["centre"]["froc_curve"][crit]
+        ax.step(cfp, csens, where="post", lw=1.5, ls="--", color="gray", label="centre baseline")
+        for r in detection.FP_RATES:
+            ax.axvline(r, color="k", lw=0.5, ls=":")
+        ax.set(xlabel="false-positive boxes per image (all images)", ylabel="lesion sensitivity", title=f"FROC: {title}", xlim=(0, 4), ylim=(0, 1.02))
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "froc.png", dpi=120)
+    plt.close(fig)
+
+    boxed = [i for i, r in enumerate(results) if r.truth and r.pointing]
+    ranked = sorted(boxed, key=lambda i: (results[i].pointing["mass_in_boxes"], results[i].pointing["hit"]))
+    picks = [("best", i) for i in ranked[::-1][:n]] + [("worst", i) for i in ranked[:n]]
+    made = ["froc.png"]
+    if picks:
+        fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for k, (kind, i) in enumerate(picks):
+            image = preprocess.read_image(paths[i])
+            blend = heatmap.overlay(image, redo_map(i, image), float(probs[i]), boxes=results[i].preds, truth=results[i].truth)
+            half = blend[:, blend.shape[1] // 2 :, ::-1]
+            ax = axes[0 if kind == "best" else 1][k % n]
+            ax.imshow(half)
+            p = results[i].pointing
+            ax.set_title(f"{kind}: {Path(paths[i]).name}\nhit {int(p['hit'])}, mass in boxes {p['mass_in_boxes']:.2f}", fontsize=7)
+        fig.suptitle(f"{label}: true boxes green, predicted white (best top, worst bottom)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "localisation_examples.png", dpi=110)
+        plt.close(fig)
+        made.append("localisation_examples.png")
+    return made

@@ -1,0 +1,299 @@
+"""Localisation: boxes through import, augmentation and letterbox; the map head, its export and the predictor's boxes; scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO
+from fracture import detection, evaluate, fit, heatmap, preprocess
+from fracture.data import Augmentation, FractureDataModule, Transform
+from fracture.export import Deployable, export, load_classifier, quantize_int8
+from fracture.model import build_network
+from fracture.module import localise_outputs, map_loss
+from fracture.preprocess import Contract
+from fracture.synth import radiograph_and_boxes, write_dataset
+from test_predict import BLOCK_TRAINING_LIBS
+
+NO_EXPOSURE = {"brightness": 0.0, "contrast": 0.0, "noise_std": 0.0}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# --- scores against hand-computed cases ---------------------------------------------------------------------------
+
+def test_froc_ap_and_pointing_on_a_hand_computed_case() -> None:
+    truths = [[(10, 10, 20, 20)], [], [(30, 30, 40, 40)]]
+    preds = [
+        [(12, 12, 18, 18, 0.9), (50, 50, 60, 60, 0.8)],  # a hit (centre inside, IoU 0.36) and a false positive
+        [(0, 0, 5, 5, 0.7)],  # a false positive on an image without fracture
+        [(38, 38, 48, 48, 0.6)],  # centre outside, IoU 0.02: a miss and a false positive
+    ]
+    m = detection.detection_metrics(detection.score_detections(preds, truths))
+    # FP scores 0.8, 0.7, 0.6 over 3 images. 0.5 FP/image allows 1 FP: threshold above 0.7 keeps the 0.9 hit -> 1 of 2 lesions
+    assert m["froc_centre_sensitivity_at_0.5_fp"] == 0.5
+    assert m["froc_centre_sensitivity_at_1_fp"] == 0.5 and m["froc_iou_sensitivity_at_2_fp"] == 0.5
+    # AP@0.25: TP, FP, FP, FP with 2 lesions -> precision 1 up to recall 0.5 -> 0.5; AP@0.5: IoU 0.36 is no match -> 0
+    assert m["ap_iou25"] == pytest.approx(0.5) and m["ap_iou50"] == 0.0
+    # a lesion hit only by a low-scoring box needs more false positives
+    later = detection.froc([detection.ImageScores([(0, 0, 4, 4, 0.95), (10, 10, 20, 20, 0.5)], [(10, 10, 20, 20)], "centre"),
+                            detection.ImageScores([(0, 0, 4, 4, 0.9), (5, 5, 9, 9, 0.85)], [], "centre")])  # 3 FPs above it on 2 images
+    assert later == {"sensitivity_at_0.5_fp": 0.0, "sensitivity_at_1_fp": 0.0, "sensitivity_at_2_fp": 1.0}
+    cam = np.zeros((50, 50))
+    cam[15, 15] = 1.0
+    mask = heatmap.box_mask([(10, 10, 20, 20)], 50, 50)
+    assert heatmap.pointing(cam, mask) == {"hit": 1.0, "mass_in_boxes": 1.0}
+
+
+def test_map_to_boxes_and_threshold_choice() -> None:
+    m = np.zeros((40, 40), np.float32)
+    m[5:10, 5:15] = 0.9  # the fracture
+    m[30:32, 30:32] = 0.35  # a weak, small distractor
+    boxes = detection.map_to_boxes(m, 0.5)
+    assert boxes == [(5.0, 5.0, 15.0, 10.0, pytest.approx(0.9))]
+    assert len(detection.map_to_boxes(m, 0.3)) == 2 and len(detection.map_to_boxes(m, 0.3, min_area=5)) == 1
+    chosen = detection.choose_box_threshold([m, m * 0], [[(5, 5, 15, 10)], []], thresholds=(0.2, 0.5, 0.95))
+    assert chosen["box_threshold"] == 0.5 and chosen["froc_mean"] == 1.0
+
+
+def test_box_text_round_trip_and_refusals() -> None:
+    boxes = [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 1.0)]
+    assert np.allclose(detection.parse_boxes(detection.format_boxes(boxes)), boxes)
+    assert detection.parse_boxes("") == [] and detection.parse_boxes(float("nan")) == []
+    assert np.allclose(detection.yolo_to_boxes("0 0.5 0.5 0.2 0.4\n"), [(0.4, 0.3, 0.6, 0.7)])
+    for bad in ("0.1 0.2 0.3", "0.5 0.5 0.4 0.9", "0 0 1.5 1"):
+        with pytest.raises(ValueError):
+            detection.parse_boxes(bad)
+
+
+# --- geometry: boxes move with the pixels ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_boxes_land_on_the_fracture_after_resizing_and_come_back(resize: str) -> None:
+    original = np.zeros((90, 140), np.uint8)
+    box = (0.2, 0.25, 0.55, 0.75)
+    x0, y0, x1, y1 = detection.to_pixels([box], 90, 140)[0]
+    original[int(y0) : int(y1), int(x0) : int(x1)] = 255
+    contract = Contract(image_size=64, resize=resize)
+    resized = preprocess.resize(original, contract)
+    mask = detection.rasterize(detection.to_input([box], 90, 140, contract), 64, 64)
+    assert _iou(resized > 127, mask > 0) > 0.85
+    # a map over the model input at stride 8 (each cell: its share of box, as the map is trained) → boxes in original pixels
+    low = cv2.resize(mask.astype(np.float32) / 255, (8, 8), interpolation=cv2.INTER_AREA)
+    full = heatmap.to_original(low, 90, 140, contract)
+    found = detection.map_to_boxes(full, 0.5)
+    assert len(found) == 1 and detection.iou(found[0], (x0, y0, x1, y1)) > 0.6
+
+
+@pytest.mark.parametrize("aug", [
+    Augmentation(rotation=30, translate=0, scale_min=1, scale_max=1, hflip=0, **NO_EXPOSURE),
+    Augmentation(rotation=0, translate=0.2, scale_min=1, scale_max=1, hflip=0, **NO_EXPOSURE),
+    Augmentation(rotation=0, translate=0, scale_min=0.7, scale_max=1.3, hflip=0, **NO_EXPOSURE),
+    Augmentation(rotation=0, translate=0, scale_min=1, scale_max=1, hflip=1.0, **NO_EXPOSURE),
+    Augmentation(rotation=15, translate=0.1, scale_min=0.9, scale_max=1.1, hflip=0.5, **NO_EXPOSURE),
+], ids=["rotation", "shift", "zoom", "flip", "all"])
+def test_box_mask_moves_with_the_pixels(aug: Augmentation) -> None:
+    torch.manual_seed(0)
+    image = np.zeros((64, 64), np.uint8)
+    image[12:22, 20:40] = 255  # asymmetric: a flip that forgot the mask would miss
+    mask = detection.rasterize([(20, 12, 40, 22)], 64, 64)
+    for crop in (None, 48):
+        transform = Transform(aug, crop=crop, crop_on_box=1.0)
+        for _ in range(10):
+            x, m, y = transform(torch.from_numpy(image.copy()), torch.from_numpy(mask.copy()), 1.0, True)
+            assert x.shape == m.shape == (1, crop or 64, crop or 64)
+            assert y == 1.0 and _iou(x[0].numpy() > 127, m[0].numpy() > 0) > 0.75
+
+
+def test_a_crop_without_the_fracture_is_a_negative_with_an_empty_mask() -> None:
+    torch.manual_seed(0)
+    image = np.zeros((64, 64), np.uint8)
+    mask = detection.rasterize([(2, 2, 8, 8)], 64, 64)
+    transform = Transform(None, crop=32, crop_on_box=0.0)
+    outcomes = set()
+    for _ in range(40):
+        _, m, y = transform(torch.from_numpy(image), torch.from_numpy(mask), 1.0, True)
+        assert (y == 1.0) == bool(m.sum() > 0)
+        outcomes.add(y)
+        _, m, y = transform(torch.from_numpy(image), torch.from_numpy(mask), 1.0, False)  # no boxes known: label kept
+        assert y == 1.0
+    assert outcomes == {0.0, 1.0}
+
+
+def test_map_loss_targets_the_box_cells_and_skips_unknown_images() -> None:
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:16, 16:24] = 1.0  # exactly one 8x8 cell
+    maps = torch.zeros(2, 4, 4, requires_grad=True)
+    loss = map_loss(maps, mask, torch.tensor([True, False]))
+    loss.backward()
+    assert maps.grad[1].abs().sum() == 0  # the unsupervised image does not pull its map
+    assert maps.grad[0, 1, 2] < 0 and (maps.grad[0].flatten()[torch.arange(16) != 6] > 0).all()  # up in the box cell, down elsewhere
+
+
+# --- data: synth, importers, dataset items ------------------------------------------------------------------------
+
+def test_synthetic_boxes_are_off_centre_as_often_as_not(tmp_path: Path) -> None:
+    central = []
+    for seed in range(40):
+        img, boxes = radiograph_and_boxes(np.random.default_rng(seed), True, "transverse")
+        assert len(boxes) == 1
+        x0, y0, x1, y1 = boxes[0]
+        central.append(x0 <= 0.5 <= x1 and y0 <= 0.5 <= y1)
+        assert radiograph_and_boxes(np.random.default_rng(seed), False)[1] == []
+    assert 0.05 < np.mean(central) < 0.4  # the image centre is a weak guess
+    write_dataset(tmp_path, n=20, seed=1)
+    table = pd.read_csv(tmp_path / "train" / "annotations.csv", dtype=str, keep_default_na=False)
+    assert ((table["boxes"] != "") == (table["fracture"] == "yes")).all()
+
+
+def test_dataset_items_carry_masks_and_boxes_in_input_pixels(tmp_path: Path) -> None:
+    write_dataset(tmp_path, n=30, seed=2)
+    dm = FractureDataModule(root=str(tmp_path), image_size=64, resize="letterbox", num_workers=0, val_fraction=0.3)
+    dm.setup("fit")
+    ds = dm.datasets["val"]
+    for i in range(len(ds)):
+        x, y, m, boxes, has_boxes = ds[i]
+        assert bool(has_boxes) == bool(y)
+        kept = boxes[boxes[:, 0] >= 0]
+        assert len(kept) == int(y) and (m.sum() > 0) == bool(y)
+        if y:
+            x0, y0, x1, y1 = kept[0].tolist()
+            inside = m[0, int(np.ceil(y0)) : int(y1), int(np.ceil(x0)) : int(x1)]
+            assert inside.mean() > 0.9 and m.sum() <= (x1 - x0 + 1) * (y1 - y0 + 1)
+
+
+def test_annotation_boxes_are_validated(tmp_path: Path) -> None:
+    from fracture.annotations import DatasetError, read_split
+
+    write_dataset(tmp_path, n=12, seed=4)
+    csv = tmp_path / "train" / "annotations.csv"
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    table.loc[table["fracture"] == "no", "boxes"] = "0.1 0.1 0.2 0.2"
+    table.to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match="not-fractured image with fracture boxes"):
+        read_split(tmp_path / "train")
+
+
+# --- the localise head: fit, fusion, export, predictor, evaluation ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A seed-CNN localise model trained for seconds on synthetic radiographs (96 px letterbox, 64 px crops)."""
+    root = tmp_path_factory.mktemp("locsynth")
+    write_dataset(root, n=320, seed=7)
+    out = tmp_path_factory.mktemp("locrun")
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
+            "--data.crop", "64", "--model.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--output_dir", str(out), "--run_name", "loc"]
+    assert fit.main(args) == 0
+    return root, next((out / "loc").glob("best-*.ckpt"))
+
+
+def test_localise_fit_points_at_fractures_better_than_the_centre(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    assert evaluate.main(["--ckpt", str(ckpt), "--root", str(root), "--out", str(tmp_path), "--bootstrap", "50"]) == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    loc = result["localisation"]
+    assert loc["method"].startswith("fracture map") and loc["fractured_with_boxes"] > 10
+    model, centre = loc["model"]["metrics"], loc["centre"]["metrics"]
+    assert model["pointing_hit_rate"] > centre["pointing_hit_rate"] + 0.3
+    assert model["froc_centre_sensitivity_at_1_fp"] > centre["froc_centre_sensitivity_at_1_fp"] + 0.2
+    lo, hi = loc["model"]["ci95"]["pointing_hit_rate"]
+    assert lo <= model["pointing_hit_rate"] <= hi
+    assert {"froc.png", "localisation_examples.png"} <= set(result["plots"])
+    assert result["operating_points"]["default"]["metrics"]["auroc"] > 0.8
+    assert "## Where: localisation" in (tmp_path / "report.md").read_text()
+
+
+def test_fusion_and_box_threshold_are_chosen_on_validation_and_stored(loc_run: tuple[Path, Path]) -> None:
+    model = load_classifier(loc_run[1])
+    info = model.deployment_info()
+    loc = info["localisation"]
+    assert info["head"] == "localise" and loc["stride"] == 8 and 0 < loc["box_threshold"] < 1
+    assert loc["fusion"] in (0.0, 0.5, 1.0) and float(model.inference_net.fusion) == loc["fusion"]
+    best = max((loc[f"val_auroc_{k}"], w) for k, w in (("map", 1.0), ("joint", 0.0), ("mean", 0.5)))
+    assert loc["fusion"] == best[1]
+
+
+def test_onnx_map_parity_and_torch_free_boxes(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    meta = export(ckpt, tmp_path / "loc.onnx")
+    assert meta["outputs"] == ["probability", "logit", "map"] and meta["head"] == "localise"
+    assert max(meta["parity_max_abs_diff"][k] for k in ("map_batch_1", "map_batch_8")) <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "loc.onnx"))
+    x = np.stack([preprocess.load(p, Contract(image_size=96, resize="letterbox")) for p in sorted((root / "test" / "images").glob("*.png"))[:5]])[:, None].astype(np.float32)
+    model = load_classifier(ckpt)
+    with torch.no_grad():
+        probs, maps = model.probabilities_and_maps(torch.from_numpy(x))
+    p1, m1 = sess.run(["probability", "map"], {"image": x[:1]})
+    pn, mn = sess.run(["probability", "map"], {"image": x})
+    assert np.abs(mn - maps.numpy()).max() < 1e-4 and np.abs(m1 - maps.numpy()[:1]).max() < 1e-4 and np.abs(pn - probs.numpy()).max() < 1e-5
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "boxes.csv"
+    images = root / "test" / "images"
+    done = subprocess.run([sys.executable, "-c", BLOCK_TRAINING_LIBS, str(tmp_path / "loc.onnx"), str(images), "--out", str(out), "--quiet",
+                           "--heatmaps", str(tmp_path / "overlays")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(out)
+    assert {"box_x0", "box_y0", "box_x1", "box_y1", "box_score"} <= set(rows.columns)
+    assert rows["path"].nunique() == len(list(images.glob("*.png"))) and len(list((tmp_path / "overlays").glob("*.png"))) == rows["path"].nunique()
+    truth = pd.read_csv(root / "test" / "annotations.csv", dtype=str, keep_default_na=False).set_index("image")["boxes"]
+    hit = found = 0
+    for _, r in rows.dropna(subset=["box_x0"]).iterrows():
+        h, w = preprocess.read_image(r["path"]).shape
+        assert 0 <= r["box_x0"] < r["box_x1"] <= w and 0 <= r["box_y0"] < r["box_y1"] <= h  # original-image pixels
+        true = detection.to_pixels(detection.parse_boxes(truth[Path(r["path"]).name]), h, w)
+        found += 1
+        hit += any(detection.hits(tuple(r[["box_x0", "box_y0", "box_x1", "box_y1"]]), t, "centre") for t in true)
+    assert found and hit / found > 0.5  # most boxes the predictor draws are on a fracture
+    js = tmp_path / "boxes.json"
+    subprocess.run([sys.executable, "-c", BLOCK_TRAINING_LIBS, str(tmp_path / "loc.onnx"), str(images), "--out", str(js), "--quiet"],
+                   capture_output=True, text=True, env=env, timeout=120, check=True)
+    records = json.loads(js.read_text())
+    assert len(records) == rows["path"].nunique() and sum(len(r["boxes"]) for r in records) == found
+    assert all(set(b) == {"x0", "y0", "x1", "y1", "score"} for r in records for b in r["boxes"])
+
+
+def test_mirror_tta_map_is_flip_consistent_and_exports() -> None:
+    torch.manual_seed(0)
+    net = build_network(Contract(image_size=64), "resnet18", head="localise").eval()
+    x = torch.rand(2, 1, 64, 64) * 255
+    with torch.no_grad():
+        _, _, maps = localise_outputs(net, x, tta=True)
+        _, _, flipped = localise_outputs(net, torch.flip(x, dims=[-1]), tta=True)
+    assert maps.shape == (2, 8, 8) and torch.allclose(torch.flip(flipped, dims=[-1]), maps, atol=1e-5)
+    module = Deployable(net, tta=True).eval()
+    assert module.output_names == ["probability", "logit", "map"]
+
+
+def test_int8_localise_is_checked_like_the_classifier(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    export(ckpt, tmp_path / "loc.onnx")
+    report = quantize_int8(tmp_path / "loc.onnx", tmp_path / "loc.int8.onnx", ckpt, root, eval_split=root / "test")
+    assert report["n"] > 0 and report["kept"] == (report["auroc_drop"] <= 0.01)
+    if report["kept"]:
+        outputs = [o.name for o in ort.InferenceSession(str(tmp_path / "loc.int8.onnx")).get_outputs()]
+        assert "map" in outputs
+
+
+def test_localise_refuses_archs_and_sizes_it_cannot_serve() -> None:
+    from fracture.module import FractureClassifier
+
+    with pytest.raises(ValueError, match="localise head is built for"):
+        build_network(Contract(image_size=64), "densenet121", head="localise")
+    with pytest.raises(ValueError, match="divisible by 32"):
+        FractureClassifier(arch="resnet18", head="localise", image_size=80)
