@@ -268,6 +268,16 @@ def test_onnx_map_parity_and_torch_free_boxes(loc_run: tuple[Path, Path], tmp_pa
     assert all(set(b) == {"x0", "y0", "x1", "y1", "score"} for r in records for b in r["boxes"])
 
 
+def test_onnx_evaluation_scores_the_same_map(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    export(ckpt, tmp_path / "loc.onnx")
+    for args, out in ((["--ckpt", str(ckpt)], tmp_path / "ckpt"), (["--onnx", str(tmp_path / "loc.onnx")], tmp_path / "onnx")):
+        assert evaluate.main([*args, "--root", str(root), "--out", str(out), "--bootstrap", "20"]) == 0
+    by_ckpt, by_onnx = (json.loads((tmp_path / d / "metrics.json").read_text())["localisation"]["model"]["metrics"] for d in ("ckpt", "onnx"))
+    for key in ("pointing_hit_rate", "froc_centre_sensitivity_at_1_fp", "ap_iou25"):
+        assert by_onnx[key] == pytest.approx(by_ckpt[key], abs=0.02)
+
+
 def test_mirror_tta_map_is_flip_consistent_and_exports() -> None:
     torch.manual_seed(0)
     net = build_network(Contract(image_size=64), "resnet18", head="localise").eval()
