@@ -43,13 +43,13 @@ from fracture.annotations import split_by_group
 from fracture.audit import NEAR_DEFAULT, duplicate_groups, inspect_all
 from fracture.detection import format_boxes, yolo_to_boxes
 from fracture.labels import parse_label
-from fracture.preprocess import IMAGE_SUFFIXES
+from fracture.preprocess import is_image_file
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
 def _child(folder: Path, name: str) -> Path | None:

@@ -235,7 +235,7 @@ class _Calibration:
 
 
 def _image_files(root: Path) -> list[str]:
-    return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and preprocess.is_image_file(p))
 
 
 def _run_split(ckpt: Path, split: str) -> tuple[list[str], np.ndarray] | None:

@@ -160,7 +160,7 @@ class FractureClassifier(L.LightningModule):
         if image_size % self.size_multiple:
             raise ValueError(f"the localise head on {arch} needs data.image_size divisible by {self.size_multiple}, got {image_size}")
         self.box_params: dict[str, float] = {}
-        self.val_maps: list[tuple[np.ndarray, np.ndarray]] = []
+        self.val_maps: list[tuple] = []  # (label, (map-pooled, joint) logits, map, true boxes) per validation image
         self.ema = None
         if ema_decay:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

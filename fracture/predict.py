@@ -188,7 +188,7 @@ def expand_inputs(items: list[str]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in preprocess.IMAGE_SUFFIXES and f.is_file())
+            paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and preprocess.is_image_file(f))
         elif p.is_file() and p.suffix.lower() == ".csv":
             paths += _csv_images(p)
         elif p.exists():

@@ -11,6 +11,7 @@ exported ONNX graph), driven by the same :class:`Contract`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -101,10 +102,63 @@ class Geometry:
     inner_width: int
 
 
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first IFD of a TIFF (tags 256/257)."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return None
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    if ifd + 2 > len(data):
+        return None
+    found: dict[int, int] = {}
+    for k in range(struct.unpack(order + "H", data[ifd : ifd + 2])[0]):
+        at = ifd + 2 + 12 * k
+        if at + 12 > len(data):
+            break
+        tag, kind = struct.unpack(order + "HH", data[at : at + 4])
+        if tag in (256, 257):
+            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), data[at + 8 : at + (10 if kind == 3 else 12)])[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) of a JPEG, 1 when absent or unreadable."""
+    i = 2
+    while data[:2] == b"\xff\xd8" and i + 4 < len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
+            tiff = data[i + 10 : i + 2 + length]
+            order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+            if order is None or len(tiff) < 8:
+                return 1
+            ifd = struct.unpack(order + "I", tiff[4:8])[0]
+            if ifd + 2 > len(tiff):
+                return 1
+            for k in range(struct.unpack(order + "H", tiff[ifd : ifd + 2])[0]):
+                at = ifd + 2 + 12 * k
+                if at + 10 <= len(tiff) and struct.unpack(order + "H", tiff[at : at + 2])[0] == 0x0112:
+                    value = struct.unpack(order + "H", tiff[at + 8 : at + 10])[0]
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        if marker == 0xDA:  # start of scan: no EXIF before the pixels
+            return 1
+        i += 2 + length
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded image the way EXIF ``orientation`` says a viewer shows it."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.swapaxes(0, 1),
+           6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
+
+
 def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or BMP header without decoding pixels."""
+    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding pixels."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff_size(data)
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
@@ -136,18 +190,29 @@ def is_truncated_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
-def _to_uint8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
-    """Map any integer/float image to uint8, honouring the bit depth actually used."""
+def is_image_file(path: str | os.PathLike) -> bool:
+    """An image by its suffix, or a DICOM file by its preamble whatever its name (PACS exports often have none)."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    """Map any image to uint8 by its type's range (never by its brightest pixel: one marker must not dim the rest).
+
+    Floats in 0..1 are scaled by 255; other floats, which carry no range, by their own min..max.
+    """
     if img.dtype == np.uint8:
         return img
     if np.issubdtype(img.dtype, np.integer):
-        img = img.astype(np.int64)
-        lo = min(int(img.min()), 0)
-        img = img - lo
-        if bits is None:
-            # 12-bit data often sits in a 16-bit container: scale by the depth in use.
-            bits = max(8, int(np.ceil(np.log2(int(img.max()) + 1))))
-        return np.clip(np.rint(img * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+        info = np.iinfo(img.dtype)
+        scaled = (img.astype(np.float64) - info.min) * (255.0 / (info.max - info.min))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     img = np.nan_to_num(img.astype(np.float64))
     lo, hi = float(img.min()), float(img.max())
     if lo >= 0.0 and hi <= 1.0:
@@ -156,30 +221,72 @@ def _to_uint8(img: np.ndarray, bits: int | None = None) -> np.ndarray:
     return np.rint((img - lo) * scale).astype(np.uint8)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _display_range(ds: object) -> tuple[float, float]:
+    """The value range after the modality LUT: what a window (or no window) maps onto black..white.
+
+    Mirrors pydicom's ``apply_windowing``: the stored range by ``BitsStored`` (signed or not), through the
+    modality LUT's bit depth or the rescale slope/intercept.
+    """
+    bits = int(ds.BitsStored)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1))
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((lo * slope + intercept, hi * slope + intercept))
+    return ends[0], ends[1]
+
+
+def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
+    """DICOM as a viewer shows it: modality LUT, then the VOI LUT or first window, then MONOCHROME1 inversion.
+
+    pydicom's own ``apply_modality_lut`` / ``apply_voi_lut`` do the maths. No window and no VOI LUT: the full
+    stored range (``BitsStored``). Pixel padding becomes black. Multi-frame files are refused by name; colour
+    files become gray. Size guards apply before the pixels are decoded.
+    """
     try:
         import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as exc:
         raise ImageError(f"{path}: DICOM needs pydicom; install it with `pip install 'fracture[dicom]'`") from exc
     try:
-        ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array
+        ds = pydicom.dcmread(io.BytesIO(data))
+        rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as exc:  # pydicom raises many types for broken files
         raise ImageError(f"{path}: unreadable DICOM ({exc})") from exc
-    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: first frame
-    if pixels.ndim == 3:
-        return cv2.cvtColor(_to_uint8(pixels), cv2.COLOR_RGB2GRAY)
-    img = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1)
-    img += float(getattr(ds, "RescaleIntercept", 0) or 0)
-    bits = int(getattr(ds, "BitsStored", 0) or 0)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    if bits and slope == 1 and img.min() >= 0:
-        out = _to_uint8(np.rint(img).astype(np.int64), bits=bits)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols * frames > max_pixels:
+        raise ImageError(f"{path}: DICOM header claims {frames} x {cols}x{rows} pixels, over the {max_pixels / 1e6:.0f} MP limit")
+    if frames > 1:
+        raise ImageError(f"{path}: multi-frame DICOM ({frames} frames); export the view to predict as a single-frame file")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise ImageError(f"{path}: cannot decode the DICOM pixels ({name}: {str(exc).splitlines()[0][:160]}); "
+                         f"`pip install 'fracture[dicom]'` installs the decoders for compressed files") from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or pixels.ndim == 3:
+        return cv2.cvtColor(_to_uint8(pixels), cv2.COLOR_RGB2GRAY)  # pydicom returns RGB (YBR converted)
+    padding = None
+    if "PixelPaddingValue" in ds:
+        a, b = int(ds.PixelPaddingValue), int(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))
+        padding = (pixels >= min(a, b)) & (pixels <= max(a, b))
+    values = apply_modality_lut(pixels, ds)
+    voi = ds.get("VOILUTSequence")
+    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
+        lo, hi = 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
+        values = apply_voi_lut(values, ds, index=0)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        lo, hi = _display_range(ds)
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=False)
     else:
-        out = _to_uint8(img.astype(np.float32))
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1 stores bone dark; we train on bone bright
+        lo, hi = _display_range(ds)
+    out = np.clip(np.rint((np.asarray(values, np.float64) - lo) * (255.0 / max(hi - lo, 1e-9))), 0, 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        out = 255 - out  # MONOCHROME1 shows low values white; we train on bone bright
+    if padding is not None:
+        out[padding] = 0
     return out
 
 
@@ -199,7 +306,10 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
     if is_dicom(path, data):
-        return _read_dicom(path)
+        img = _read_dicom(path, data, max_pixels)
+        if min(img.shape) < MIN_SIDE:
+            raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
+        return img
     size = _header_size(data)
     if size is not None:
         w, h = size
@@ -222,6 +332,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             img = cv2.cvtColor(img, code)
     if img.ndim != 2:
         raise ImageError(f"{path}: unsupported image layout {img.shape}")
+    img = apply_orientation(img, exif_orientation(data))
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
     if min(img.shape) < MIN_SIDE:

@@ -26,11 +26,44 @@ def test_8bit_16bit_rgb_and_rgba_decode_to_the_same_gray(tmp_path: Path) -> None
         assert np.abs(out.astype(int) - img).max() <= 1, name
 
 
-def test_12bit_data_in_16bit_container_uses_its_range(tmp_path: Path) -> None:
-    img = gradient().astype(np.uint16) * 16  # 0..4080: 12-bit
-    cv2.imwrite(str(tmp_path / "g12.png"), img)
-    out = preprocess.read_image(tmp_path / "g12.png")
-    assert out.max() >= 250
+def test_16bit_images_map_by_their_type_so_one_bright_pixel_changes_nothing_else(tmp_path: Path) -> None:
+    img = (gradient().astype(np.uint16) * 200)  # 0..51000 of 0..65535
+    cv2.imwrite(str(tmp_path / "plain.png"), img)
+    marked = img.copy()
+    marked[0, 0] = 65535  # a burned-in marker
+    cv2.imwrite(str(tmp_path / "marked.png"), marked)
+    cv2.imwrite(str(tmp_path / "marked.tif"), marked)
+    plain = preprocess.read_image(tmp_path / "plain.png")
+    assert np.abs(plain.astype(int) - np.rint(img / 257.0)).max() <= 1
+    for name in ("marked.png", "marked.tif"):
+        out = preprocess.read_image(tmp_path / name)
+        assert out[0, 0] == 255 and np.array_equal(out[1:], plain[1:]) and np.array_equal(out[0, 1:], plain[0, 1:])
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    import struct
+
+    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation) + struct.pack("<I", 0)
+    app1 = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_a_viewer(tmp_path: Path, orientation: int) -> None:
+    img = gradient(40, 64)
+    img[:6, :12] = 255  # a corner marker: any wrong turn moves it
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    data = _with_exif_orientation(buf.tobytes(), orientation)
+    (tmp_path / "x.jpg").write_bytes(data)
+    viewer = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)  # OpenCV applies EXIF here
+    out = preprocess.read_image(tmp_path / "x.jpg")
+    assert out.shape == viewer.shape and np.abs(out.astype(int) - viewer).max() <= 1
+
+
+def test_tiff_pixel_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "big.tif"), np.zeros((300, 400), np.uint8))
+    with pytest.raises(ImageError, match="header claims 400x300"):
+        preprocess.read_image(tmp_path / "big.tif", max_pixels=100_000)
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])
