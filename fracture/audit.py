@@ -20,6 +20,7 @@ duplicate groups carry conflicting labels, unless ``--allow``. Torch-free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ class FileFacts:
     height: int = 0
     width: int = 0
     bit_depth: int = 0
+    decoder_messages: str = ""  # what the decoder printed (libjpeg warnings), recorded instead of shown
 
 
 def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
@@ -71,11 +73,16 @@ def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
             facts.problem = str(exc).split(": ", 1)[-1]
             return facts, None
     else:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None and truncated:
-        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
+        # libjpeg prints "Premature end of JPEG file" for truncated files: keep it as the file's reason, off the terminal
+        with preprocess.capture_stderr() if truncated else contextlib.nullcontext(list) as said:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if img is None and truncated:
+                img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
+        facts.decoder_messages = "; ".join(dict.fromkeys(line.strip() for line in said() if line.strip() and "\r" not in line))
     if img is None:
         facts.problem = "truncated JPEG (no end-of-image marker), does not decode" if truncated else "not a decodable image"
+        if facts.decoder_messages:
+            facts.problem += f" (decoder: {facts.decoder_messages})"
         return facts, None
     facts.bit_depth = img.dtype.itemsize * 8
     if img.ndim == 3:
@@ -84,7 +91,8 @@ def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
     if truncated:
         band = _uniform_bottom_rows(img)
         partly = f"; decodes only partly (uniform band over the bottom {band} rows)" if band >= 2 else ""
-        facts.problem = "truncated JPEG (no end-of-image marker)" + partly
+        said = f" (decoder: {facts.decoder_messages})" if facts.decoder_messages else ""
+        facts.problem = "truncated JPEG (no end-of-image marker)" + partly + said
     thumb = cv2.resize(img.astype(np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
     thumb -= thumb.mean()
     norm = float(np.linalg.norm(thumb))

@@ -11,10 +11,15 @@ exported ONNX graph), driven by the same :class:`Contract`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -100,6 +105,29 @@ class Geometry:
     left: int
     inner_height: int
     inner_width: int
+
+
+_STDERR = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_stderr() -> Iterator[Callable[[], list[str]]]:
+    """Collect what C libraries (libjpeg) print to file descriptor 2 inside the block, instead of the terminal.
+
+    Yields a function that returns the captured lines once the block has ended. One block at a time.
+    """
+    lines: list[str] = []
+    with _STDERR, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
 
 
 def _tiff_size(data: bytes) -> tuple[int, int] | None:

@@ -92,3 +92,14 @@ def test_fracatlas_copy_defects_are_found(tmp_path: Path) -> None:
     assert all(labels[Path(d["path"]).name] == 0 for d in truncated)  # the damaged ones are non-fractured
     assert found["conflicting_groups"] >= 1 and found["test_leaks"] == 0
     assert any("hardware" in w for w in found["shortcuts"]["warnings"])
+
+
+def test_libjpeg_warnings_become_the_files_reason_not_terminal_noise(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    img = (np.add.outer(np.arange(200), np.arange(160)) % 256).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    (tmp_path / "cut.jpg").write_bytes(buf.tobytes()[: len(buf) * 2 // 3])
+    capfd.readouterr()
+    facts, _ = audit.inspect(str(tmp_path / "cut.jpg"))
+    out, err = capfd.readouterr()
+    assert "Premature end of JPEG file" not in err + out
+    assert facts.problem.startswith("truncated JPEG") and "decoder: Premature end of JPEG file" in facts.problem
