@@ -18,7 +18,6 @@ onnxruntime at batch 1 and batch N; a failed check leaves no file behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ from torch import nn
 from fracture import metrics, preprocess
 from fracture.model import LocaliseNet, cam_from_features, normalise_cam
 from fracture.module import FractureClassifier, localise_outputs, tta_logits
+from fracture.predict import file_sha256 as sha256
 from fracture.progress import progress
 from fracture.runio import newest
 from fracture.synth import radiograph
@@ -96,14 +96,6 @@ def latest_best(output_dir: str | os.PathLike = "checkpoints") -> Path:
     if found is None:
         raise ExportError(f"no best-*.ckpt under {output_dir}/; train first (python -m fracture.fit) or pass --ckpt")
     return found
-
-
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike | None, exporter: str, **extra: Any) -> dict[str, Any]:

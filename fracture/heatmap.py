@@ -6,6 +6,7 @@ Shared by ``fracture.explain`` (torch Grad-CAM) and ``fracture.predict``
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float
 
 
 def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float, boxes: list | None = None) -> Path:
-    out = Path(out_dir) / f"{Path(source).stem}_heatmap.png"
+    # the stem alone would let two folders' IMG001.jpg overwrite each other: add a short hash of the full path
+    tag = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
+    out = Path(out_dir) / f"{Path(source).stem}_{tag}_heatmap.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), overlay(image, cam_full, probability, boxes=boxes))
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +36,14 @@ from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, parse_lab
 from fracture.progress import progress
 
 METADATA_KEY = "fracture"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ModelError(Exception):
@@ -84,6 +93,7 @@ class Predictor:
             raise ModelError(f"{path}: malformed '{METADATA_KEY}' metadata ({exc})") from None
         self._check_graph(path)
         self.threads = threads or os.cpu_count() or 1
+        self.sha256 = file_sha256(path)
 
     def _check_graph(self, path: Path) -> None:
         """The graph's input must be what the metadata promises (catches edited or mismatched files)."""
@@ -216,26 +226,71 @@ def read_labels(path: Path) -> dict[str, int]:
 
 
 BOX_FIELDS = ("box_x0", "box_y0", "box_x1", "box_y1", "box_score")
+ROW_FIELDS = ("path", "probability", "prediction", "threshold", "operating_point", "error", "model_sha256")
 
 
-def write_output(rows: list[Prediction], out: Path) -> None:
-    """CSV (one row per image, or per box for models with a map) or JSON (a ``boxes`` list per image)."""
-    records = [{"path": r.path, "probability": r.probability, "prediction": None if r.error else ("fractured" if r.fractured else "not_fractured"),
-                "threshold": r.threshold, "operating_point": r.threshold_name, "error": r.error} for r in rows]
-    with_boxes = any(r.boxes is not None for r in rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".json":
-        if with_boxes:
-            for rec, r in zip(records, rows):
-                rec["boxes"] = [dict(zip(("x0", "y0", "x1", "y1", "score"), b)) for b in r.boxes or []]
-        out.write_text(json.dumps(records, indent=1))
-    else:
-        if with_boxes:
-            records = [{**rec, **dict(zip(BOX_FIELDS, b))} for rec, r in zip(records, rows) for b in (r.boxes or [(None,) * 5])]
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["path"], restval="")
-            writer.writeheader()
-            writer.writerows(records)
+class RowWriter:
+    """Predictions to ``--out`` as they are made, so a crash or Ctrl-C keeps every row done.
+
+    ``.csv`` (one row per image, or per box for models with a map) and ``.jsonl``
+    (one object per image, with a ``boxes`` list) are appended row by row and
+    flushed; ``.json`` (a list) is written once at the end, atomically. With
+    ``resume`` the rows already in a ``.csv``/``.jsonl`` file are kept and
+    :meth:`done` tells which (path, model sha256) pairs to skip.
+    """
+
+    def __init__(self, out: Path, model_sha256: str, boxes: bool, resume: bool = False) -> None:
+        self.out, self.sha, self.boxes = out, model_sha256, boxes
+        self.kind = {".json": "json", ".jsonl": "jsonl"}.get(out.suffix.lower(), "csv")
+        if resume and self.kind == "json":
+            raise ModelError("--resume needs --out .csv or .jsonl (a .json list is written at the end)")
+        self.previous: set[tuple[str, str]] = set()
+        if resume and out.is_file() and out.stat().st_size:
+            with open(out, newline="", encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()] if self.kind == "jsonl" else list(csv.DictReader(f))
+            self.previous = {(r.get("path", ""), r.get("model_sha256", "")) for r in rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.file = None
+        if self.kind != "json":
+            append = resume and out.is_file() and out.stat().st_size > 0
+            self.file = open(out, "a" if append else "w", newline="", encoding="utf-8")
+            if self.kind == "csv":
+                self.csv = csv.DictWriter(self.file, fieldnames=list(ROW_FIELDS) + (list(BOX_FIELDS) if boxes else []), restval="")
+                if not append:
+                    self.csv.writeheader()
+
+    def done(self, path: str) -> bool:
+        return (path, self.sha) in self.previous
+
+    def record(self, r: Prediction) -> dict:
+        return {"path": r.path, "probability": r.probability, "prediction": None if r.error else ("fractured" if r.fractured else "not_fractured"),
+                "threshold": r.threshold, "operating_point": r.threshold_name, "error": r.error, "model_sha256": self.sha}
+
+    def write(self, r: Prediction) -> None:
+        rec = self.record(r)
+        if self.boxes:
+            boxes = [dict(zip(("x0", "y0", "x1", "y1", "score"), b)) for b in r.boxes or []]
+        if self.kind == "csv":
+            rows = [{**rec, **dict(zip(BOX_FIELDS, b.values()))} for b in boxes] if self.boxes and boxes else [rec]
+            self.csv.writerows(rows)
+        else:
+            if self.boxes:
+                rec["boxes"] = boxes
+            if self.kind == "jsonl":
+                self.file.write(json.dumps(rec) + "\n")
+            else:
+                self.records.append(rec)
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        elif self.kind == "json":
+            tmp = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.records, indent=1))
+            os.replace(tmp, self.out)
 
 
 def labelled_metrics(rows: list[Prediction], labels: dict[str, int], threshold: float) -> tuple[dict[str, float], int]:
@@ -251,7 +306,8 @@ def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="ONNX file from python -m fracture.export")
     parser.add_argument("inputs", nargs="+", help="image files, folders, globs or a CSV with an image column")
-    parser.add_argument("--out", type=Path, help="write predictions to .csv or .json")
+    parser.add_argument("--out", type=Path, help="write predictions to .csv or .jsonl (row by row) or .json (at the end)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip their images (same path and model sha256)")
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--threshold", type=float, help="call fractured above this probability")
     pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
@@ -270,11 +326,22 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = []
+    try:
+        writer = RowWriter(ns.out, predictor.sha256, predictor.has_map, ns.resume) if ns.out else None
+    except (ModelError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if writer is not None and writer.previous:
+        before = len(paths)
+        paths = [p for p in paths if not writer.done(p)]
+        print(f"--resume: {before - len(paths)} image(s) already in {ns.out}, {len(paths)} to go", file=sys.stderr)
     if not ns.quiet:
         print(f"{'probability':>11}  {'prediction':<13}  path")
     try:
         for row in predictor.predict(paths, ns.batch_size, threshold, show_progress=len(paths) >= 50, heatmap_dir=ns.heatmaps):
             rows.append(row)
+            if writer is not None:
+                writer.write(row)
             if not ns.quiet:
                 shown = f"{row.probability:>11.4f}  {'fractured' if row.fractured else 'not_fractured':<13}" if not row.error else f"{'-':>11}  {'ERROR':<13}"
                 where = f"  [{len(row.boxes)} box{'es' if len(row.boxes) != 1 else ''}]" if row.boxes is not None else ""
@@ -282,10 +349,15 @@ def main(args: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(rows)} image(s)" + (f"; they are in {ns.out}: rerun with --resume to finish" if writer else ""), file=sys.stderr)
+        return 130
+    finally:
+        if writer is not None:
+            writer.close()
     failed = [r for r in rows if r.error]
     print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
     if ns.out:
-        write_output(rows, ns.out)
         print(f"wrote {ns.out}", file=sys.stderr)
     if labels is not None:
         scores, n = labelled_metrics(rows, labels, threshold[1])

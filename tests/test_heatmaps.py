@@ -128,7 +128,8 @@ def test_predictor_writes_heatmaps_without_torch(tiny_ckpt: Path, synth_root: Pa
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     for image in images:
-        picture = cv2.imread(str(out / f"{image.stem}_heatmap.png"))
+        [written] = out.glob(f"{image.stem}_*_heatmap.png")
+        picture = cv2.imread(str(written))
         original = preprocess.read_image(image)
         assert picture.shape == (original.shape[0], 2 * original.shape[1], 3)
 

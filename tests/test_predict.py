@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -14,12 +16,13 @@ import torch
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_precision, binary_recall, binary_specificity
 
 from conftest import REPO
-from fracture import predict, preprocess
+from fracture import heatmap, predict, preprocess
 from fracture.export import Deployable, load_classifier
 from fracture.predict import ModelError, Predictor
 
 BLOCK_TRAINING_LIBS = """
 import sys
+import time
 class _Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in {'torch', 'lightning', 'torchvision', 'torchmetrics', 'pandas', 'matplotlib'}:
@@ -161,3 +164,36 @@ def test_dicom_round_trip(tmp_path: Path, tiny_onnx: Path) -> None:
     cv2.imwrite(str(tmp_path / "same.png"), expected)
     rows = list(Predictor(tiny_onnx).predict([str(tmp_path / "mono2.dcm"), str(tmp_path / "same.png")], show_progress=False))
     assert not rows[0].error and abs(rows[0].probability - rows[1].probability) < 1e-3
+
+
+def test_rows_stream_to_out_and_resume_completes_a_killed_run(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    images = sorted((synth_root / "test" / "images").glob("*.png"))
+    out = tmp_path / "preds.csv"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a run killed mid-way (SIGKILL after the first rows reach the file) keeps what it wrote
+    slow = subprocess.Popen([sys.executable, "-m", "fracture.predict", str(tiny_onnx), *map(str, images), "--out", str(out), "--batch-size", "1", "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.is_file() or len(out.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    slow.kill()
+    slow.wait()
+    kept = list(csv.DictReader(open(out)))
+    assert 3 <= len(kept) < len(images) and all(r["probability"] for r in kept)
+    sha = Predictor(tiny_onnx).sha256
+    assert {r["model_sha256"] for r in kept} == {sha}
+    assert predict.main([str(tiny_onnx), *map(str, images), "--out", str(out), "--resume", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert sorted(r["path"] for r in rows) == sorted(map(str, images))  # each image once: done rows skipped, the rest added
+    fresh = {r.path: r.probability for r in Predictor(tiny_onnx).predict(list(map(str, images)), show_progress=False)}
+    assert all(abs(float(r["probability"]) - fresh[r["path"]]) < 1e-6 for r in rows)
+    jsonl = tmp_path / "preds.jsonl"
+    assert predict.main([str(tiny_onnx), *map(str, images[:3]), "--out", str(jsonl), "--quiet"]) == 0
+    assert [json.loads(line)["model_sha256"] for line in jsonl.read_text().splitlines()] == [sha] * 3
+
+
+def test_overlays_of_same_named_files_in_two_folders_do_not_overwrite(tmp_path: Path) -> None:
+    image = np.full((40, 40), 100, np.uint8)
+    for folder in ("a", "b"):
+        heatmap.write_overlay(tmp_path / "maps", str(tmp_path / folder / "IMG001.jpg"), image, np.ones((40, 40)), 0.5)
+    assert len(list((tmp_path / "maps").glob("IMG001_*_heatmap.png"))) == 2
