@@ -344,6 +344,7 @@ class FractureClassifier(L.LightningModule):
             "class_names": ["not_fractured", "fractured"],
             "positive_class": "fractured",
             "version": __version__,
+            "screening_sensitivity": self.hparams.screening_sensitivity,
             "head": self.hparams.get("head", "classify"),
             **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
         }

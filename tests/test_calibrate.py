@@ -1,0 +1,65 @@
+"""Local recalibration: new thresholds from a site's labelled images, in a new file with its lineage; torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from conftest import REPO
+from fracture import metrics
+from fracture.calibrate import list_sha256, main
+from fracture.predict import Predictor, _csv_images, file_sha256, read_labels
+
+BLOCKED_CALIBRATE = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'lightning', 'torchvision', 'torchmetrics', 'pandas', 'matplotlib'}:
+            raise ImportError('blocked in this test: ' + name)
+sys.meta_path.insert(0, _Block())
+from fracture.calibrate import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_calibrate_rechooses_thresholds_into_a_new_file_with_lineage(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    site = synth_root / "test" / "annotations.csv"
+    before = file_sha256(tiny_onnx)
+    out = tmp_path / "tiny.site.onnx"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", BLOCKED_CALIBRATE, str(tiny_onnx), str(site), "--out", str(out), "--screening-sensitivity", "0.9",
+                           "--bootstrap", "100"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert file_sha256(tiny_onnx) == before  # the original is untouched
+    paths = _csv_images(site)
+    labels_by_path = read_labels(site)
+    labels = np.array([labels_by_path[os.path.realpath(p)] for p in paths])
+    probs = np.array([r.probability for r in Predictor(tiny_onnx).predict(paths, show_progress=False)])
+    expected = metrics.operating_points(probs, labels, 0.9)
+    meta = json.loads(ort.InferenceSession(str(out)).get_modelmeta().custom_metadata_map["fracture"])
+    old = json.loads(ort.InferenceSession(str(tiny_onnx)).get_modelmeta().custom_metadata_map["fracture"])
+    assert meta["thresholds"] == expected and meta["thresholds"] != old["thresholds"]
+    record = meta["calibrations"][-1]
+    assert record["parent_model_sha256"] == before and record["parent_thresholds"] == old["thresholds"]
+    assert record["images"] == len(paths) and record["fractured"] == int(labels.sum())
+    assert record["list_sha256"] == list_sha256(paths, labels.tolist())
+    screening = record["operating_points"]["screening"]
+    assert screening["sensitivity"] >= 0.9 and screening["ci95"]["sensitivity"][0] <= screening["sensitivity"] <= screening["ci95"]["sensitivity"][1]
+    assert Predictor(out).thresholds == expected and meta["contract"] == old["contract"]  # the rest of the model is the same
+    assert "screening" in done.stdout and "unchanged" in done.stdout
+
+
+def test_calibrate_refuses_to_overwrite_its_input_or_use_too_few_images(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    assert main([str(tiny_onnx), str(synth_root / "test" / "annotations.csv"), "--out", str(tiny_onnx)]) == 2
+    few = tmp_path / "few.csv"
+    lines = (synth_root / "test" / "annotations.csv").read_text().splitlines()
+    few.write_text("\n".join(lines[:6]) + "\n")
+    (tmp_path / "images").symlink_to(synth_root / "test" / "images")
+    assert main([str(tiny_onnx), str(few), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert not (tmp_path / "x.onnx").exists()
