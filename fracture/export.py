@@ -279,7 +279,11 @@ def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract:
 
 
 def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_split: Path | None = None, max_calibration: int = 256, max_auroc_drop: float = 0.01) -> dict[str, Any]:
-    """INT8 calibrated on training images, installed only if AUROC drops by at most ``max_auroc_drop``.
+    """INT8 calibrated on training images, installed only if it keeps its promises on a labelled split.
+
+    Kept when AUROC drops by at most ``max_auroc_drop`` and, at every operating point (re-chosen for the
+    INT8 model on that split and stored in its metadata), sensitivity stays within ``MAX_SENSITIVITY_LOSS``
+    of FP32's.
 
     Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
     root, else every image under ``calibration``. Evaluation: ``eval_split`` (a
@@ -316,11 +320,39 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
             "auroc_int8": metrics.auroc(p8, labelled[1]),
         }
         report["auroc_drop"] = report["auroc_fp32"] - report["auroc_int8"]
-        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop)
+        points, rechosen = int8_operating_points(p32, p8, labelled[1], meta["thresholds"], float(meta.get("screening_sensitivity", 0.95)))
+        report["operating_points"] = points
+        lost = [n for n, pt in points.items() if pt["int8"]["sensitivity"] < pt["fp32"]["sensitivity"] - MAX_SENSITIVITY_LOSS]
+        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop and not lost)
+        if lost:
+            report["reason"] = f"INT8 sensitivity at {', '.join(lost)} fell more than {MAX_SENSITIVITY_LOSS} below FP32's"
+        elif not report["kept"]:
+            report["reason"] = f"AUROC dropped by more than {max_auroc_drop}"
         if report["kept"]:
-            _write_metadata(tmp, {**meta, "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "int8", **report}})
+            _write_metadata(tmp, {**meta, "thresholds": rechosen, "thresholds_fp32": meta["thresholds"],
+                                  "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "int8", **report}})
             _install(tmp, out)
     return report
+
+
+MAX_SENSITIVITY_LOSS = 0.02  # on the validation split, at each operating point re-chosen for the INT8 model
+
+
+def int8_operating_points(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, thresholds: dict[str, float],
+                          screening_sensitivity: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each stored operating point checked with the INT8 model and re-chosen for it on the same labelled split.
+
+    Returns the per-point report (FP32 at its threshold, INT8 at the same threshold, INT8 at its own) and
+    the INT8 thresholds to store.
+    """
+    rechosen = {**thresholds, **metrics.operating_points(p8, labels, screening_sensitivity)}
+    keep = ("sensitivity", "specificity")
+    points = {}
+    for name, t in thresholds.items():
+        m32, same, own = (metrics.binary_metrics(p, labels, th) for p, th in ((p32, t), (p8, t), (p8, rechosen[name])))
+        points[name] = {"threshold_fp32": t, "fp32": {k: m32[k] for k in keep}, "int8_at_fp32_threshold": {k: same[k] for k in keep},
+                        "threshold_int8": rechosen[name], "int8": {k: own[k] for k in keep}}
+    return points, rechosen
 
 
 def main(args: list[str] | None = None) -> int:
@@ -347,7 +379,13 @@ def main(args: list[str] | None = None) -> int:
                 f"INT8 vs FP32 on {report['n']} labelled images: max |Δp| {report['max_abs_prob_diff']:.4f}, "
                 f"AUROC {report['auroc_fp32']:.4f} → {report['auroc_int8']:.4f} (drop {report['auroc_drop']:+.4f})"
             )
-            print(f"kept {out8}" if report["kept"] else f"INT8 discarded: AUROC dropped by more than 0.01; only {ns.out} was written")
+            print(f"{'operating point':<16}{'FP32 t':>9}{'sens/spec':>15}{'INT8 same t':>15}{'INT8 t':>9}{'sens/spec':>15}")
+            for name, pt in report["operating_points"].items():
+                f32, same, own = pt["fp32"], pt["int8_at_fp32_threshold"], pt["int8"]
+                print(f"{name:<16}{pt['threshold_fp32']:>9.4f}{f32['sensitivity']:>8.3f}/{f32['specificity']:.3f}"
+                      f"{same['sensitivity']:>8.3f}/{same['specificity']:.3f}{pt['threshold_int8']:>9.4f}{own['sensitivity']:>8.3f}/{own['specificity']:.3f}")
+            print(f"kept {out8} (its thresholds re-chosen with the INT8 model on the same split)" if report["kept"]
+                  else f"INT8 discarded: {report['reason']}; only {ns.out} was written")
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -65,7 +65,10 @@ def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx:
     report = quantize_int8(tiny_onnx, out, tiny_ckpt, synth_root, eval_split=synth_root / "test")
     assert report["n"] > 0 and report["calibration_images"] > 0
     assert 0.0 <= report["max_abs_prob_diff"] < 1.0
-    assert report["kept"] == (report["auroc_fp32"] - report["auroc_int8"] <= 0.01)
+    points = report["operating_points"]
+    assert set(points) == {"default", "screening", "balanced"}
+    lost = any(p["int8"]["sensitivity"] < p["fp32"]["sensitivity"] - 0.02 for p in points.values())
+    assert report["kept"] == (report["auroc_fp32"] - report["auroc_int8"] <= 0.01 and not lost)
     if report["kept"]:
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         x = parity_inputs(preprocess.Contract(image_size=64), n=3)
@@ -74,5 +77,21 @@ def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx:
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
         meta = json.loads(sess.get_modelmeta().custom_metadata_map["fracture"])
         assert meta["quantization"]["auroc_int8"] == report["auroc_int8"]
+        assert meta["thresholds"] == {n: p["threshold_int8"] for n, p in points.items()}  # re-chosen with the INT8 model
+        assert meta["thresholds_fp32"] == {n: p["threshold_fp32"] for n, p in points.items()}
     else:
         assert not out.exists()
+
+
+def test_int8_operating_points_are_rechosen_for_the_int8_probabilities() -> None:
+    from fracture import metrics
+    from fracture.export import int8_operating_points
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    p32 = np.clip(0.3 * labels + rng.uniform(0, 0.7, 400), 0, 1)
+    p8 = np.clip(p32 - 0.1, 0, 1)  # quantization shifted every probability down
+    thresholds = metrics.operating_points(p32, labels, 0.95)
+    points, rechosen = int8_operating_points(p32, p8, labels, thresholds, 0.95)
+    assert points["screening"]["int8_at_fp32_threshold"]["sensitivity"] < 0.95 <= points["screening"]["int8"]["sensitivity"]
+    assert rechosen["screening"] == pytest.approx(thresholds["screening"] - 0.1, abs=0.02) and rechosen["default"] == 0.5
