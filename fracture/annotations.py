@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fracture.detection import format_boxes, parse_boxes
-from fracture.labels import BOX_COLUMNS, GROUP_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
+from fracture.labels import BOX_COLUMNS, GROUP_COLUMNS, STUDY_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
 
 SPLITS = ("train", "val", "test")
 _SHOW = 5  # offending rows quoted in an error
@@ -36,6 +36,7 @@ class Columns:
         fracture_type: optional fracture type (kept for subgroup reports).
         group: optional patient/group id; a group never straddles train and val.
         boxes: optional fracture boxes, normalised corners ``x0 y0 x1 y1`` separated by ``;``.
+        study: optional study id: the images of one study are one clinical question (study-level answers).
     """
 
     image: str | None = None
@@ -43,6 +44,7 @@ class Columns:
     fracture_type: str | None = None
     group: str | None = None
     boxes: str | None = None
+    study: str | None = None
 
 
 def _rows(lines: list[int]) -> str:
@@ -91,6 +93,7 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     type_col = _pick(table, columns.fracture_type, TYPE_COLUMNS, "fracture type", csv, False)
     group_col = _pick(table, columns.group, GROUP_COLUMNS, "patient/group", csv, False)
     box_col = _pick(table, columns.boxes, BOX_COLUMNS, "boxes", csv, False)
+    study_col = _pick(table, columns.study, STUDY_COLUMNS, "study", csv, False)
     lines = np.arange(len(table)) + 2  # header is line 1
 
     labels = table[label_col].map(parse_label)
@@ -135,7 +138,7 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
         if bad_boxes:
             raise DatasetError(f"{csv}: {len(bad_boxes)} bad value(s) in column {box_col!r}: {_rows(bad_boxes)}")
 
-    out = table.drop(columns=[c for c in (image_col, label_col, type_col, group_col, box_col) if c])
+    out = table.drop(columns=[c for c in (image_col, label_col, type_col, group_col, box_col, study_col) if c])
     out.insert(0, "path", paths)
     out.insert(1, "label", labels.astype(int).to_numpy())
     out.insert(2, "fracture_type", table[type_col].str.strip().to_numpy() if type_col else "")
@@ -143,6 +146,7 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     out.insert(3, "group", groups.where(groups != "", names).to_numpy())
     out.insert(4, "line", lines)
     out.insert(5, "boxes", boxes or [""] * len(out))
+    out.insert(6, "study", table[study_col].str.strip().to_numpy() if study_col else "")
     return out.reset_index(drop=True)
 
 

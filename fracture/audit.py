@@ -177,7 +177,7 @@ def shortcut_warnings(table: pd.DataFrame, facts: pd.DataFrame, min_auroc: float
     }
     out: dict = {"by": {}, "warnings": []}
     candidates = {k: pd.Series(v) for k, v in geometry.items()}
-    skip = {"path", "label", "line", "group", "fracture_type", "split", "fracture_count", "boxes"}
+    skip = {"path", "label", "line", "group", "fracture_type", "split", "fracture_count", "boxes", "study"}
     for column in table.columns:
         if column not in skip and table[column].nunique() <= 20:
             candidates[f"metadata:{column}"] = table[column].astype(str).reset_index(drop=True)

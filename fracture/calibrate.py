@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fracture import metrics
-from fracture.predict import METADATA_KEY, ModelError, Predictor, _csv_images, file_sha256, read_labels
+from fracture.predict import METADATA_KEY, ModelError, Predictor, _csv_images, read_labels
 
 MIN_LABELLED = 20  # fewer images, or fewer than 5 of a class, cannot place a threshold worth shipping
 

@@ -379,5 +379,5 @@ No dataset yet? Train the demo on built-in synthetic radiographs:
 
 def write_splits(tables: dict[str, pd.DataFrame], path: str | os.PathLike) -> None:
     """Record which image went to which split, so a run's split can be audited later."""
-    parts = [t[["path", "label", "fracture_type", "group"]].assign(split=s) for s, t in tables.items()]
-    pd.concat(parts)[["split", "path", "label", "fracture_type", "group"]].to_csv(path, index=False)
+    parts = [t[["path", "label", "fracture_type", "group", "study"]].assign(split=s) for s, t in tables.items()]
+    pd.concat(parts)[["split", "path", "label", "fracture_type", "group", "study"]].to_csv(path, index=False)

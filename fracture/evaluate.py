@@ -114,7 +114,7 @@ def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> list[
     """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column."""
     rows = []
     labels = table["label"].to_numpy()
-    skip = {"path", "label", "line", "group", "group_id", "image", "boxes"}
+    skip = {"path", "label", "line", "group", "group_id", "image", "boxes", "study", "study_id"}
     columns = [c for c in table.columns if c not in skip and 2 <= table[c].nunique() <= 20]
     for column in columns:
         for value, idx in table.groupby(column).indices.items():
@@ -264,6 +264,17 @@ def audit_summary(root: Path) -> list[str]:
     return lines
 
 
+def study_level(probs: np.ndarray, labels: np.ndarray, studies: np.ndarray, info: dict[str, Any], n_boot: int, seed: int) -> dict[str, Any]:
+    """Metrics per study (images with a study key), their probabilities combined as the model says, at every operating point."""
+    method = info.get("study_aggregation", {}).get("method", "max")
+    keyed = studies != ""
+    _, p, y = metrics.aggregate_studies(probs[keyed], studies[keyed], method, labels[keyed])
+    out: dict[str, Any] = {"aggregation": method, "studies": int(len(y)), "fractured_studies": int(y.sum()), "images": int(keyed.sum()), "operating_points": {}}
+    for name, t in info["thresholds"].items():
+        out["operating_points"][name] = {"threshold": t, "metrics": metrics.all_metrics(p, y, t), "ci95": metrics.bootstrap(p, y, t, None, n_boot, seed)}
+    return out
+
+
 def has_boxes(table: pd.DataFrame) -> bool:
     return "boxes" in table.columns and bool((table["boxes"] != "").any())
 
@@ -288,6 +299,9 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     op = operating_point or ("balanced" if "balanced" in thresholds else "default")
     result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op])}
     result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
+    studies = table["study"].to_numpy().astype(str) if "study" in table.columns else np.full(len(labels), "")
+    if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
+        result["study_level"] = study_level(probs, labels, studies, info, n_boot, seed)
     if maps is not None and has_boxes(table):
         result["localisation"] = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
         result["plots"] += result["localisation"].pop("plots")
@@ -327,6 +341,7 @@ def report_md(result: dict[str, Any], info: dict[str, Any], table: pd.DataFrame,
         lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {r['fractured']} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | {_fmt(r['auroc'])} | {r['note']} |")
     if not sub["rows"]:
         lines.append("| (no fracture type or metadata columns to split by) | | | | | | | |")
+    lines += study_md(result.get("study_level"))
     lines += localisation_md(result.get("localisation"))
     lines += ["", "## Plots", *[f"![{p}]({p})" for p in result["plots"]], "", f"_{CAVEAT}_", ""]
     return "\n".join(lines)
@@ -344,6 +359,18 @@ LOCALISATION_ROWS = (
     ("ap_iou25", "AP at IoU 0.25"),
     ("ap_iou50", "AP at IoU 0.5"),
 )
+
+
+def study_md(st: dict[str, Any] | None) -> list[str]:
+    if not st:
+        return []
+    ops = st["operating_points"]
+    names = list(ops)
+    lines = ["", f"## Study level (95 % CI): {st['studies']} studies ({st['fractured_studies']} fractured) from {st['images']} images, "
+             f"combined by `{st['aggregation']}`", "| metric | " + " | ".join(f"{n} (t={ops[n]['threshold']:.3f})" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for metric in ("sensitivity", "specificity", "auroc"):
+        lines.append(f"| {metric} | " + " | ".join(_fmt(ops[n]["metrics"][metric], ops[n]["ci95"].get(metric)) for n in names) + " |")
+    return lines
 
 
 def localisation_md(loc: dict[str, Any] | None) -> list[str]:

@@ -205,6 +205,7 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
         if module.localise:
             extra["map"] = {"output": "map", "stride": 8, "range": "0..1 fracture probability per 8x8 input cell",
                             "boxes": "regions of the map resized onto the image above localisation.box_threshold, at least min_area_fraction of the input"}
+        extra["study_aggregation"] = study_aggregation(tmp, ckpt, model.contract)
         meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity, **extra)
         meta["outputs"] = module.output_names
         _write_metadata(tmp, meta)
@@ -230,22 +231,35 @@ def _image_files(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and preprocess.is_image_file(p))
 
 
-def _run_split(ckpt: Path, split: str) -> tuple[list[str], np.ndarray] | None:
-    """Paths and labels of one split of the checkpoint's run, from its splits.csv."""
+def _run_split(ckpt: Path, split: str, with_study: bool = False) -> tuple | None:
+    """Paths and labels (and study keys, "" when none) of one split of the checkpoint's run, from its splits.csv."""
     table = ckpt.parent / "splits.csv"
     if not table.is_file():
         return None
     import pandas as pd
 
-    rows = pd.read_csv(table)
+    rows = pd.read_csv(table, keep_default_na=False, dtype={"study": str})
     rows = rows[rows["split"] == split]
-    return (rows["path"].tolist(), rows["label"].to_numpy()) if len(rows) else None
+    if not len(rows):
+        return None
+    found = (rows["path"].tolist(), rows["label"].to_numpy().astype(int))
+    return (*found, rows["study"].to_numpy() if "study" in rows.columns else np.full(len(rows), "")) if with_study else found
 
 
-def _predict_all(path: Path, paths: list[str], contract: preprocess.Contract, batch: int = 32) -> np.ndarray:
+def study_aggregation(onnx_path: Path, ckpt: str | os.PathLike | None, contract: preprocess.Contract) -> dict[str, Any]:
+    """How images of one study become one answer: chosen on the run's validation split when it has study keys."""
+    val = _run_split(Path(ckpt), "val", with_study=True) if ckpt else None
+    if val is None or not any(val[2]):
+        return {"method": "max", "chosen_on": "default: the validation split has no study keys"}
+    keyed = np.flatnonzero(val[2] != "")
+    paths = [val[0][i] for i in keyed]
+    return metrics.choose_study_aggregation(_predict_all(onnx_path, paths, contract, desc="studies"), val[1][keyed], val[2][keyed])
+
+
+def _predict_all(path: Path, paths: list[str], contract: preprocess.Contract, batch: int = 32, desc: str = "check") -> np.ndarray:
     sess = session(path)
     out = []
-    for i in progress(range(0, len(paths), batch), desc="int8 check"):
+    for i in progress(range(0, len(paths), batch), desc=desc):
         x = preprocess.load_batch(paths[i : i + batch], contract)
         out.append(sess.run(["probability"], {"image": x})[0])
     return np.concatenate(out)

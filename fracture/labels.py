@@ -9,6 +9,7 @@ from __future__ import annotations
 IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "path", "image_path", "image_id", "img")
 LABEL_COLUMNS = ("fracture", "fractured", "label", "target", "class", "is_fractured", "has_fracture")
 TYPE_COLUMNS = ("fracture_type", "type")
+STUDY_COLUMNS = ("study_id", "study", "study_uid", "study_instance_uid", "studyinstanceuid", "accession_number", "accession")
 BOX_COLUMNS = ("boxes", "bboxes", "bbox")
 GROUP_COLUMNS = ("patient_id", "patient", "group", "group_id", "subject_id", "study_id")
 POSITIVE_LABELS = ("1", "yes", "y", "true", "t", "fractured", "fracture", "positive")

@@ -192,3 +192,46 @@ def resample(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """One bootstrap draw: as many units as there are, with replacement, all images of each."""
     pick = rng.integers(0, len(members), len(members))
     return np.concatenate([members[g] for g in pick])
+
+
+STUDY_AGGREGATIONS = ("max", "mean", "noisy_or")
+
+
+def aggregate_studies(probs: np.ndarray, studies: np.ndarray, method: str = "max", labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One probability per study from its images: ``max``, ``mean`` or ``noisy_or`` (1 - prod(1 - p)).
+
+    Returns (study keys in sorted order, study probabilities, study labels = any image fractured, when given).
+    """
+    if method not in STUDY_AGGREGATIONS:
+        raise ValueError(f"study aggregation must be one of {STUDY_AGGREGATIONS}, got {method!r}")
+    keys, inverse = np.unique(np.asarray(studies).astype(str), return_inverse=True)
+    p = np.asarray(probs, np.float64)
+    if method == "max":
+        out = np.full(len(keys), -np.inf)
+        np.maximum.at(out, inverse, p)
+    elif method == "mean":
+        out = np.bincount(inverse, p, len(keys)) / np.bincount(inverse, minlength=len(keys))
+    else:
+        out = 1 - np.exp(np.bincount(inverse, np.log1p(-np.clip(p, 0, 1 - 1e-12)), len(keys)))
+    study_labels = None
+    if labels is not None:
+        study_labels = np.zeros(len(keys), np.int64)
+        np.maximum.at(study_labels, inverse, np.asarray(labels, np.int64))
+    return keys, out, study_labels
+
+
+def choose_study_aggregation(probs: np.ndarray, labels: np.ndarray, studies: np.ndarray) -> dict[str, object]:
+    """The aggregation with the best study-level AUROC on a split with study keys; ``max`` when it cannot tell.
+
+    ``max`` also wins ties: a fracture seen on one view is a fractured study.
+    """
+    keys = np.asarray(studies).astype(str)
+    multi = len(np.unique(keys)) < len(keys)
+    if not multi:
+        return {"method": "max", "chosen_on": "default: no study with more than one image in the validation split"}
+    scores = {}
+    for method in STUDY_AGGREGATIONS:
+        _, p, y = aggregate_studies(probs, keys, method, labels)
+        scores[method] = auroc(p, y)
+    best = max(STUDY_AGGREGATIONS, key=lambda m: (np.nan_to_num(scores[m], nan=-1.0), m == "max"))
+    return {"method": best, "chosen_on": f"validation split: {len(np.unique(keys))} studies, {len(keys)} images", "val_study_auroc": scores}

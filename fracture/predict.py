@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fracture import detection, heatmap, metrics, preprocess
-from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, parse_label
+from fracture.labels import IMAGE_COLUMNS, LABEL_COLUMNS, STUDY_COLUMNS, find_column, parse_label
 from fracture.progress import progress
 
 METADATA_KEY = "fracture"
@@ -192,6 +192,45 @@ def _csv_images(path: Path) -> list[str]:
     return [str(base / row[column].strip()) for row in rows]
 
 
+def study_keys(items: list[str], paths: list[str], column: str | None = None) -> dict[str, str]:
+    """Path → study key: from a CSV input's study column, else ``StudyInstanceUID``/``PatientID`` of a DICOM file."""
+    keys: dict[str, str] = {}
+    for item in items:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() == ".csv":
+            with open(p, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            col = column if column and rows and column in rows[0] else find_column(list(rows[0].keys()) if rows else [], STUDY_COLUMNS)
+            if col:
+                keys.update({path: row[col].strip() for path, row in zip(_csv_images(p), rows) if row[col].strip()})
+    for path in paths:
+        if path not in keys and preprocess.is_dicom(path, _head(path)):
+            key = preprocess.dicom_study_key(path)
+            if key:
+                keys[path] = key
+    return keys
+
+
+def _head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)
+    except OSError:
+        return b""
+
+
+def study_rows(rows: list[Prediction], keys: dict[str, str], method: str, threshold: float) -> list[dict]:
+    """One answer per study with more than nothing to say: its images' probabilities aggregated by ``method``."""
+    good = [r for r in rows if not r.error and keys.get(r.path)]
+    if not good:
+        return []
+    studies = np.array([keys[r.path] for r in good])
+    names, probs, _ = metrics.aggregate_studies(np.array([r.probability for r in good]), studies, method)
+    counts = {k: int((studies == k).sum()) for k in names}
+    return [{"study": k, "images": counts[k], "probability": float(p), "prediction": "fractured" if p > threshold else "not_fractured",
+             "threshold": threshold, "aggregation": method} for k, p in zip(names, probs)]
+
+
 def expand_inputs(items: list[str]) -> list[str]:
     """Files, folders (recursive), globs and CSVs → image paths, in a stable order."""
     paths: list[str] = []
@@ -245,10 +284,13 @@ class RowWriter:
         if resume and self.kind == "json":
             raise ModelError("--resume needs --out .csv or .jsonl (a .json list is written at the end)")
         self.previous: set[tuple[str, str]] = set()
+        self.previous_rows: list[Prediction] = []  # this model's earlier rows (one per box row in CSV: deduplicated below)
         if resume and out.is_file() and out.stat().st_size:
             with open(out, newline="", encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()] if self.kind == "jsonl" else list(csv.DictReader(f))
             self.previous = {(r.get("path", ""), r.get("model_sha256", "")) for r in rows}
+            self.previous_rows = [Prediction(r["path"], float(r["probability"])) for r in rows
+                                  if r.get("model_sha256") == model_sha256 and r.get("probability") not in (None, "")]
         out.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         self.file = None
@@ -311,6 +353,7 @@ def main(args: list[str] | None = None) -> int:
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--threshold", type=float, help="call fractured above this probability")
     pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
+    parser.add_argument("--study-column", help="CSV column that names each image's study (default: study_id, study, accession …; DICOM: StudyInstanceUID, else PatientID)")
     parser.add_argument("--heatmaps", type=Path, help="write heatmap overlays here (models exported with --heatmap or with a fracture map; boxes drawn)")
     parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -359,6 +402,22 @@ def main(args: list[str] | None = None) -> int:
     print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
     if ns.out:
         print(f"wrote {ns.out}", file=sys.stderr)
+    method = predictor.metadata.get("study_aggregation", {}).get("method", "max")
+    earlier = list({r.path: r for r in writer.previous_rows}.values()) if writer is not None else []
+    every = earlier + rows
+    studies = study_rows(every, study_keys(ns.inputs, [r.path for r in every], ns.study_column), method, threshold[1])
+    if studies:
+        print(f"\n{len(studies)} studies (images of a study combined by {method}, chosen on validation or the default):")
+        print(f"{'probability':>11}  {'prediction':<13}  {'images':>6}  study")
+        for st in studies:
+            print(f"{st['probability']:>11.4f}  {st['prediction']:<13}  {st['images']:>6}  {st['study']}")
+        if ns.out:
+            target = ns.out.with_name(f"{ns.out.stem}.studies.csv")
+            with open(target, "w", newline="") as f:
+                writer_ = csv.DictWriter(f, fieldnames=[*studies[0], "model_sha256"])
+                writer_.writeheader()
+                writer_.writerows({**st, "model_sha256": predictor.sha256} for st in studies)
+            print(f"wrote {target}", file=sys.stderr)
     if labels is not None:
         scores, n = labelled_metrics(rows, labels, threshold[1])
         print(f"\nmetrics on {n} labelled images (fractured = positive, threshold {threshold[1]:.4f}):")

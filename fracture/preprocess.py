@@ -264,6 +264,17 @@ def _display_range(ds: object) -> tuple[float, float]:
     return ends[0], ends[1]
 
 
+def dicom_study_key(path: str | os.PathLike) -> str:
+    """``StudyInstanceUID`` (else ``PatientID``) from a DICOM header, "" when neither or not DICOM."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"])
+    except Exception:  # noqa: BLE001 - not DICOM, no pydicom, or a broken header: no key
+        return ""
+    return str(ds.get("StudyInstanceUID", "") or ds.get("PatientID", "") or "")
+
+
 def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
     """DICOM as a viewer shows it: modality LUT, then the VOI LUT or first window, then MONOCHROME1 inversion.
 

@@ -196,7 +196,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
                 cv2.imwrite(str(folder / name), np.rint(img * 255).astype(np.uint8))
             rows[split].append(
                 {"image": name, "fracture": "yes" if fractured else "no", "fracture_type": kind or "none", "patient_id": f"p{patient:05d}",
-                 "view": "AP" if view == 0 else "lateral", "boxes": format_boxes(boxes)}
+                 "study_id": f"s{patient:05d}", "view": "AP" if view == 0 else "lateral", "boxes": format_boxes(boxes)}
             )
             made += 1
             next(bar, None)
@@ -206,7 +206,7 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
     for split, split_rows in rows.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         with open(out / split / "annotations.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "fracture", "fracture_type", "patient_id", "view", "boxes"])
+            writer = csv.DictWriter(f, fieldnames=["image", "fracture", "fracture_type", "patient_id", "study_id", "view", "boxes"])
             writer.writeheader()
             writer.writerows(split_rows)
     return {split: len(r) for split, r in rows.items()}
