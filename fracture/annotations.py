@@ -147,7 +147,23 @@ def read_split(split_dir: str | os.PathLike, columns: Columns | None = None) -> 
     out.insert(4, "line", lines)
     out.insert(5, "boxes", boxes or [""] * len(out))
     out.insert(6, "study", table[study_col].str.strip().to_numpy() if study_col else "")
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["group_column"] = group_col
+    return out
+
+
+def shared_groups(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Patient/group ids (from a group column) that appear in more than one supplied split: leakage by patient."""
+    owner: dict[str, str] = {}
+    shared = []
+    for split, table in tables.items():
+        if not table.attrs.get("group_column"):
+            continue
+        for group in table["group"].unique():
+            if group in owner and owner[group] != split:
+                shared.append(f"{table.attrs['group_column']} {group!r} is in {owner[group]} and {split}")
+            owner.setdefault(group, split)
+    return shared
 
 
 def require_both_classes(table: pd.DataFrame, where: str) -> None:
@@ -191,6 +207,9 @@ def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fra
     for split in SPLITS:
         if (root / split / "annotations.csv").is_file() or split != "val":
             tables[split] = read_split(root / split, columns)
+    shared = shared_groups(tables)
+    if shared:
+        raise DatasetError(f"{len(shared)} patient/group id(s) appear in two splits of {root} (the same patient on both sides leaks): {_rows(shared)}")
     if "val" not in tables:
         tables["train"], tables["val"] = split_by_group(tables["train"], val_fraction, seed)
     require_both_classes(tables["train"], f"{root / 'train'}")

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from fracture import metrics, preprocess
-from fracture.annotations import SPLITS, read_split
+from fracture.annotations import SPLITS, read_split, shared_groups
 from fracture.progress import progress
 
 THUMB = 32
@@ -229,6 +229,7 @@ def audit(root: str | os.PathLike, near: float = NEAR_DEFAULT) -> dict:
     report["test_leaks"] = sum(1 for g in dup_groups if "test" in g["splits"] and len(g["splits"]) > 1)
     report["cross_split_groups"] = sum(1 for g in dup_groups if len(g["splits"]) > 1)
     report["shortcuts"] = shortcut_warnings(table, facts)
+    report["shared_patient_groups"] = shared_groups(tables)
     return report
 
 
@@ -265,6 +266,9 @@ def summary(report: dict) -> str:
     )
     for g in [g for g in report["duplicate_groups"] if g["conflicting_labels"] or "test" in g["splits"] and len(g["splits"]) > 1][:10]:
         lines.append("  " + "  |  ".join(f"{Path(m['path']).name} ({m['split']}, label {m['label']})" for m in g["members"][:4]))
+    shared = report.get("shared_patient_groups", [])
+    lines.append(f"patient/group ids in more than one split: {len(shared)}")
+    lines += [f"  {s}" for s in shared[:10]]
     lines.append("shortcut checks (AUROC of the attribute alone):")
     for name, info in report["shortcuts"]["by"].items():
         lines.append(f"  {name:<28} {info['auroc_alone']:.2f}")
@@ -291,9 +295,10 @@ def main(args: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=1))
     print(summary(report))
     print(f"report: {out}")
-    bad = report["test_leaks"] or report["conflicting_groups"]
+    bad = report["test_leaks"] or report["conflicting_groups"] or report["shared_patient_groups"]
     if bad and not ns.allow:
-        print("FAILED: test images have (near) duplicates in train/val or labels conflict; fix the splits or pass --allow", file=sys.stderr)
+        print("FAILED: a patient/group id or a (near) duplicate of a test image sits in another split, or labels conflict; fix the splits or pass --allow",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from fracture import detection, localisation, metrics, preprocess
-from fracture.annotations import DatasetError, read_split
+from fracture.annotations import Columns, DatasetError, read_split
 from fracture.progress import progress
 
 SUBGROUP_MIN = 10  # positives and negatives needed before a subgroup AUROC is worth printing
@@ -110,8 +110,8 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     return summary
 
 
-def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column."""
+def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column, with bootstrap CIs."""
     rows = []
     labels = table["label"].to_numpy()
     skip = {"path", "label", "line", "group", "group_id", "image", "boxes", "study", "study_id"}
@@ -127,11 +127,14 @@ def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> list[
             m = metrics.binary_metrics(p, y, threshold)
             pos, neg = int(y.sum()), int((y == 0).sum())
             small = pos < SUBGROUP_MIN or neg < SUBGROUP_MIN
+            cis = metrics.bootstrap(p, y, threshold, None, n_boot, seed) if n_boot else {}
             rows.append({
                 "column": column, "value": str(value), "n": int(len(idx)), "fractured": pos, "not_fractured": neg,
                 "sensitivity": m["sensitivity"], "specificity": m["specificity"] if column != "fracture_type" else float("nan"),
                 "auroc": float("nan") if small else m["auroc"],
                 "note": f"too small (needs >= {SUBGROUP_MIN} of each class)" if small else "",
+                "ci95": {k: cis.get(k) for k in ("sensitivity", "specificity", "auroc") if cis.get(k) and not (k == "auroc" and small)
+                         and not (k == "specificity" and column == "fracture_type")},
             })
     return rows
 
@@ -290,14 +293,15 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     result: dict[str, Any] = {
         "source": info["source"], "split": split, "root": str(root), "n": int(len(labels)), "fractured": int(labels.sum()),
         "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95, "unit": "group" if grouped else "image"},
-        "thresholds_chosen_on": "validation split", "operating_points": {},
+        "thresholds_chosen_on": "this split: figures at the operating points are optimistic" if split == "val" else "validation split",
+        "operating_points": {},
     }
     for name, t in progress(thresholds.items(), desc="bootstrap", min_total=1):
         point = metrics.all_metrics(probs, labels, t)
         cis = metrics.bootstrap(probs, labels, t, groups if grouped else None, n_boot, seed)
         result["operating_points"][name] = {"threshold": t, "metrics": point, "ci95": cis, "confusion": metrics.confusion(probs, labels, t)}
     op = operating_point or ("balanced" if "balanced" in thresholds else "default")
-    result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op])}
+    result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op], n_boot, seed)}
     result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
     studies = table["study"].to_numpy().astype(str) if "study" in table.columns else np.full(len(labels), "")
     if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
@@ -321,7 +325,8 @@ def report_md(result: dict[str, Any], info: dict[str, Any], table: pd.DataFrame,
         f"Model: `{result['source']}` ({info.get('arch', 'onnx')}, {info['contract']['image_size']} px, resize {info['contract']['resize']}). "
         f"Trained on {info.get('train_counts', {})}. Fractured is the positive class.",
         f"Evaluated on `{root}/{result['split']}`: **{result['n']} images, {result['fractured']} fractured** ({result['fractured'] / max(result['n'], 1):.1%}). "
-        f"Thresholds were chosen on the validation split, never on this one.",
+        + ("**The thresholds were chosen on this very split: sensitivity and specificity at the operating points are optimistic.**"
+         if result["split"] == "val" else "Thresholds were chosen on the validation split, never on this one."),
         f"95 % intervals: percentile bootstrap, {result['bootstrap']['resamples']} resamples (seed {result['bootstrap']['seed']}), resampling by {result['bootstrap']['unit']}.",
         "",
         "## Data audit",
@@ -338,7 +343,9 @@ def report_md(result: dict[str, Any], info: dict[str, Any], table: pd.DataFrame,
     sub = result["subgroups"]
     lines += ["", f"## Subgroups (at `{sub['operating_point']}`)", "| column | value | n | fractured | sensitivity | specificity | AUROC | note |", "|---|---|---|---|---|---|---|---|"]
     for r in sub["rows"]:
-        lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {r['fractured']} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} | {_fmt(r['auroc'])} | {r['note']} |")
+        ci = r.get("ci95", {})
+        lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {r['fractured']} | {_fmt(r['sensitivity'], ci.get('sensitivity'))} | "
+                     f"{_fmt(r['specificity'], ci.get('specificity'))} | {_fmt(r['auroc'], ci.get('auroc'))} | {r['note']} |")
     if not sub["rows"]:
         lines.append("| (no fracture type or metadata columns to split by) | | | | | | | |")
     lines += study_md(result.get("study_level"))
@@ -389,6 +396,17 @@ def localisation_md(loc: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def run_columns(run_dir: Path | None) -> Columns | None:
+    """The run's ``data.columns`` mapping (from its config.yaml), so evaluation reads the columns training read."""
+    config = run_dir / "config.yaml" if run_dir else None
+    if config is None or not config.is_file():
+        return None
+    import yaml
+
+    given = (yaml.safe_load(config.read_text()).get("data") or {}).get("columns") or {}
+    return Columns(**{k: v for k, v in given.items() if k in Columns.__dataclass_fields__ and v})
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -410,7 +428,7 @@ def main(args: list[str] | None = None) -> int:
     if root is None:
         parser.error("--root is needed (no run config to read it from)")
     try:
-        table = read_split(root / ns.split)
+        table = read_split(root / ns.split, run_columns(run_dir))
         paths = table["path"].tolist()
         want_maps = has_boxes(table)
         probs, info, maps = predict_checkpoint(ns.ckpt, paths, maps=want_maps) if ns.ckpt else predict_onnx(ns.onnx, paths, maps=want_maps)

@@ -79,3 +79,44 @@ def test_small_subgroups_are_marked() -> None:
     oblique = next(r for r in rows if r["value"] == "oblique")
     assert oblique["fractured"] == 5 and "too small" in oblique["note"] and np.isnan(oblique["auroc"])
     assert {r["value"] for r in rows if r["column"] == "region"} == {"hand", "hip"}
+
+
+def test_review_fixes_val_split_wording_subgroup_cis_and_run_columns(synth_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    shutil.copytree(root / "test", root / "val")
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--root", str(root), "--split", "val", "--out", str(tmp_path / "rv"), "--bootstrap", "30"]) == 0
+    result = json.loads((tmp_path / "rv" / "metrics.json").read_text())
+    assert result["thresholds_chosen_on"].startswith("this split")
+    assert "chosen on this very split" in (tmp_path / "rv" / "report.md").read_text()
+    rows = result["subgroups"]["rows"]
+    assert rows and all(r["ci95"]["sensitivity"][0] <= r["sensitivity"] <= r["ci95"]["sensitivity"][1] for r in rows if r["ci95"].get("sensitivity"))
+    # a run trained with renamed columns is evaluated with the same mapping
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  columns:\n    image: picture\n    label: broken\n    group: null\n")
+    table = pd.read_csv(root / "test" / "annotations.csv", dtype=str).rename(columns={"image": "picture", "fracture": "broken"})
+    table.to_csv(root / "test" / "annotations.csv", index=False)
+    columns = evaluate.run_columns(run)
+    assert columns.image == "picture" and columns.label == "broken"
+    assert len(evaluate.read_split(root / "test", columns)) == len(table)
+
+
+def test_a_patient_in_two_supplied_splits_is_refused_by_fit_and_audit(synth_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fracture import audit
+    from fracture.annotations import DatasetError, load_splits
+
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    train = pd.read_csv(root / "train" / "annotations.csv", dtype=str)
+    test = pd.read_csv(root / "test" / "annotations.csv", dtype=str)
+    test.loc[0, "patient_id"] = train.loc[0, "patient_id"]
+    test.to_csv(root / "test" / "annotations.csv", index=False)
+    with pytest.raises(DatasetError, match="patient_id .* is in train and test"):
+        load_splits(root)
+    assert audit.main([str(root), "--out", str(tmp_path / "a.json")]) == 1
+    assert len(json.loads((tmp_path / "a.json").read_text())["shared_patient_groups"]) == 1
