@@ -286,6 +286,10 @@ class RowWriter:
         self.previous: set[tuple[str, str]] = set()
         self.previous_rows: list[Prediction] = []  # this model's earlier rows (one per box row in CSV: deduplicated below)
         if resume and out.is_file() and out.stat().st_size:
+            data = out.read_bytes()
+            if not data.endswith(b"\n"):  # a run killed mid-row: drop the half row
+                with open(out, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
             with open(out, newline="", encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()] if self.kind == "jsonl" else list(csv.DictReader(f))
             self.previous = {(r.get("path", ""), r.get("model_sha256", "")) for r in rows}
