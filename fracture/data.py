@@ -164,8 +164,7 @@ class FractureDataset(Dataset):
     def pixels_and_size(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         if self.images is not None:
             return np.asarray(self.images[index]), tuple(self.sizes[index])
-        original = preprocess.read_image(self.paths[index], self.max_pixels)
-        return preprocess.resize(original, self.contract), original.shape
+        return preprocess.load_with_size(self.paths[index], self.contract, self.max_pixels)
 
     def input_boxes(self, index: int, height: int, width: int) -> list[detection.Box]:
         """The item's true boxes in model input pixels."""
@@ -210,9 +209,7 @@ def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cach
 
     def work(i: int) -> None:
         try:
-            original = preprocess.read_image(paths[i], max_pixels)
-            sizes[i] = original.shape
-            images[i] = preprocess.resize(original, contract)
+            images[i], sizes[i] = preprocess.load_with_size(paths[i], contract, max_pixels)
         except preprocess.ImageError as exc:
             errors.append(str(exc))
 
@@ -250,6 +247,8 @@ class FractureDataModule(L.LightningDataModule):
         crop: train on random ``crop`` px squares of the ``image_size`` input (validation and test see the
             whole input; needs a fully convolutional model such as ``model.head: localise``); ``null`` = no crop.
         crop_on_box: probability that a training crop is placed over a fracture box (images with boxes).
+        reduced_decode: decode large JPEGs at 1/2-1/8 scale when that stays at or above ``image_size``
+            (recorded in the contract, so deployment decodes the same way).
         max_pixels: images whose header claims more pixels are refused before decoding.
         allow_leakage: train even when an image file is byte-identical across splits.
         columns: annotation column names (auto-detected when unset).
@@ -270,6 +269,7 @@ class FractureDataModule(L.LightningDataModule):
         cache_dir: str = "data/.cache",
         crop: int | None = None,
         crop_on_box: float = 0.5,
+        reduced_decode: bool = True,
         max_pixels: int = preprocess.DEFAULT_MAX_PIXELS,
         allow_leakage: bool = False,
         columns: Columns | None = None,
@@ -277,7 +277,7 @@ class FractureDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = root
-        self.contract = preprocess.Contract(image_size=image_size, resize=resize, train_crop=crop)
+        self.contract = preprocess.Contract(image_size=image_size, resize=resize, train_crop=crop, reduced_decode=reduced_decode)
         self.batch_size = batch_size
         self.sampler = sampler
         self.num_workers = num_workers

@@ -64,6 +64,7 @@ class FractureCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.resize", "model.resize")
         parser.link_arguments("data.crop", "model.train_crop")
+        parser.link_arguments("data.reduced_decode", "model.reduced_decode")
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: config name + time)")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="where run folders go")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from a .ckpt, or 'last' for the latest run's last.ckpt")

@@ -120,6 +120,7 @@ class FractureClassifier(L.LightningModule):
         image_size: input side in pixels (linked from ``data.image_size``).
         resize: resize method (linked from ``data.resize``).
         train_crop: training crop side (linked from ``data.crop``; recorded in the contract).
+        reduced_decode: JPEG DCT-scaled decoding (linked from ``data.reduced_decode``; off for checkpoints made before it).
         mean: normalisation mean of the 0..1-scaled pixels.
         std: normalisation standard deviation of the 0..1-scaled pixels.
     """
@@ -147,12 +148,13 @@ class FractureClassifier(L.LightningModule):
         image_size: int = 224,
         resize: Literal["stretch", "letterbox"] = "stretch",
         train_crop: int | None = None,
+        reduced_decode: bool = False,
         mean: float = 0.5,
         std: float = 0.25,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std, train_crop=train_crop)
+        self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std, train_crop=train_crop, reduced_decode=reduced_decode)
         seed = {"widths": tuple(widths), "dense": tuple(dense), "dropout": dropout, "dense_dropout": dense_dropout, "pool": pool} if arch == "seed_cnn" else {}
         self.net = build_network(self.contract, arch, weights, head, **seed)
         self.localise = head == "localise"
@@ -199,7 +201,7 @@ class FractureClassifier(L.LightningModule):
         if dm is None:
             return
         data = dm.contract
-        if (data.image_size, data.resize) != (self.contract.image_size, self.contract.resize):
+        if (data.image_size, data.resize, data.reduced_decode) != (self.contract.image_size, self.contract.resize, self.contract.reduced_decode):
             raise ValueError(f"data preprocessing {data} does not match the model's {self.contract}")
         self.train_counts = dm.class_counts
         crop = getattr(dm, "crop", None)

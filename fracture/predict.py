@@ -131,8 +131,8 @@ class Predictor:
     def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | tuple[int, int]] | str:
         """(model input, original image when kept else its shape), or the reason it cannot be read."""
         try:
-            original = preprocess.read_image(path)
-            return preprocess.resize(original, self.contract), original if keep_original else original.shape
+            x, shape = preprocess.load_with_size(path, self.contract)
+            return x, preprocess.read_image(path) if keep_original else shape
         except preprocess.ImageError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder crash on one file must not stop the run

@@ -31,7 +31,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
 MIN_SIDE = 16  # smaller "radiographs" are icons or placeholders; upscaling them invents the input
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
-CONTRACT_VERSION = 2  # 2: train_crop, version
+CONTRACT_VERSION = 3  # 2: train_crop, version; 3: reduced_decode
+_ADDED = {"train_crop": (2, None), "reduced_decode": (3, False)}  # field: (version it came in, what older models did)
+_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 class ImageError(ValueError):
@@ -45,8 +47,11 @@ class Contract:
     Stored in the checkpoint and in the ONNX metadata; the predictor rebuilds
     it from there and never from command-line flags. ``train_crop`` records the
     square crop the model was trained on (``None``: whole inputs); prediction
-    always uses the whole ``image_size`` input. Version 1 (before
-    ``train_crop``) still loads.
+    always uses the whole ``image_size`` input. ``reduced_decode``: large JPEGs
+    are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (the largest reduction that
+    stays at or above the input size), which is far cheaper than decoding every
+    pixel and then throwing most away. Contracts of older versions still load,
+    with the behaviour their models were trained with (no crop, full decode).
     """
 
     image_size: int = 224
@@ -57,6 +62,7 @@ class Contract:
     mean: float = 0.5
     std: float = 0.25
     train_crop: int | None = None
+    reduced_decode: bool = False
     version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -83,8 +89,10 @@ class Contract:
         """Rebuild from stored metadata, refusing unknown or missing keys (a version-1 contract lacks the v2 ones)."""
         names = {f.name for f in fields(cls)}
         data = dict(data)
-        if "version" not in data:  # version 1: written before train_crop and version existed
-            data.update(version=1, train_crop=data.get("train_crop"))
+        data.setdefault("version", 1)  # version 1 had no version field
+        for name, (since, legacy) in _ADDED.items():
+            if data["version"] < since:
+                data.setdefault(name, legacy)
         unknown = set(data) - names
         missing = names - set(data)
         if unknown or missing:
@@ -329,12 +337,27 @@ def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
     return out
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def jpeg_reduction(width: int, height: int, contract: Contract) -> int:
+    """The largest libjpeg scale-down (1, 2, 4 or 8) that keeps the image at or above the model input size."""
+    side = min(width, height) if contract.resize == "stretch" else max(width, height)
+    return next((f for f in (8, 4, 2) if side / f >= contract.image_size and min(width, height) / f >= MIN_SIDE), 1)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, contract: Contract | None = None) -> np.ndarray:
     """Decode one file to a 2-D ``uint8`` grayscale array in its original geometry.
+
+    With a ``contract`` whose ``reduced_decode`` is on, a large JPEG comes back
+    scaled down by :func:`jpeg_reduction` (same aspect); use :func:`load_with_size`
+    for its original size.
 
     Raises:
         ImageError: unreadable, empty, truncated, oversized or undecodable files.
     """
+    return _read(path, max_pixels, contract)[0]
+
+
+def _read(path: str | os.PathLike, max_pixels: int, contract: Contract | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(decoded image, original (height, width) as displayed)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -348,7 +371,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         img = _read_dicom(path, data, max_pixels)
         if min(img.shape) < MIN_SIDE:
             raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
-        return img
+        return img, img.shape
     size = _header_size(data)
     if size is not None:
         w, h = size
@@ -358,6 +381,14 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise ImageError(f"{path}: header claims an empty {w}x{h} image")
     if is_truncated_jpeg(data):
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+    orientation = exif_orientation(data)
+    factor = jpeg_reduction(*size, contract) if contract is not None and contract.reduced_decode and size and data[:2] == b"\xff\xd8" else 1
+    if factor > 1:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
+        if img is not None and img.size:
+            w, h = size
+            img = apply_orientation(img, orientation)
+            return img, ((w, h) if orientation >= 5 else (h, w))
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{path}: not a decodable image")
@@ -371,12 +402,12 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             img = cv2.cvtColor(img, code)
     if img.ndim != 2:
         raise ImageError(f"{path}: unsupported image layout {img.shape}")
-    img = apply_orientation(img, exif_orientation(data))
+    img = apply_orientation(img, orientation)
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
     if min(img.shape) < MIN_SIDE:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
-    return _to_uint8(img)
+    return _to_uint8(img), img.shape
 
 
 def geometry(height: int, width: int, contract: Contract) -> Geometry:
@@ -401,9 +432,15 @@ def resize(img: np.ndarray, contract: Contract) -> np.ndarray:
     return out
 
 
+def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """File → (model input, original (height, width)): what boxes and heatmaps map back onto."""
+    img, shape = _read(path, max_pixels, contract)
+    return resize(img, contract), (int(shape[0]), int(shape[1]))
+
+
 def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """File → model input (``uint8``, ``image_size`` square). The single entry point."""
-    return resize(read_image(path, max_pixels=max_pixels), contract)
+    return load_with_size(path, contract, max_pixels)[0]
 
 
 def as_batch(inputs: list[np.ndarray]) -> np.ndarray:

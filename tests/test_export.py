@@ -36,6 +36,7 @@ def test_metadata_carries_the_deployment_contract(tiny_ckpt: Path, tiny_onnx: Pa
     meta = json.loads(props["fracture"])
     ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["fracture"]
     assert meta["contract"] == ckpt["contract"] and meta["contract"]["image_size"] == 64
+    assert meta["contract"]["reduced_decode"] is True  # data.reduced_decode (default on) reached the deployed contract
     assert meta["thresholds"] == ckpt["thresholds"] and {"default", "screening", "balanced"} <= set(meta["thresholds"])
     assert meta["class_names"] == ["not_fractured", "fractured"] and meta["positive_class"] == "fractured"
     assert meta["train_counts"]["fractured"] > 0 and "auroc" in meta["val_metrics"]

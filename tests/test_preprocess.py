@@ -112,12 +112,33 @@ def test_contract_round_trip_and_validation() -> None:
 def test_version_1_contracts_of_older_models_still_load() -> None:
     v1 = {"image_size": 224, "channels": 1, "resize": "stretch", "interpolation": "area", "pixel_scale": 1 / 255, "mean": 0.5, "std": 0.25}
     old = Contract.from_dict(v1)
-    assert old.version == 1 and old.train_crop is None and old.image_size == 224
-    new = Contract(image_size=448, resize="letterbox", train_crop=256)
-    assert new.version == 2 and Contract.from_dict(new.to_dict()) == new
+    assert old.version == 1 and old.train_crop is None and old.image_size == 224 and old.reduced_decode is False
+    v2 = Contract.from_dict({**v1, "version": 2, "train_crop": 256, "image_size": 448})
+    assert v2.train_crop == 256 and v2.reduced_decode is False  # models before reduced decoding keep full decoding
+    new = Contract(image_size=448, resize="letterbox", train_crop=256, reduced_decode=True)
+    assert new.version == preprocess.CONTRACT_VERSION and Contract.from_dict(new.to_dict()) == new
     with pytest.raises(ValueError, match="misses"):
         Contract.from_dict({k: v for k, v in new.to_dict().items() if k != "train_crop"})
     with pytest.raises(ValueError, match="newer"):
         Contract.from_dict({**new.to_dict(), "version": 99})
     with pytest.raises(ValueError, match="train_crop"):
         Contract(image_size=64, train_crop=128)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_reduced_jpeg_decoding_gives_nearly_the_same_input_and_the_original_size(tmp_path: Path, resize: str) -> None:
+    from fracture.synth import radiograph
+
+    big = np.rint(radiograph(np.random.default_rng(2), True, "oblique", shape=(1200, 1000)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "big.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full = Contract(image_size=128, resize=resize)
+    reduced = Contract(image_size=128, resize=resize, reduced_decode=True)
+    assert preprocess.jpeg_reduction(1000, 1200, reduced) == (4 if resize == "stretch" else 8)
+    x_full, shape_full = preprocess.load_with_size(tmp_path / "big.jpg", full)
+    x_red, shape_red = preprocess.load_with_size(tmp_path / "big.jpg", reduced)
+    assert shape_full == shape_red == (1200, 1000) and x_red.shape == x_full.shape
+    assert np.abs(x_red.astype(int) - x_full).mean() < 2.0  # DCT scaling + area resize ≈ full decode + area resize
+    small = Contract(image_size=512, resize=resize, reduced_decode=True)
+    assert preprocess.jpeg_reduction(1000, 1200, small) == (1 if resize == "stretch" else 2)
+    cv2.imwrite(str(tmp_path / "small.png"), big)  # only JPEGs are DCT-scaled
+    assert np.array_equal(preprocess.load(tmp_path / "small.png", reduced), preprocess.load(tmp_path / "small.png", full))
