@@ -15,17 +15,9 @@ from conftest import REPO
 from fracture import metrics
 from fracture.calibrate import list_sha256, main
 from fracture.predict import Predictor, _csv_images, file_sha256, read_labels
+from test_predict import BLOCKER
 
-BLOCKED_CALIBRATE = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'torch', 'lightning', 'torchvision', 'torchmetrics', 'pandas', 'matplotlib'}:
-            raise ImportError('blocked in this test: ' + name)
-sys.meta_path.insert(0, _Block())
-from fracture.calibrate import main
-sys.exit(main(sys.argv[1:]))
-"""
+BLOCKED_CALIBRATE = BLOCKER + "from fracture.calibrate import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def test_calibrate_rechooses_thresholds_into_a_new_file_with_lineage(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
