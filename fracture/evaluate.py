@@ -304,6 +304,11 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op], n_boot, seed)}
     result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
     studies = table["study"].to_numpy().astype(str) if "study" in table.columns else np.full(len(labels), "")
+    if not (studies != "").any():  # no study column: DICOM files carry their own StudyInstanceUID / PatientID
+        from fracture.predict import study_keys
+
+        keys = study_keys([], table["path"].tolist())
+        studies = np.array([keys.get(p, "") for p in table["path"]])
     if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
         result["study_level"] = study_level(probs, labels, studies, info, n_boot, seed)
     if maps is not None and has_boxes(table):

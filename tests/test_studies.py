@@ -82,3 +82,27 @@ def test_evaluate_reports_study_level_metrics(synth_root: Path, tiny_ckpt: Path,
     st = json.loads((tmp_path / "metrics.json").read_text())["study_level"]
     assert 0 < st["studies"] < st["images"] and st["aggregation"] in metrics.STUDY_AGGREGATIONS
     assert "## Study level" in (tmp_path / "report.md").read_text()
+
+
+def test_evaluate_groups_dicom_files_by_their_study_uid(synth_root: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    import importlib.util
+
+    import cv2
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("dicom_variants", REPO / "scripts" / "dicom_variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    rows = list(csv.DictReader(open(synth_root / "test" / "annotations.csv")))[:24]
+    (tmp_path / "ds" / "test" / "images").mkdir(parents=True)
+    for r in rows:
+        ds = variants._dataset(tmp_path / "x", cv2.imread(str(synth_root / "test" / "images" / r["image"]), cv2.IMREAD_GRAYSCALE), 8)
+        ds.StudyInstanceUID = "1.2." + r["study_id"][1:].lstrip("0")
+        ds.save_as(str(tmp_path / "ds" / "test" / "images" / (r["image"][:-4] + ".dcm")), enforce_file_format=True)
+    with open(tmp_path / "ds" / "test" / "annotations.csv", "w") as f:  # no study column: the DICOM headers have it
+        f.write("image,fracture\n" + "".join(f"{r['image'][:-4]}.dcm,{r['fracture']}\n" for r in rows))
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--root", str(tmp_path / "ds"), "--out", str(tmp_path / "r"), "--bootstrap", "20"]) == 0
+    st = json.loads((tmp_path / "r" / "metrics.json").read_text())["study_level"]
+    assert st["studies"] == len({r["study_id"] for r in rows}) and st["images"] == len(rows)
