@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fracture.detection import to_pixels, yolo_to_boxes
 from fracture.preprocess import Contract, geometry
 
 
@@ -74,13 +75,7 @@ def read_yolo_boxes(label_file: str | os.PathLike, height: int, width: int) -> l
     path = Path(label_file)
     if not path.is_file():
         return []
-    boxes = []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 5:
-            cx, cy, w, h = (float(v) for v in parts[1:5])
-            boxes.append((int(round((cx - w / 2) * width)), int(round((cy - h / 2) * height)), int(round((cx + w / 2) * width)), int(round((cy + h / 2) * height))))
-    return boxes
+    return [tuple(int(round(v)) for v in b) for b in to_pixels(yolo_to_boxes(path.read_text()), height, width)]
 
 
 def box_mask(boxes: list[tuple[int, int, int, int]], height: int, width: int) -> np.ndarray:
