@@ -204,19 +204,11 @@ def study_keys(items: list[str], paths: list[str], column: str | None = None) ->
             if col:
                 keys.update({path: row[col].strip() for path, row in zip(_csv_images(p), rows) if row[col].strip()})
     for path in paths:
-        if path not in keys and preprocess.is_dicom(path, _head(path)):
+        if path not in keys and (path.lower().endswith(".dcm") or preprocess.has_dicom_preamble(path)):
             key = preprocess.dicom_study_key(path)
             if key:
                 keys[path] = key
     return keys
-
-
-def _head(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)
-    except OSError:
-        return b""
 
 
 def study_rows(rows: list[Prediction], keys: dict[str, str], method: str, threshold: float) -> list[dict]:

@@ -228,9 +228,11 @@ def is_truncated_jpeg(data: bytes) -> bool:
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """An image by its suffix, or a DICOM file by its preamble whatever its name (PACS exports often have none)."""
-    path = Path(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return True
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or has_dicom_preamble(path)
+
+
+def has_dicom_preamble(path: str | os.PathLike) -> bool:
+    """``DICM`` at byte 128: a DICOM file whatever its name."""
     try:
         with open(path, "rb") as f:
             return f.read(132)[128:132] == b"DICM"
