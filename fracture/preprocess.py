@@ -367,6 +367,16 @@ def _read(path: str | os.PathLike, max_pixels: int, contract: Contract | None) -
         raise ImageError(f"{path}: file not found") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode(data, path, max_pixels, contract)
+
+
+def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DEFAULT_MAX_PIXELS,
+           contract: Contract | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes in memory → (decoded image, original (height, width) as displayed); files come through here too.
+
+    ``path`` names the bytes in error messages, and its suffix (``.dcm``) helps to recognise DICOM.
+    """
+    path = Path(path)
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
     if is_dicom(path, data):
@@ -438,6 +448,12 @@ def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int 
     """File → (model input, original (height, width)): what boxes and heatmaps map back onto."""
     img, shape = _read(path, max_pixels, contract)
     return resize(img, contract), (int(shape[0]), int(shape[1]))
+
+
+def load_bytes(data: bytes, name: str, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """Bytes of one upload → (model input, original (height, width), decoded image): the file path without a file."""
+    img, shape = decode(data, name, max_pixels, contract)
+    return resize(img, contract), (int(shape[0]), int(shape[1])), img
 
 
 def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -142,3 +142,18 @@ def test_reduced_jpeg_decoding_gives_nearly_the_same_input_and_the_original_size
     assert preprocess.jpeg_reduction(1000, 1200, small) == (1 if resize == "stretch" else 2)
     cv2.imwrite(str(tmp_path / "small.png"), big)  # only JPEGs are DCT-scaled
     assert np.array_equal(preprocess.load(tmp_path / "small.png", reduced), preprocess.load(tmp_path / "small.png", full))
+
+
+def test_bytes_in_memory_decode_exactly_as_the_same_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    img16 = rng.integers(0, 65535, (700, 520), np.uint16)
+    cv2.imwrite(str(tmp_path / "a.png"), img16)
+    cv2.imwrite(str(tmp_path / "b.jpg"), (img16 >> 8).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "c.tif"), cv2.cvtColor((img16 >> 8).astype(np.uint8), cv2.COLOR_GRAY2BGR))
+    for contract in (Contract(image_size=64), Contract(image_size=96, resize="letterbox", reduced_decode=True)):
+        for path in sorted(tmp_path.iterdir()):
+            x, shape, img = preprocess.load_bytes(path.read_bytes(), path.name, contract)
+            fx, fshape = preprocess.load_with_size(path, contract)
+            assert np.array_equal(x, fx) and shape == fshape == (700, 520) and np.array_equal(img, preprocess.read_image(path, contract=contract))
+    with pytest.raises(ImageError, match="^scan.jpg: truncated JPEG"):
+        preprocess.load_bytes((tmp_path / "b.jpg").read_bytes()[:500], "scan.jpg", Contract())
