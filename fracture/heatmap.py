@@ -43,16 +43,33 @@ def draw_boxes(img: np.ndarray, boxes: list, colour: tuple[int, int, int], score
             cv2.putText(img, f"{b[4]:.2f}", (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float = 0.4, boxes: list | None = None, truth: list | None = None) -> np.ndarray:
+def panel(image: np.ndarray, cam: np.ndarray | None, boxes: list | None = None, alpha: float = 0.4, truth: list | None = None,
+          absolute: bool = False) -> np.ndarray:
+    """One BGR picture: the radiograph, the heatmap blended over it when there is one, ``truth`` (green) and ``boxes`` (white).
+
+    ``absolute``: ``cam`` is a probability per pixel (a fracture map); it is coloured on the fixed 0..1 scale and
+    blended in proportion, so a map that is low everywhere leaves the radiograph nearly plain instead of
+    painting its own maximum hot. Otherwise (Grad-CAM, no scale) it is scaled by its own maximum.
+    """
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if cam is not None:
+        level = np.clip(cam, 0, 1) if absolute else normalise(cam)
+        colour = cv2.applyColorMap(np.rint(level * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        weight = (alpha * np.sqrt(level))[..., None] if absolute else alpha
+        out = np.clip(np.rint(colour * weight + out * (1 - weight)), 0, 255).astype(np.uint8)
+    draw_boxes(out, truth or [], (0, 200, 0), scores=False)
+    draw_boxes(out, boxes or [], (255, 255, 255))
+    return out
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float = 0.4, boxes: list | None = None, truth: list | None = None,
+            absolute: bool = False) -> np.ndarray:
     """Side by side: the plain radiograph and the heatmap blended over it, probability in the corner (BGR).
 
     ``boxes`` (predicted, white) and ``truth`` (green) are drawn on the heatmap side.
     """
     gray = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    colour = cv2.applyColorMap(np.rint(normalise(cam) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    blend = cv2.addWeighted(colour, alpha, gray, 1 - alpha, 0)
-    draw_boxes(blend, truth or [], (0, 200, 0), scores=False)
-    draw_boxes(blend, boxes or [], (255, 255, 255))
+    blend = panel(image, cam, boxes, alpha, truth, absolute)
     scale = max(image.shape) / 600
     text = f"p(fracture) = {probability:.3f}"
     for img in (blend,):
@@ -61,12 +78,13 @@ def overlay(image: np.ndarray, cam: np.ndarray, probability: float, alpha: float
     return np.hstack([gray, blend])
 
 
-def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float, boxes: list | None = None) -> Path:
+def write_overlay(out_dir: str | os.PathLike, source: str, image: np.ndarray, cam_full: np.ndarray, probability: float, boxes: list | None = None,
+                  absolute: bool = False) -> Path:
     # the stem alone would let two folders' IMG001.jpg overwrite each other: add a short hash of the full path
     tag = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
     out = Path(out_dir) / f"{Path(source).stem}_{tag}_heatmap.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), overlay(image, cam_full, probability, boxes=boxes))
+    cv2.imwrite(str(out), overlay(image, cam_full, probability, boxes=boxes, absolute=absolute))
     return out
 
 

@@ -128,6 +128,15 @@ class Predictor:
         min_area = detection.min_area_in_original(self.localisation.get("min_area_fraction", 0.0), height, width, self.contract)
         return full, detection.map_to_boxes(full, self.localisation["box_threshold"], min_area)
 
+    def run(self, inputs: list[np.ndarray], maps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model inputs → (probabilities, low-resolution maps or None).
+
+        A fracture map comes whenever the model has one (boxes need it); a heatmap output only when asked for.
+        """
+        outputs = ["probability"] + (["map"] if self.has_map else ["heatmap"] if maps and self.has_heatmap else [])
+        results = self.session.run(outputs, {"image": preprocess.as_batch(inputs)})
+        return results[0], (results[1] if len(results) > 1 else None)
+
     def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | tuple[int, int]] | str:
         """(model input, original image when kept else its shape), or the reason it cannot be read."""
         try:
@@ -148,7 +157,7 @@ class Predictor:
         if heatmap_dir is not None and not self.has_heatmap:
             raise ModelError("this model has no heatmap output; export it with `python -m fracture.export --heatmap`")
         name, value = threshold
-        outputs = ["probability"] + (["map"] if self.has_map else ["heatmap"] if heatmap_dir is not None or keep_maps else [])
+        want_maps = heatmap_dir is not None or keep_maps
         load = (lambda c: [self._load(p, heatmap_dir is not None) for p in c])
         chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
@@ -159,24 +168,25 @@ class Predictor:
                     pending.append(pool.submit(load, chunks[k + 1]))
                 loaded = pending.pop(0).result()
                 good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
-                results = self.session.run(outputs, {"image": preprocess.as_batch([loaded[i][0] for i in good])}) if good else [[], []]
+                probs, maps = self.run([loaded[i][0] for i in good], want_maps) if good else ([], None)
                 by_index = {i: j for j, i in enumerate(good)}
                 for i, path in enumerate(chunk):
                     next(bar, None)
                     if i not in by_index:
                         yield Prediction(path, error=str(loaded[i]))
                         continue
-                    p = float(results[0][by_index[i]])
+                    p = float(probs[by_index[i]])
                     original = loaded[i][1]
                     h, w = original.shape[:2] if isinstance(original, np.ndarray) else original
+                    raw = maps[by_index[i]] if maps is not None else None
                     boxes = None
                     if self.has_map:
-                        full, boxes = self.boxes(results[1][by_index[i]], h, w)
+                        full, boxes = self.boxes(raw, h, w)
                     elif heatmap_dir is not None:
-                        full = heatmap.to_original(results[1][by_index[i]], h, w, self.contract)
+                        full = heatmap.to_original(raw, h, w, self.contract)
                     if heatmap_dir is not None:
-                        heatmap.write_overlay(heatmap_dir, path, original, full, p, boxes)
-                    raw = results[1][by_index[i]] if keep_maps and len(outputs) > 1 else None
+                        heatmap.write_overlay(heatmap_dir, path, original, full, p, boxes, absolute=self.has_map)
+                    raw = raw if keep_maps else None
                     yield Prediction(path, p, p > value, value, name, boxes=boxes, raw_map=raw)
             for _ in bar:
                 pass

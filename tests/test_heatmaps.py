@@ -145,3 +145,17 @@ def test_explain_scores_against_boxes(tiny_ckpt: Path, synth_root: Path, tmp_pat
     assert summary["random"]["hit"] == pytest.approx(0.16, abs=0.01)
     assert summary["centre"]["hit"] == 1.0 and 0.0 <= summary["model"]["hit"] <= 1.0
     assert (tmp_path / "out" / "explain.json").is_file()
+
+
+def test_fracture_maps_are_drawn_on_an_absolute_scale_and_grad_cam_on_its_own() -> None:
+    image = np.full((40, 50), 120, np.uint8)
+    low = np.full((40, 50), 0.02, np.float32)
+    hot = low.copy()
+    hot[10:20, 10:20] = 1.0
+    quiet = heatmap.panel(image, low, absolute=True)
+    assert np.abs(quiet.astype(int) - 120).max() <= 8  # a map that is low everywhere leaves the radiograph nearly plain
+    marked = heatmap.panel(image, hot, absolute=True)
+    assert int(marked[15, 15, 2]) - int(marked[15, 15, 0]) > 40 and np.abs(marked[30, 40].astype(int) - 120).max() <= 8  # red where p = 1
+    relative = heatmap.panel(image, low)
+    assert int(relative[30, 40, 2]) - int(relative[30, 40, 0]) > 40  # Grad-CAM has no scale: its own maximum is hot
+    assert np.array_equal(heatmap.panel(image, None), np.dstack([image] * 3))
