@@ -55,3 +55,28 @@ def tiny_onnx(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     export(tiny_ckpt, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A seed-CNN localise model trained for seconds on synthetic radiographs (96 px letterbox, 64 px crops)."""
+    root = tmp_path_factory.mktemp("locsynth")
+    write_dataset(root, n=320, seed=7)
+    out = tmp_path_factory.mktemp("locrun")
+    args = ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
+            "--data.crop", "64", "--model.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--output_dir", str(out), "--run_name", "loc"]
+    from fracture import fit
+
+    assert fit.main(args) == 0
+    return root, next((out / "loc").glob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def loc_onnx(loc_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fracture.export import export
+
+    out = tmp_path_factory.mktemp("locexport") / "loc.onnx"
+    export(loc_run[1], out)
+    return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from fracture import detection, evaluate, fit, heatmap, preprocess
+from fracture import detection, evaluate, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
 from fracture.export import Deployable, export, load_classifier, quantize_int8
 from fracture.model import build_network
@@ -187,20 +187,6 @@ def test_annotation_boxes_are_validated(tmp_path: Path) -> None:
 
 
 # --- the localise head: fit, fusion, export, predictor, evaluation ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A seed-CNN localise model trained for seconds on synthetic radiographs (96 px letterbox, 64 px crops)."""
-    root = tmp_path_factory.mktemp("locsynth")
-    write_dataset(root, n=320, seed=7)
-    out = tmp_path_factory.mktemp("locrun")
-    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
-            "--data.crop", "64", "--model.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--output_dir", str(out), "--run_name", "loc"]
-    assert fit.main(args) == 0
-    return root, next((out / "loc").glob("best-*.ckpt"))
-
 
 def test_localise_fit_points_at_fractures_better_than_the_centre(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
     root, ckpt = loc_run

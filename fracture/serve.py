@@ -1,0 +1,400 @@
+"""A torch-free HTTP service and web page for one exported model.
+
+    python -m fracture.serve MODEL.onnx [--host 127.0.0.1] [--port 8000]
+
+    GET  /         a page: drop radiographs (DICOM too), see probability, decisions, heatmap and boxes
+    POST /predict  multipart/form-data, one or more ``file`` fields → JSON, one result per file
+                   (``?images=0``: numbers only, no PNGs)
+    GET  /model    the model's metadata: contract, thresholds, class names, validation metrics, sha256
+    GET  /healthz  liveness and load
+
+Uploads are decoded in memory through ``fracture.preprocess`` (the path files take), never written
+to disk, and never logged: the log has sizes, timings and outcomes, not names or pixels. Requests
+over capacity get 503 with ``Retry-After``; a bad file is an error entry beside the good ones.
+There is no authentication: the default is loopback only. Research use only.
+
+Stack: Starlette on uvicorn (ASGI; both BSD, pure Python, widely used and maintained). The event
+loop keeps answering health checks and 503s while inference runs in a bounded thread pool. The
+multipart body is parsed with python-multipart into memory here, because Starlette's own form parser
+spools files over 1 MB to a temporary file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fracture import heatmap, preprocess
+from fracture.predict import ModelError, Predictor
+
+NOTICE = "Research use only: not a medical device; not for diagnosis or treatment decisions."
+FIELD = "file"
+log = logging.getLogger("fracture.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts; over these a request gets a 4xx or 503 answer, never a crash."""
+
+    max_upload_mb: float = 64.0  # the whole request body
+    max_files: int = 16  # per request
+    max_megapixels: float = 50.0  # per image, checked from the header before decoding where the format allows
+    timeout_s: float = 30.0  # receiving, waiting and predicting, together
+    workers: int = 2  # requests predicted at once
+    queue: int = 8  # requests that may wait for a worker; more get 503
+    display_side: int = 1024  # longest side of the PNGs sent back
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+
+class RequestError(Exception):
+    """A request answered with ``status`` and a JSON ``{"error": reason}``."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, headers or {}
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[Upload]:
+    """A multipart/form-data body → its ``file`` parts, in memory; errors say what was wrong with the request."""
+    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+    kind, params = parse_options_header(content_type or "")
+    if kind != b"multipart/form-data":
+        raise RequestError(415, f"send multipart/form-data with one or more '{FIELD}' fields (got {kind.decode(errors='replace') or 'no Content-Type'})")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "multipart/form-data without a boundary")
+    parts: list[dict] = []
+    state: dict = {"part": None, "field": b"", "value": b"", "ended": False}
+
+    def begin() -> None:
+        state["part"] = {"headers": {}, "data": bytearray()}
+
+    def header_end() -> None:
+        state["part"]["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def part_end() -> None:
+        parts.append(state["part"])
+        state["part"] = None
+
+    callbacks = {
+        "on_part_begin": begin,
+        "on_header_field": lambda d, s, e: state.__setitem__("field", state["field"] + d[s:e]),
+        "on_header_value": lambda d, s, e: state.__setitem__("value", state["value"] + d[s:e]),
+        "on_header_end": header_end,
+        "on_part_data": lambda d, s, e: state["part"]["data"].extend(d[s:e]),
+        "on_part_end": part_end,
+        "on_end": lambda: state.__setitem__("ended", True),
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise RequestError(400, f"malformed multipart body ({exc})") from None
+    if state["part"] is not None or not state["ended"]:
+        raise RequestError(400, "the multipart body ends before its closing boundary (truncated upload?)")
+    uploads, other = [], []
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode(errors="replace")
+        if name == FIELD:
+            uploads.append(Upload(disposition.get(b"filename", b"").decode(errors="replace") or "upload", bytes(part["data"])))
+        else:
+            other.append(name)
+    if not uploads:
+        got = f"; got {', '.join(repr(n) for n in other)}" if other else ""
+        raise RequestError(400, f"no '{FIELD}' field in the form{got}")
+    if len(uploads) > max_files:
+        raise RequestError(413, f"{len(uploads)} files in one request; at most {max_files}")
+    return uploads
+
+
+def png_data_url(image: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".png", image)
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+class Service:
+    """The model and what to do with a list of uploads; HTTP-free so its answers can be tested directly."""
+
+    def __init__(self, predictor: Predictor, limits: Limits, model_name: str = "model.onnx") -> None:
+        self.predictor, self.limits, self.model_name = predictor, limits, model_name
+
+    def model_info(self) -> dict:
+        p = self.predictor
+        return {"model": self.model_name, "sha256": p.sha256, "notice": NOTICE, "boxes": p.has_map, "heatmap": p.has_heatmap,
+                "operating_points": p.thresholds, "metadata": p.metadata,
+                "limits": {"max_upload_mb": self.limits.max_upload_mb, "max_files": self.limits.max_files,
+                           "max_megapixels": self.limits.max_megapixels, "timeout_s": self.limits.timeout_s}}
+
+    def _decode(self, upload: Upload) -> tuple[np.ndarray, tuple[int, int], np.ndarray] | str:
+        """(model input, original size, decoded image) or the reason the upload cannot be read."""
+        name = Path(upload.filename).name or "upload"
+        try:
+            return preprocess.load_bytes(upload.data, name, self.predictor.contract, int(self.limits.max_megapixels * 1e6))
+        except preprocess.ImageError as exc:
+            return str(exc).removeprefix(f"{name}: ")
+        except Exception as exc:  # noqa: BLE001 - a decoder crash on one upload must not fail the others
+            return f"cannot read ({type(exc).__name__}: {exc})"
+
+    def predict(self, uploads: list[Upload], images: bool = True) -> list[dict]:
+        """One result per upload, in order: probability and decisions, boxes, PNGs, or the error."""
+        decoded = [self._decode(u) for u in uploads]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        probs, maps = self.predictor.run([decoded[i][0] for i in good], maps=images) if good else ([], None)
+        row = {i: j for j, i in enumerate(good)}
+        results = []
+        for i, upload in enumerate(uploads):
+            rec: dict = {"file": upload.filename, "bytes": len(upload.data)}
+            if i not in row:
+                results.append({**rec, "ok": False, "error": decoded[i]})
+                continue
+            _, (h, w), image = decoded[i]
+            p = float(probs[row[i]])
+            raw = maps[row[i]] if maps is not None else None
+            rec.update(ok=True, width=w, height=h, probability=p,
+                       decisions={k: {"threshold": t, "fractured": p > t} for k, t in self.predictor.thresholds.items()})
+            boxes = None
+            if self.predictor.has_map:
+                _, boxes = self.predictor.boxes(raw, h, w)
+                rec["boxes"] = [dict(zip(("x0", "y0", "x1", "y1", "score"), map(float, b))) for b in boxes]
+            if images:
+                rec.update(self._pictures(image, (h, w), raw, boxes))
+            results.append(rec)
+        return results
+
+    def _pictures(self, image: np.ndarray, size: tuple[int, int], raw: np.ndarray | None, boxes: list | None) -> dict[str, str]:
+        """The radiograph as PNG, and an overlay (heatmap and boxes) when the model gives either."""
+        h, w = size
+        scale = min(1.0, self.limits.display_side / max(h, w))
+        dh, dw = max(1, round(h * scale)), max(1, round(w * scale))
+        shown = cv2.resize(image, (dw, dh), interpolation=cv2.INTER_AREA) if image.shape[:2] != (dh, dw) else image
+        out = {"image": png_data_url(shown)}
+        if raw is not None:
+            cam = heatmap.to_original(raw, dh, dw, self.predictor.contract)
+            scaled = [(b[0] * dw / w, b[1] * dh / h, b[2] * dw / w, b[3] * dh / h, b[4]) for b in boxes or []]
+            out["overlay"] = png_data_url(heatmap.panel(shown, cam, scaled, absolute=self.predictor.has_map))
+        return out
+
+
+class Gate:
+    """Admission for requests: ``limit`` at once (working or waiting); the event loop alone touches it."""
+
+    def __init__(self, workers: int, queue: int) -> None:
+        self.workers, self.limit, self.active = workers, workers + queue, 0
+        self.seconds = 1.0  # running mean of a request's work, for Retry-After
+
+    def enter(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self, seconds: float | None = None) -> None:
+        self.active -= 1
+        if seconds is not None:
+            self.seconds = 0.8 * self.seconds + 0.2 * seconds
+
+    def retry_after(self) -> str:
+        return str(max(1, min(60, math.ceil(self.seconds * self.limit / self.workers))))
+
+
+def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+async def _read_body(request, limit: int, deadline: float) -> bytes:
+    from starlette.requests import ClientDisconnect
+
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise RequestError(400, f"bad Content-Length {length!r}")
+        if int(length) > limit:
+            raise RequestError(413, f"upload of {int(length) / 1e6:.1f} MB is over the {limit / 1e6:.0f} MB limit")
+    body = bytearray()
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise RequestError(413, f"upload is over the {limit / 1e6:.0f} MB limit")
+
+    try:
+        await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise RequestError(408, "the upload did not arrive within the request timeout") from None
+    except ClientDisconnect:
+        raise RequestError(400, "the client disconnected during the upload") from None
+    if not body:
+        raise RequestError(400, f"empty request; send multipart/form-data with one or more '{FIELD}' fields")
+    return bytes(body)
+
+
+def create_app(service: Service):
+    """The ASGI app: routes, admission and the worker pool around one :class:`Service`."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    limits = service.limits
+    gate = Gate(limits.workers, limits.queue)
+    pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="fracture-predict")
+    page = resources.files("fracture").joinpath("static/index.html").read_text(encoding="utf-8")
+    page_headers = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
+                    "X-Content-Type-Options": "nosniff"}
+
+    async def predict(request):
+        start = time.monotonic()
+        deadline = start + limits.timeout_s
+        status, files, size, outcome = 500, 0, 0, ""
+        if not gate.enter():
+            log.info("POST /predict 503 over capacity (%d in flight)", gate.active)
+            return _json({"error": f"busy: {gate.active} requests in flight; retry later"}, 503, {"Retry-After": gate.retry_after()})
+        handed = False
+        try:
+            body = await _read_body(request, limits.max_upload_bytes, deadline)
+            size = len(body)
+            uploads = parse_multipart(body, request.headers.get("content-type", ""), limits.max_files)
+            files = len(uploads)
+            images = request.query_params.get("images", "1").lower() not in ("0", "false", "no")
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(pool, service.predict, uploads, images)
+            began = time.monotonic()
+            work.add_done_callback(lambda _: gate.leave(time.monotonic() - began))  # the slot is held until the work really ends
+            handed = True
+            try:
+                results = await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(503, f"not answered within {limits.timeout_s:g} s; the server is busy", {"Retry-After": gate.retry_after()}) from None
+            ok = sum(r["ok"] for r in results)
+            status, outcome = (200 if ok else 422), f"ok={ok} failed={len(results) - ok}"
+            return _json({"model_sha256": service.predictor.sha256, "notice": NOTICE, "results": results}, status)
+        except RequestError as exc:
+            status, outcome = exc.status, "refused"
+            return _json({"error": exc.reason}, exc.status, exc.headers)
+        finally:
+            if not handed:
+                gate.leave()
+            log.info("POST /predict %d files=%d bytes=%d %s %.0f ms", status, files, size, outcome, 1000 * (time.monotonic() - start))
+
+    async def model(request):
+        return _json(service.model_info())
+
+    async def healthz(request):
+        return _json({"status": "ok", "model_sha256": service.predictor.sha256, "in_flight": gate.active, "capacity": gate.limit})
+
+    async def index(request):
+        return HTMLResponse(page, headers=page_headers)
+
+    async def http_error(request, exc: HTTPException):
+        return _json({"error": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+    async def crash(request, exc: Exception):
+        log.error("internal error %s", type(exc).__name__)
+        return _json({"error": f"internal error ({type(exc).__name__})"}, 500)
+
+    routes = [Route("/", index), Route("/predict", predict, methods=["POST"]), Route("/model", model), Route("/healthz", healthz)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+EXPOSED = """
+################################################################################
+#  WARNING: fracture.serve is listening on {host}, not only on this machine.
+#  It has NO authentication: anyone who can reach port {port} can upload
+#  radiographs and read the answers. Put it behind an authenticating reverse
+#  proxy (TLS + login) or bind to 127.0.0.1.
+################################################################################
+"""
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="ONNX file from python -m fracture.export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else is reachable by others, unauthenticated)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    defaults = Limits()
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="requests predicted at once")
+    parser.add_argument("--queue", type=int, default=defaults.queue, help="requests that may wait; more are answered 503 with Retry-After")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads per prediction (default: cores / workers)")
+    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, help="largest request body")
+    parser.add_argument("--max-files", type=int, default=defaults.max_files, help="most files in one request")
+    parser.add_argument("--max-megapixels", type=float, default=defaults.max_megapixels, help="largest image")
+    parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds to receive and answer one request")
+    parser.add_argument("--display-side", type=int, default=defaults.display_side, help="longest side of the PNGs sent back")
+    ns = parser.parse_args(args)
+    try:
+        import uvicorn
+        import starlette  # noqa: F401
+        import python_multipart  # noqa: F401
+    except ImportError as exc:
+        print(f"error: serving needs the serve extra: pip install 'fracture[serve]' ({exc})", file=sys.stderr)
+        return 2
+    limits = Limits(ns.max_upload_mb, ns.max_files, ns.max_megapixels, ns.timeout, ns.workers, ns.queue, ns.display_side)
+    if min(limits.workers, limits.max_files) < 1 or limits.queue < 0 or min(limits.timeout_s, limits.max_upload_mb, limits.max_megapixels) <= 0:
+        print("error: --workers and --max-files must be at least 1, --queue at least 0, limits positive", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(ns.model, ns.threads or max(1, (os.cpu_count() or 1) // limits.workers))
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    app = create_app(Service(predictor, limits, Path(ns.model).name))
+    try:
+        family = socket.getaddrinfo(ns.host, ns.port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((ns.host, ns.port), family=family)
+    except OSError as exc:
+        print(f"error: cannot listen on {ns.host}:{ns.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    if not is_loopback(ns.host):
+        print(EXPOSED.format(host=ns.host, port=port), file=sys.stderr, flush=True)
+    shown = f"[{ns.host}]" if ":" in ns.host else ns.host
+    print(f"fracture.serve: {ns.model} (sha256 {predictor.sha256[:12]}) on http://{shown}:{port}/ — {NOTICE}", flush=True)
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=5,
+                            limit_concurrency=4 * (limits.workers + limits.queue) + 32, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
