@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from fracture import metrics
 from fracture.preprocess import Contract, geometry
 
 Box = tuple[float, float, float, float]
@@ -235,3 +236,15 @@ def choose_box_threshold(maps: Sequence[np.ndarray], truths: Sequence[Sequence[B
             if score >= best["froc_mean"]:
                 best = {"box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}
     return best
+
+
+def choose_fusion(labels: np.ndarray, logits: np.ndarray) -> tuple[float, dict[str, float]]:
+    """The image-logit fusion (1 = map-pooled, 0 = joint head, 0.5 = their mean) with the best validation AUROC.
+
+    ``logits`` is ``N x 2`` (map-pooled, joint). Returns the weight and every choice's AUROC; ties go to the map.
+    """
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    choices = {"map": 1.0, "joint": 0.0, "mean": 0.5}
+    scores = {k: metrics.auroc(sigmoid(w * logits[:, 0] + (1 - w) * logits[:, 1]), labels) for k, w in choices.items()}
+    best = max(choices, key=lambda k: (np.nan_to_num(scores[k], nan=-1), choices[k]))
+    return choices[best], scores

@@ -58,7 +58,7 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
             with torch.inference_mode():
                 p, m = model.probabilities_and_maps(x)
         elif maps:
-            p, m = grad_cam(model.inference_net, x)
+            p, m = grad_cam(model.net, x)
             with torch.inference_mode():
                 p = torch.sigmoid(model(x))  # with mirror TTA when the model uses it
         else:
@@ -67,7 +67,7 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
         out.append(p.numpy())
         if m is not None:
             found += list(m.numpy())
-    info = model.deployment_info() | {"arch": model.hparams.arch, "source": str(ckpt)}
+    info = model.deployment_info() | {"arch": model.spec.name, "source": str(ckpt)}
     return np.concatenate(out).astype(np.float64), info, found if maps else None
 
 

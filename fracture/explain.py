@@ -57,7 +57,7 @@ def explain(ckpt: Path, paths: list[str], out: Path, boxes: Path | None = None) 
             with torch.inference_mode():
                 prob, cam = model.probabilities_and_maps(x)
         else:
-            prob, cam = grad_cam(model.inference_net.eval(), x)
+            prob, cam = grad_cam(model.net.eval(), x)
         full = heatmap.to_original(cam[0].numpy(), image.shape[0], image.shape[1], contract)
         if model.localise:
             h, w = image.shape

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from fracture import metrics, preprocess
-from fracture.model import LocaliseNet, cam_from_features, normalise_cam
-from fracture.module import FractureClassifier, localise_outputs, tta_logits
+from fracture import networks
+from fracture.model import MirrorTTA, cam_from_features, is_localise, normalise_cam
+from fracture.module import FractureClassifier
 from fracture.predict import file_sha256 as sha256
 from fracture.progress import progress
 from fracture.runio import newest
@@ -51,16 +52,15 @@ class ExportError(Exception):
 class Deployable(nn.Module):
     """Raw pixels → (probability, logit[, heatmap | map]): the function the ONNX file computes."""
 
-    def __init__(self, net: nn.Module, heatmap: bool = False, tta: bool = False) -> None:
+    def __init__(self, net: nn.Module, heatmap: bool = False) -> None:
         super().__init__()
-        self.localise = isinstance(net, LocaliseNet)
+        self.localise = is_localise(net)
         if self.localise:
             heatmap = False  # its fracture map is the heatmap; no Grad-CAM needed
-        if heatmap and tta:
+        if heatmap and isinstance(net, MirrorTTA):
             raise ExportError("--heatmap with test-time augmentation is not supported; export without one of them")
         self.net = net
         self.heatmap = heatmap
-        self.tta = tta
 
     @property
     def output_names(self) -> list[str]:
@@ -68,21 +68,43 @@ class Deployable(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.localise:
-            pooled, joint, maps = localise_outputs(self.net, image, self.tta)
+            pooled, joint, maps = self.net.forward_maps(image)
             logit = self.net.fuse(pooled, joint)
             return torch.sigmoid(logit), logit, torch.sigmoid(maps)
         if not self.heatmap:
-            logit = tta_logits(self.net, image) if self.tta else self.net(image)
+            logit = self.net(image)
             return torch.sigmoid(logit), logit
         logit, cam = cam_from_features(self.net, self.net.forward_features(image))
         return torch.sigmoid(logit), logit, normalise_cam(cam)
 
 
+LEGACY_KEYS = ("arch", "weights", "head", "widths", "dense", "dropout", "dense_dropout", "pool")
+RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs")
+
+
+def upgrade(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hyperparameters, weights) of a checkpoint in today's form; older ones had flat network and recipe options
+    and kept EMA weights as a submodule (``ema.module.*``, which is what they evaluated and exported)."""
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}  # LightningCLI's _instantiator
+    state = dict(checkpoint["state_dict"])
+    if "net" not in hparams:
+        hparams["net"] = networks.from_legacy(hparams).config()
+        hparams["recipe"] = {k: hparams[k] for k in RECIPE_KEYS if k in hparams}
+        hparams = {k: v for k, v in hparams.items() if k not in LEGACY_KEYS + RECIPE_KEYS}
+    if any(k.startswith("ema.module.") for k in state):
+        state = {"net." + k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    state = {k: v for k, v in state.items() if not k.startswith("ema.") and k != "pos_weight"}
+    return hparams, state
+
+
 def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
-    """Load a checkpoint without unpickling arbitrary objects."""
+    """Load a checkpoint (today's or an older one) without unpickling arbitrary objects."""
     try:
-        # weights=None: the checkpoint holds the trained weights; the init file need not exist here
-        model = FractureClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, weights=None)
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        hparams, state = upgrade(checkpoint)
+        model = FractureClassifier(**hparams)  # a stored network config drops `weights`: the checkpoint holds them
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(state)
     except FileNotFoundError:
         raise ExportError(f"{ckpt}: checkpoint not found") from None
     except Exception as exc:  # a truncated or foreign file fails in many ways
@@ -195,7 +217,7 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
                  heatmap: bool = False) -> dict[str, Any]:
     """Export, check and install a loaded classifier (``ckpt`` names its source file, if any)."""
     out = Path(out)
-    module = Deployable(model.inference_net, heatmap, bool(model.hparams.tta)).eval()
+    module = Deployable(model.evaluation_net, heatmap).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmpdir:
         tmp = Path(tmpdir) / out.name

@@ -214,6 +214,38 @@ class LocaliseNet(nn.Module):
         return self.forward_logit_map(x)[0]
 
 
+class MirrorTTA(nn.Module):
+    """Test-time augmentation as a wrapper: the mean of the network's outputs on the image and its mirror.
+
+    A localise network's maps are flipped back before averaging. Not registered inside the training
+    module (it holds no weights of its own); evaluation and export wrap the network when ``tta`` is on.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def fusion(self) -> torch.Tensor:
+        return self.net.fusion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + self.net(torch.flip(x, dims=[-1]))) / 2
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled, joint, maps = self.net.forward_maps(x)
+        p2, j2, m2 = self.net.forward_maps(torch.flip(x, dims=[-1]))
+        return (pooled + p2) / 2, (joint + j2) / 2, (maps + torch.flip(m2, dims=[-1])) / 2
+
+    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+        return self.net.fuse(pooled, joint)
+
+
+def is_localise(net: nn.Module) -> bool:
+    """A network (or its TTA wrapper) with a fracture map."""
+    return isinstance(net.net if isinstance(net, MirrorTTA) else net, LocaliseNet)
+
+
 def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logit, Grad-CAM) with the logit's gradient written as plain tensor ops, so ONNX exporters can trace it.
 

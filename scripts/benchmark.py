@@ -29,8 +29,9 @@ import torch
 
 from fracture.export import export_model, load_classifier, quantize_static_qdq
 from fracture.module import FractureClassifier
+from fracture.networks import SeedCNN
 from fracture.predict import Predictor
-from fracture.synth import radiograph
+from fracture.synth import radiograph, write_jpegs
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -48,18 +49,6 @@ def measure(run, x1: np.ndarray, x32: np.ndarray, repeats: int) -> dict[str, flo
     lat = timed(lambda: run(x1), repeats)
     thr = timed(lambda: run(x32), max(3, repeats // 10))
     return {"p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * float(np.percentile(lat, 95)), "batch32_ips": 32 / statistics.median(thr)}
-
-
-def write_jpegs(folder: Path, n: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        img = radiograph(rng, i % 2 == 1, "transverse", shape=(int(rng.integers(430, 470)), int(rng.integers(380, 420))))
-        path = folder / f"img{i:04d}.jpg"
-        cv2.imwrite(str(path), np.rint(img * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 92])
-        paths.append(str(path))
-    return paths
 
 
 def write_mix(folder: Path, n: int, large_share: float = 0.07) -> list[str]:
@@ -82,7 +71,7 @@ def realistic_mix(work: Path, n: int, threads: int, size: int = 128) -> dict[str
     """Predictor images/s on the size mix with full and with reduced JPEG decoding, and pure FP32 inference, one run."""
     from dataclasses import replace
 
-    model = FractureClassifier(pool="max", image_size=size, reduced_decode=True).eval()
+    model = FractureClassifier(net=SeedCNN(pool="max"), image_size=size, reduced_decode=True).eval()
     path = work / "mix.onnx"
     export_model(model, path)
     jpegs = write_mix(work / "mix", n)

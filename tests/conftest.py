@@ -64,7 +64,7 @@ def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     write_dataset(root, n=320, seed=7)
     out = tmp_path_factory.mktemp("locrun")
     args = ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
-            "--data.crop", "64", "--model.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
+            "--data.crop", "64", "--model.net.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--output_dir", str(out), "--run_name", "loc"]
     from fracture import fit

@@ -16,16 +16,21 @@ from conftest import tiny_fit_args
 from fracture import fit, preprocess
 from fracture.data import FractureDataModule
 from fracture.export import export, export_model, load_classifier
-from fracture.model import ARCHS, build_network
-from fracture.module import FractureClassifier, lr_factor
+from fracture.model import build_network
+from fracture.module import FractureClassifier
+from fracture.networks import ResNet, SeedCNN, Torchvision
+from fracture.recipe import lr_factor
 from fracture.predict import Predictor
 from fracture.preprocess import Contract
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_backbone_trains_a_step_and_exports_with_parity(arch: str, tmp_path: Path) -> None:
+NETWORKS = [SeedCNN(), ResNet(18), ResNet(34), ResNet(50), Torchvision("densenet121"), Torchvision("efficientnet_b0"), Torchvision("convnext_tiny")]
+
+
+@pytest.mark.parametrize("spec", NETWORKS, ids=lambda n: n.name)
+def test_backbone_trains_a_step_and_exports_with_parity(spec, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = FractureClassifier(arch=arch, image_size=64)
+    model = FractureClassifier(net=spec, image_size=64)
     first = next(model.net.backbone.parameters())
     assert first.shape[1] == 1  # one input channel
     before = first.detach().clone()
@@ -35,7 +40,7 @@ def test_backbone_trains_a_step_and_exports_with_parity(arch: str, tmp_path: Pat
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, first.detach())
-    meta = export_model(model.eval(), tmp_path / f"{arch}.onnx")  # raises unless parity holds
+    meta = export_model(model.eval(), tmp_path / f"{spec.name}.onnx")  # raises unless parity holds
     assert max(meta["parity_max_abs_diff"].values()) <= 1e-5
 
 
@@ -59,26 +64,70 @@ def test_warmup_cosine_schedule_values() -> None:
 
 
 def test_schedule_and_ema_in_a_real_run(synth_root: Path, tmp_path: Path) -> None:
-    args = tiny_fit_args(synth_root, tmp_path, "--model.scheduler", "cosine", "--model.warmup_epochs", "1", "--model.ema_decay", "0.9",
+    args = tiny_fit_args(synth_root, tmp_path, "--model.recipe.scheduler", "cosine", "--model.recipe.warmup_epochs", "1", "--model.ema_decay", "0.9",
                          "--test_after_fit", "false", epochs=2)
     assert fit.main(args) == 0
     ckpt = torch.load(tmp_path / "tiny" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] < 1e-4  # decayed to ~0 at the last step
-    logs = pd.read_csv(tmp_path / "tiny" / "metrics.csv")
-    state = ckpt["state_dict"]
-    raw, ema = state["net.backbone.features.0.weight"], state["ema.module.backbone.features.0.weight"]
-    assert not torch.equal(raw, ema)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]  # Lightning's EMAWeightAveraging layout
+    assert not any(k.startswith("ema.") for k in averaged) and set(averaged) == set(current)
+    assert not torch.equal(averaged["net.backbone.features.0.weight"], current["net.backbone.features.0.weight"])
+    # validation ran with the averaged weights: the checkpoint's weights reproduce the logged AUROC of that epoch
     model = load_classifier(tmp_path / "tiny" / "last.ckpt")
-    assert model.inference_net is model.ema.module
-    x = torch.rand(2, 1, 64, 64) * 255
+    dm = FractureDataModule(root=str(synth_root), image_size=64, num_workers=0)
+    dm.setup("fit")
     with torch.no_grad():
-        assert torch.equal(model(x), model.ema.module(x)) and not torch.equal(model(x), model.net(x))
+        probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
+    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
+    logs = pd.read_csv(tmp_path / "tiny" / "metrics.csv")
+    logged = logs["val/auroc"].dropna().iloc[-1]
+    from fracture.metrics import auroc
+
+    assert auroc(probs, labels) == pytest.approx(logged, abs=1e-6)
     assert logs["val/auroc"].notna().sum() == 2
+
+
+def test_optimizer_holds_exactly_the_network_and_norms_and_biases_never_decay() -> None:
+    from fracture.recipe import Recipe, configure
+
+    model = FractureClassifier(net=ResNet(18), image_size=64, recipe=Recipe(optimizer="adamw", weight_decay=0.05))
+    optimizer = configure(model.recipe, model.net, total_steps=10, max_epochs=1)
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held}) and {id(p) for p in held} == {id(p) for p in model.parameters()} == {id(p) for p in model.net.parameters()}
+    decayed, kept = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and kept["weight_decay"] == 0.0
+    norms = {id(m.weight) for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    biases = {id(m.bias) for m in model.net.modules() if getattr(m, "bias", None) is not None}
+    assert norms | biases == {id(p) for p in kept["params"]} and all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
+
+
+def test_a_seed_cnn_option_under_a_resnet_is_refused_by_the_parser(synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = tiny_fit_args(synth_root, tmp_path, "--model.net", "ResNet", "--model.net.init_args.widths", "[8, 16]", epochs=1)
+    with pytest.raises(SystemExit) as exit_:
+        fit.main(args)
+    assert exit_.value.code != 0 and "Option 'widths' is not accepted" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_checkpoints_from_before_the_registry_still_load(tmp_path: Path) -> None:
+    """A checkpoint with flat network options and an ``ema`` submodule (the earlier layout) loads its EMA weights."""
+    torch.manual_seed(0)
+    model = FractureClassifier(net=SeedCNN(widths=(8, 16), dense=(16,), pool="max"), image_size=64)
+    ema = {f"ema.module.{k[len('net.'):]}": v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items() if k.startswith("net.")}
+    old = {"hyper_parameters": {"arch": "seed_cnn", "widths": [8, 16], "dense": [16], "pool": "max", "optimizer": "adamw", "lr": 0.01,
+                                "ema_decay": 0.9, "image_size": 64, "tta": False},
+           "state_dict": {**model.state_dict(), **ema, "ema.n_averaged": torch.tensor(3), "pos_weight": torch.tensor(1.0)},
+           "fracture": {"thresholds": {"default": 0.5, "screening": 0.2}}}
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = load_classifier(tmp_path / "old.ckpt")
+    assert isinstance(loaded.spec, SeedCNN) and loaded.spec.args["widths"] == [8, 16] and loaded.recipe.lr == 0.01
+    weight = loaded.net.backbone.features[0].weight
+    assert torch.equal(weight, model.net.backbone.features[0].weight + 1.0) and loaded.thresholds["screening"] == 0.2
 
 
 def test_tta_averages_mirrored_predictions_and_travels_into_onnx(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = FractureClassifier(image_size=64, tta=True, pool="max").eval()
+    model = FractureClassifier(net=SeedCNN(pool="max"), image_size=64, tta=True).eval()
     x = torch.rand(3, 1, 64, 64) * 255
     with torch.no_grad():
         expected = (model.net(x) + model.net(torch.flip(x, dims=[-1]))) / 2

@@ -50,7 +50,7 @@ def test_pos_weight_auto_uses_train_class_ratio(synth_root: Path, tmp_path: Path
     assert fit.main(tiny_fit_args(synth_root, tmp_path, "--model.pos_weight", "auto", "--test_after_fit", "false", epochs=1)) == 0
     ckpt = torch.load(tmp_path / "tiny" / "last.ckpt", map_location="cpu", weights_only=True)
     counts = ckpt["fracture"]["train_counts"]
-    assert float(ckpt["state_dict"]["pos_weight"]) == pytest.approx(counts["not_fractured"] / counts["fractured"])
+    assert ckpt["training"]["pos_weight"] == pytest.approx(counts["not_fractured"] / counts["fractured"])
 
 
 def test_cli_end_to_end_in_a_subprocess(synth_root: Path, tmp_path: Path) -> None:
@@ -88,6 +88,8 @@ def test_print_config_is_valid_yaml_with_the_seed_defaults() -> None:
     done = _run("--config", str(CONFIGS / "default.yaml"), "--print_config")
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = yaml.safe_load(done.stdout)
-    assert cfg["model"]["lr"] == 0.001 and cfg["model"]["optimizer"] == "adam"
+    assert cfg["model"]["recipe"]["lr"] == 0.001 and cfg["model"]["recipe"]["optimizer"] == "adam"
     assert cfg["data"]["batch_size"] == 32 and cfg["trainer"]["max_epochs"] == 50
-    assert cfg["data"]["image_size"] == 224 and cfg["model"]["widths"] == [32, 64, 128]
+    net = cfg["model"]["net"]
+    assert net["class_path"] == "fracture.networks.SeedCNN" and net["init_args"]["widths"] == [32, 64, 128] and net["init_args"]["pool"] == "flatten"
+    assert cfg["data"]["image_size"] == 224

@@ -20,7 +20,9 @@ from fracture import detection, evaluate, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
 from fracture.export import Deployable, export, load_classifier, quantize_int8
 from fracture.model import build_network
-from fracture.module import localise_outputs, map_loss
+from fracture.losses import map_loss
+from fracture.model import MirrorTTA
+from fracture.networks import ResNet
 from fracture.preprocess import Contract
 from fracture.synth import radiograph_and_boxes, write_dataset
 from test_predict import BLOCK_TRAINING_LIBS
@@ -209,7 +211,7 @@ def test_fusion_and_box_threshold_are_chosen_on_validation_and_stored(loc_run: t
     info = model.deployment_info()
     loc = info["localisation"]
     assert info["head"] == "localise" and loc["stride"] == 8 and 0 < loc["box_threshold"] < 1
-    assert loc["fusion"] in (0.0, 0.5, 1.0) and float(model.inference_net.fusion) == loc["fusion"]
+    assert loc["fusion"] in (0.0, 0.5, 1.0) and float(model.net.fusion) == loc["fusion"]
     best = max((loc[f"val_auroc_{k}"], w) for k, w in (("map", 1.0), ("joint", 0.0), ("mean", 0.5)))
     assert loc["fusion"] == best[1]
 
@@ -269,10 +271,10 @@ def test_mirror_tta_map_is_flip_consistent_and_exports() -> None:
     net = build_network(Contract(image_size=64), "resnet18", head="localise").eval()
     x = torch.rand(2, 1, 64, 64) * 255
     with torch.no_grad():
-        _, _, maps = localise_outputs(net, x, tta=True)
-        _, _, flipped = localise_outputs(net, torch.flip(x, dims=[-1]), tta=True)
+        _, _, maps = MirrorTTA(net).forward_maps(x)
+        _, _, flipped = MirrorTTA(net).forward_maps(torch.flip(x, dims=[-1]))
     assert maps.shape == (2, 8, 8) and torch.allclose(torch.flip(flipped, dims=[-1]), maps, atol=1e-5)
-    module = Deployable(net, tta=True).eval()
+    module = Deployable(MirrorTTA(net)).eval()
     assert module.output_names == ["probability", "logit", "map"]
 
 
@@ -292,4 +294,4 @@ def test_localise_refuses_archs_and_sizes_it_cannot_serve() -> None:
     with pytest.raises(ValueError, match="localise head is built for"):
         build_network(Contract(image_size=64), "densenet121", head="localise")
     with pytest.raises(ValueError, match="divisible by 32"):
-        FractureClassifier(arch="resnet18", head="localise", image_size=80)
+        FractureClassifier(net=ResNet(18, head="localise"), image_size=80)
