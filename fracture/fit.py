@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import Logger
 from fracture import __version__, metrics
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule, write_splits
+from fracture.export import load_classifier
 from fracture.module import FractureClassifier, TrainingDiverged
 from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, newest, trim_log
 
@@ -46,13 +47,35 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+class Throughput(Callback):
+    """Per epoch's training part: wall time, images/s over all processes and, on a GPU, peak memory (logged as ``perf/*``)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.images = time.perf_counter(), 0
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.images += len(batch[0])
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The epoch's training part ends where its validation starts."""
+        if trainer.sanity_checking or not getattr(self, "images", 0):
+            return
+        seconds = time.perf_counter() - self.start
+        values = {"perf/train_epoch_s": seconds, "perf/images_per_s": self.images * trainer.world_size / max(seconds, 1e-9)}
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            values["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        pl_module.log_dict(values, rank_zero_only=True)
+
+
 class EpochSummary(Callback):
     """One line per epoch when there is no progress bar (batch jobs, logs)."""
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.progress_bar_callback is not None or not trainer.is_global_zero:
             return
-        shown = ("val/loss", "val/auroc", "val/sensitivity", "val/specificity")
+        shown = ("val/loss", "val/auroc", "val/sensitivity", "val/specificity", "perf/train_epoch_s", "perf/images_per_s", "perf/peak_gpu_mem_gib")
         values = {k: float(trainer.callback_metrics[k]) for k in shown if k in trainer.callback_metrics}
         print(f"epoch {trainer.current_epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
 
@@ -103,11 +126,11 @@ class FractureCLI(LightningCLI):
         )
         # Lightning's save_last only refreshes last.ckpt when the best one changed; a run killed later would lose epochs
         latest = ModelCheckpoint(dirpath=self.run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, EpochSummary()]
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, Throughput(), EpochSummary()]
         plugins = trainer_cfg.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if trainer_cfg.get("logger") is not False:
-            loggers: list[Logger] = [ResumableCSVLogger(save_dir=self.config["output_dir"], name=self.run_name, version="")]
+            loggers: list[Logger] = [ResumableCSVLogger(save_dir=self.config["output_dir"], name=self.run_name)]
             if importlib.util.find_spec("tensorboard") is not None:
                 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -196,10 +219,11 @@ def main(args: list[str] | None = None) -> int:
         trainer.fit(cli.model, datamodule=dm, ckpt_path=resume)
         if trainer.interrupted or not cli.config["test_after_fit"]:
             return 0
-        best = trainer.checkpoint_callback.best_model_path or "last"
-        trainer.test(cli.model, datamodule=dm, ckpt_path=best)
+        best = trainer.checkpoint_callback.best_model_path or str(cli.run_dir / "last.ckpt")
+        tested = load_classifier(best)  # its state_dict holds the averaged weights when EMA is on
+        trainer.test(tested, datamodule=dm)
         if trainer.is_global_zero:
-            report = report_on_test(cli.model, best)
+            report = report_on_test(tested, best)
             out = cli.run_dir / "test_metrics.json"
             out.write_text(json.dumps(report, indent=2))
             print(format_report(report))

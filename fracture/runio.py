@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def newest(output_dir: str | os.PathLike, pattern: str) -> Path | None:
@@ -48,24 +48,83 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (a resumed run) instead of deleting it."""
+class ResumableCSVLogger(Logger):
+    """``<save_dir>/<name>/metrics.csv``, one row per logging call, continued across ``--ckpt_path`` resumes.
 
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
+    Lightning's own CSVLogger deletes an existing ``metrics.csv``; this one appends, using only the
+    public ``Logger`` interface. A new metric name rewrites the file once with the wider header.
+    Hyperparameters live in the checkpoint and ``config.yaml``, not here.
+    """
 
-
-class ResumableCSVLogger(CSVLogger):
-    """CSVLogger whose ``metrics.csv`` continues across ``--ckpt_path`` resumes."""
+    def __init__(self, save_dir: str | os.PathLike, name: str) -> None:
+        super().__init__()
+        self._save_dir, self._name = str(save_dir), name
+        self._rows: list[dict[str, float]] = []
 
     @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def root_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    def log_dir(self) -> str:
+        return self.root_dir
+
+    @property
+    def save_dir(self) -> str:  # Lightning puts the CLI's config.yaml in a custom logger's save_dir: the run folder
+        return self.root_dir
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.root_dir) / "metrics.csv"
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._rows.append({**row, "step": step if step is not None else len(self._rows)})
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._rows:
+            return
+        path = self.metrics_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old: list[dict[str, str]] = []
+        keys: list[str] = []
+        if path.is_file() and path.stat().st_size:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys = list(reader.fieldnames or [])
+                new_keys = sorted({k for r in self._rows for k in r} - set(keys))
+                if new_keys:
+                    old = list(reader)
+        else:
+            new_keys = sorted({k for r in self._rows for k in r})
+        rewrite = bool(new_keys)
+        if rewrite:
+            keys = sorted(set(keys) | set(new_keys))  # else: append under the file's own header, in its order
+        with open(path, "w" if rewrite else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, restval="")
+            if rewrite:
+                writer.writeheader()
+                writer.writerows(old)
+            writer.writerows(self._rows)
+        self._rows = []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
 
 
 def trim_log(metrics_csv: Path, last_step: int) -> None:
