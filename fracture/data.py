@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fracture import detection, preprocess
+from fracture.augment import device_augment
 from fracture.annotations import Columns, DatasetError, load_splits
 from fracture.audit import exact_leaks
 from fracture.progress import progress
@@ -77,8 +79,8 @@ class Transform:
     becomes a negative with an empty mask. Exposure and noise touch the image only.
     """
 
-    def __init__(self, aug: Augmentation | None = None, crop: int | None = None, crop_on_box: float = 0.5) -> None:
-        self.crop, self.crop_on_box = crop, crop_on_box
+    def __init__(self, aug: Augmentation | None = None, crop: int | None = None, crop_on_box: float = 0.5, raw: bool = False) -> None:
+        self.crop, self.crop_on_box, self.raw = crop, crop_on_box, raw
         self.geometry = self.exposure = self.noise = None
         if aug is not None and aug.enabled:
             self.geometry = v2.Compose([
@@ -112,7 +114,9 @@ class Transform:
         return image, cut, label
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, label: float, has_boxes: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """→ (float ``1 x h x w`` pixels, float 0/1 ``1 x h x w`` mask, label)."""
+        """→ (float ``1 x h x w`` pixels, float 0/1 ``1 x h x w`` mask, label); ``raw``: both uint8, for augmentation on the device."""
+        if self.raw:
+            return image.unsqueeze(0), (mask > 0).to(torch.uint8).unsqueeze(0), label
         if self.geometry is not None:
             both = self.geometry(torch.stack([image, mask]))
             image, mask = both[0], (both[1] > 127).to(torch.uint8) * 255
@@ -223,7 +227,7 @@ def build_cache(paths: list[str], contract: preprocess.Contract, mode: str, cach
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         for array, path in ((sizes, size_file), (images, target)):  # images last: their presence means both are complete
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.npy")  # unique per process and node
             np.save(tmp, array)
             os.replace(tmp, path)
     return images, sizes
@@ -242,8 +246,10 @@ class FractureDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         val_fraction: share of train carved off for validation when there is no ``val/``.
         split_seed: seed of that carve-out.
-        cache: ``memory`` (decode once per run), ``disk`` (decode once, memory-map after) or ``none``.
-        cache_dir: where ``disk`` caches live.
+        cache: ``memory`` (decode once per run), ``disk`` (decode once, memory-map after) or ``none``. With
+            several processes (DDP) ``memory`` is built once, by the first process of each machine, into
+            ``cache_dir`` and memory-mapped by all of them (one copy, in the page cache).
+        cache_dir: where ``disk`` (and shared ``memory``) caches live.
         crop: train on random ``crop`` px squares of the ``image_size`` input (validation and test see the
             whole input; needs a fully convolutional model such as ``model.head: localise``); ``null`` = no crop.
         crop_on_box: probability that a training crop is placed over a fracture box (images with boxes).
@@ -253,6 +259,8 @@ class FractureDataModule(L.LightningDataModule):
         allow_leakage: train even when an image file is byte-identical across splits.
         columns: annotation column names (auto-detected when unset).
         augmentation: train-only augmentation.
+        augment_on: ``cpu`` (in the loader workers) or ``device``: the loader hands uint8 batches (pinned on a
+            GPU) and :func:`fracture.augment.device_augment` warps them after the transfer, one draw per image.
     """
 
     def __init__(
@@ -274,6 +282,7 @@ class FractureDataModule(L.LightningDataModule):
         allow_leakage: bool = False,
         columns: Columns | None = None,
         augmentation: Augmentation | None = None,
+        augment_on: Literal["cpu", "device"] = "cpu",
     ) -> None:
         super().__init__()
         self.root = root
@@ -290,6 +299,7 @@ class FractureDataModule(L.LightningDataModule):
         self.allow_leakage = allow_leakage
         self.columns = columns or Columns()
         self.augmentation = augmentation or Augmentation()
+        self.augment_on = augment_on
         self.tables: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, FractureDataset] = {}
 
@@ -314,13 +324,29 @@ class FractureDataModule(L.LightningDataModule):
         labels = self.check()["train"]["label"].to_numpy()
         return {"not_fractured": int((labels == 0).sum()), "fractured": int((labels == 1).sum())}
 
+    def _cache_mode(self) -> str:
+        """``disk`` when the cache is shared between processes, else the configured mode."""
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        return "disk" if self.cache == "disk" or (self.cache == "memory" and world > 1) else self.cache
+
+    def prepare_data(self) -> None:
+        """Lightning calls this on one process per machine before any ``setup``: shared caches are built here, once."""
+        if self._cache_mode() == "disk":
+            for split, table in self.check().items():
+                build_cache(table["path"].tolist(), self.contract, "disk", self.cache_dir, self.max_pixels, desc=split)
+
     def _dataset(self, split: str) -> FractureDataset:
         if split not in self.datasets:
             table = self.check()[split]
             images = sizes = None
             if self.cache != "none":
-                images, sizes = build_cache(table["path"].tolist(), self.contract, self.cache, self.cache_dir, self.max_pixels, desc=split)
-            transform = train_transform(self.augmentation, self.crop, self.crop_on_box) if split == "train" else eval_transform()
+                images, sizes = build_cache(table["path"].tolist(), self.contract, self._cache_mode(), self.cache_dir, self.max_pixels, desc=split)
+            if split != "train":
+                transform = eval_transform()
+            elif self.augment_on == "device":
+                transform = Transform(raw=True)
+            else:
+                transform = train_transform(self.augmentation, self.crop, self.crop_on_box)
             self.datasets[split] = FractureDataset(table, self.contract, transform, images, self.max_pixels, sizes)
         return self.datasets[split]
 
@@ -348,6 +374,13 @@ class FractureDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=train and len(dataset) > self.batch_size,  # no 1-image batch for batch-norm
         )
+
+    def on_after_batch_transfer(self, batch: Item, dataloader_idx: int) -> Item:
+        """Training batches that arrive as uint8 (``augment_on: device``) are augmented here, on the device."""
+        if batch[0].dtype != torch.uint8:
+            return batch
+        x, mask, y = device_augment(batch[0], batch[2], batch[1], batch[4], self.augmentation, self.crop, self.crop_on_box)
+        return x, y, mask, batch[3], batch[4]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
