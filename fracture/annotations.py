@@ -166,6 +166,24 @@ def shared_groups(tables: dict[str, pd.DataFrame]) -> list[str]:
     return shared
 
 
+def group_duplicates(tables: dict[str, pd.DataFrame]) -> None:
+    """Splits without a patient/group column: exact and near-duplicate images (``fracture.audit``) form the
+    groups, so copies of one radiograph stay on one side of the validation carve-out and resample together."""
+    missing = [s for s, t in tables.items() if not t.attrs.get("group_column") and len(t)]
+    if not missing:
+        return
+    from fracture.audit import duplicate_groups, inspect_all  # audit reads annotations: imported here, not at the top
+
+    paths = [p for s in missing for p in tables[s]["path"]]
+    facts, thumbs = inspect_all(paths, desc="duplicates")
+    groups, _ = duplicate_groups([f.sha256 for f in facts], thumbs)
+    start = 0
+    for split in missing:
+        n = len(tables[split])
+        tables[split]["group"] = [f"dup{g:06d}" for g in groups[start : start + n]]
+        start += n
+
+
 def require_both_classes(table: pd.DataFrame, where: str) -> None:
     counts = np.bincount(table["label"].to_numpy(), minlength=2)
     if counts.sum() == 0:
@@ -207,10 +225,12 @@ def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fra
     for split in SPLITS:
         if (root / split / "annotations.csv").is_file() or split != "val":
             tables[split] = read_split(root / split, columns)
+    group_duplicates(tables)
     shared = shared_groups(tables)
     if shared:
         raise DatasetError(f"{len(shared)} patient/group id(s) appear in two splits of {root} (the same patient on both sides leaks): {_rows(shared)}")
     if "val" not in tables:
+        require_both_classes(tables["train"], f"{root / 'train'}")
         tables["train"], tables["val"] = split_by_group(tables["train"], val_fraction, seed)
     require_both_classes(tables["train"], f"{root / 'train'}")
     require_both_classes(tables["val"], f"validation split of {root}")

@@ -121,3 +121,26 @@ def test_val_is_carved_from_train_without_touching_test(synth_root: Path) -> Non
     assert not set(tables["train"]["path"]) & set(tables["test"]["path"])
     original = read_split(synth_root / "train")
     assert len(tables["train"]) + len(tables["val"]) == len(original)
+
+
+def test_without_a_group_column_duplicate_images_are_grouped_not_file_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    for i in range(30):
+        img = cv2.resize(rng.integers(0, 255, (12, 12)).astype(np.uint8), (64, 64), interpolation=cv2.INTER_CUBIC)
+        label = i % 2
+        cv2.imwrite(str(tmp_path / "train" / "images" / f"a{i}.png"), img)
+        rows.append({"image": f"a{i}.png", "fracture": label})
+        if i < 10:  # an exact copy and a re-encoded near copy under other names
+            cv2.imwrite(str(tmp_path / "train" / "images" / f"b{i}.png"), img)
+            cv2.imwrite(str(tmp_path / "train" / "images" / f"c{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            rows += [{"image": f"b{i}.png", "fracture": label}, {"image": f"c{i}.jpg", "fracture": label}]
+    pd.DataFrame(rows).to_csv(tmp_path / "train" / "annotations.csv", index=False)
+    make_split(tmp_path / "test", [{"image": "t0.png", "fracture": 0}, {"image": "t1.png", "fracture": 1}])
+    tables = load_splits(tmp_path, val_fraction=0.4, seed=0)
+    where = {Path(p).name: (split, g) for split in ("train", "val") for p, g in zip(tables[split]["path"], tables[split]["group"])}
+    for i in range(10):
+        assert where[f"a{i}.png"] == where[f"b{i}.png"] == where[f"c{i}.jpg"]  # one group, one side of the carve-out
+    assert len({g for name, (_, g) in where.items() if name.startswith("a")}) == 30  # different images, different groups
+    assert len(tables["val"]) > 0 and not set(tables["train"]["group"]) & set(tables["val"]["group"])
