@@ -3,6 +3,7 @@
     python -m fracture.datasets import fracatlas SRC --out data/fracatlas [--drop-defective] [--drop-conflicts]
     python -m fracture.datasets import folders SRC --out data/kaggle
     python -m fracture.datasets import yolo SRC --out data/yolo
+    python -m fracture.datasets compact data/fracatlas --out data/fracatlas-224 --size 224
 
 - ``fracatlas``: labels from the ``Fractured``/``Non_fractured`` folders; each
   disagreement with the upstream ``dataset.csv`` is reported; body region,
@@ -36,14 +37,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from fracture.annotations import split_by_group
 from fracture.audit import NEAR_DEFAULT, duplicate_groups, inspect_all
 from fracture.detection import format_boxes, yolo_to_boxes
-from fracture.labels import parse_label
-from fracture.preprocess import is_image_file
+from fracture.labels import IMAGE_COLUMNS, find_column, parse_label
+from fracture.preprocess import ImageError, is_image_file, read_image
+from fracture.progress import progress
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
 
@@ -244,6 +247,37 @@ def import_dataset(kind: str, src: str | os.PathLike, out: str | os.PathLike, *,
     return report
 
 
+def compact_dataset(src: str | os.PathLike, out: str | os.PathLike, size: int = 224, quality: int = 90) -> dict[str, int]:
+    """A small copy for a machine with little room (a lent GPU): each image decoded by ``fracture.preprocess``,
+    shrunk to ``size`` px on its longest side (aspect kept, never enlarged) and written as JPEG; each split's
+    ``annotations.csv`` is copied with its image column pointing at the new files. Boxes are normalised, so
+    they still fit. Returns images per split."""
+    src, out = Path(src), Path(out)
+    counts = {}
+    for csv_path in sorted(src.glob("*/annotations.csv")):
+        split = csv_path.parent.name
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        column = find_column(list(table.columns), IMAGE_COLUMNS)
+        if column is None:
+            raise ValueError(f"{csv_path}: no image column (one of {', '.join(IMAGE_COLUMNS)})")
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+        names = []
+        for name in progress(table[column], desc=split):
+            img = read_image(csv_path.parent / "images" / name)
+            scale = min(1.0, size / max(img.shape))
+            small = cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+            target = str(Path(name).with_suffix(".jpg"))
+            (out / split / "images" / target).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / split / "images" / target), small, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            names.append(target)
+        table[column] = names
+        table.to_csv(out / split / "annotations.csv", index=False)
+        counts[split] = len(table)
+    if not counts:
+        raise FileNotFoundError(f"{src}: no <split>/annotations.csv")
+    return counts
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.datasets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +292,21 @@ def main(args: list[str] | None = None) -> int:
     imp.add_argument("--drop-defective", action="store_true", help="leave out unreadable, truncated and partly decoding images")
     imp.add_argument("--drop-conflicts", action="store_true", help="leave out duplicate groups whose labels disagree")
     imp.add_argument("--near", type=float, default=NEAR_DEFAULT, help="thumbnail correlation for near duplicates")
+    small = sub.add_parser("compact", help="a small JPEG copy of a dataset in the standard layout (for a lent GPU with little room)")
+    small.add_argument("src", type=Path)
+    small.add_argument("--out", type=Path, required=True)
+    small.add_argument("--size", type=int, default=224, help="longest side in px (default 224: the training size)")
+    small.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     ns = parser.parse_args(args)
+    if ns.command == "compact":
+        try:
+            counts = compact_dataset(ns.src, ns.out, ns.size, ns.quality)
+        except (FileNotFoundError, ValueError, ImageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        mib = sum(f.stat().st_size for f in ns.out.rglob("*") if f.is_file()) / 2**20
+        print(f"wrote {ns.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" images, {mib:.1f} MiB")
+        return 0
     try:
         report = import_dataset(ns.kind, ns.src, ns.out, copy=ns.copy, test_fraction=ns.test_fraction, val_fraction=ns.val_fraction, seed=ns.seed,
                                 drop_defective=ns.drop_defective, drop_conflicts=ns.drop_conflicts, near=ns.near)

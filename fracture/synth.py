@@ -212,6 +212,21 @@ def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: 
     return {split: len(r) for split, r in rows.items()}
 
 
+def write_jpegs(folder: str | Path, n: int, shape: tuple[int, int] | None = None, seed: int = 0) -> list[str]:
+    """``n`` radiographs as JPEG files for benchmarks: ``shape`` (height, width), or about 450x400 px each when None."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        size = shape or (int(rng.integers(430, 470)), int(rng.integers(380, 420)))
+        img = radiograph(rng, i % 2 == 1, "transverse", shape=size)
+        path = folder / f"img{i:04d}.jpg"
+        cv2.imwrite(str(path), np.rint(img * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        paths.append(str(path))
+    return paths
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/synthetic", help="dataset root to write (default: data/synthetic)")

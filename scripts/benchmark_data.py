@@ -1,11 +1,13 @@
-"""Does the data loader keep up with training? Loader images/s vs training-step images/s, one run.
+"""Does the data path keep up with training? Loader images/s (both augmentation paths) vs training-step images/s, one run.
 
-    python scripts/benchmark_data.py [--root DIR] [--image-size 224] [--batch-size 32] [--workers 2]
+    python scripts/benchmark_data.py [--root DIR] [--image-size 224] [--batch-size 32] [--workers 0 2]
+                                     [--net seed_cnn|resnet18] [--precision 32|bf16-mixed] [--channels-last]
 
-Without --root it writes synthetic radiographs (about 300x300 px) to a temp dir.
-Loader figures include the resized-image cache (built once, timed apart) and the
-full train augmentation; the training step is forward + backward + Adam on the
-default seed CNN. Target: loader >= 2x the training step.
+Without --root it writes synthetic radiographs (about 300x300 px) to a temp dir. The cache of
+resized images is built once (timed apart). ``cpu`` path: the loader's workers augment each image;
+``device`` path: the loader hands uint8 batches (pinned on a GPU), they are moved to the device and
+augmented there per image (:func:`fracture.augment.device_augment`). The training step is forward +
+backward + optimiser on the same device. Target: the data path at >= 2x the training step.
 """
 
 from __future__ import annotations
@@ -16,41 +18,30 @@ import time
 
 import torch
 
+from benchmark_train import cpu_name, train_step_rate
 from fracture.data import FractureDataModule
-from fracture.module import FractureClassifier
+from fracture.networks import ResNet, SeedCNN
 from fracture.synth import write_dataset
 
 
-def loader_rate(dm: FractureDataModule, batches: int) -> float:
+def loader_rate(dm: FractureDataModule, batches: int, device: str) -> float:
+    """Images/s delivered to ``device`` ready for the model (augmented on the device when ``dm.augment_on == 'device'``)."""
     loader = dm.train_dataloader()
     it = iter(loader)
     next(it)  # worker start-up is a one-off cost
-    start = time.perf_counter()
     n = 0
+    start = time.perf_counter()
     for _ in range(batches):
         try:
-            x, _ = next(it)
+            batch = next(it)
         except StopIteration:
             it = iter(loader)
-            x, _ = next(it)
-        n += len(x)
+            batch = next(it)
+        batch = dm.on_after_batch_transfer(tuple(t.to(device, non_blocking=True) for t in batch), 0)
+        n += len(batch[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
-
-
-def train_step_rate(image_size: int, batch_size: int, steps: int) -> float:
-    model = FractureClassifier(image_size=image_size)
-    opt = model.configure_optimizers()
-    x = torch.rand(batch_size, 1, image_size, image_size) * 255
-    y = (torch.rand(batch_size) > 0.5).float()
-    model.train()
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -61,25 +52,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--net", choices=["seed_cnn", "resnet18"], default="seed_cnn")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ns = parser.parse_args()
     root = ns.root
     if root is None:
         root = tempfile.mkdtemp(prefix="fracture-bench-")
         write_dataset(root, n=ns.n, seed=0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image_size {ns.image_size}, batch {ns.batch_size}")
-    dm = FractureDataModule(root=root, image_size=ns.image_size, batch_size=ns.batch_size, num_workers=0)
+    where = torch.cuda.get_device_name() if ns.device == "cuda" else f"{cpu_name()}, ISA {torch.backends.cpu.get_cpu_capability()}"
+    print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; {ns.image_size} px, batch {ns.batch_size}")
+    cache = tempfile.mkdtemp(prefix="fracture-cache-")  # built once here, memory-mapped by every loader below
+    dm = FractureDataModule(root=root, image_size=ns.image_size, batch_size=ns.batch_size, num_workers=0, cache="disk", cache_dir=cache)
     start = time.perf_counter()
     dm.setup("fit")
     cached = len(dm.datasets["train"]) + len(dm.datasets["val"])
     print(f"cache build: {cached} images in {time.perf_counter() - start:.1f} s ({cached / (time.perf_counter() - start):.0f} images/s, once per run)")
-    step = train_step_rate(ns.image_size, ns.batch_size, ns.steps)
-    print(f"{'what':<32}{'images/s':>10}{'x train step':>14}")
-    print(f"{'training step (fwd+bwd+Adam)':<32}{step:>10.1f}{1.0:>14.2f}")
-    for workers in ns.workers:
-        dm.num_workers = workers
-        rate = loader_rate(dm, ns.batches)
-        print(f"{f'loader, {workers} workers':<32}{rate:>10.1f}{rate / step:>14.2f}")
+    net = SeedCNN() if ns.net == "seed_cnn" else ResNet(18)
+    step = train_step_rate(net, ns.image_size, ns.batch_size, ns.steps, ns.precision, ns.channels_last, ns.device)
+    print("\n| what | images/s | × training step |\n|---|---|---|")
+    layout = ", channels_last" if ns.channels_last else ""
+    print(f"| training step ({net.name}, {ns.precision}{layout}, {ns.device}) | {step:.1f} | 1.00 |")
+    for path in ("cpu", "device"):
+        for workers in ns.workers:
+            data = FractureDataModule(root=root, image_size=ns.image_size, batch_size=ns.batch_size, num_workers=workers, augment_on=path,
+                                      cache="disk", cache_dir=cache)
+            data.setup("fit")
+            rate = loader_rate(data, ns.batches, ns.device)
+            print(f"| augment on {path}, {workers} loader workers | {rate:.1f} | {rate / step:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""Bounded load test of fracture.serve on loopback, beside fracture.predict on the same files (torch-free).
+
+    python scripts/benchmark_serve.py MODEL.onnx [--images DIR] [--clients 8] [--requests 200]
+
+Starts ``python -m fracture.serve MODEL`` on a free loopback port, warms it up, then
+``--clients`` threads each send ``--requests`` single-image POSTs over a kept-alive
+connection, once with the PNGs the web page shows (``images=1``) and once for numbers only
+(``images=0``). Prints throughput, p50/p95/p99 latency, errors, the server's resident
+memory after warm-up and after the load, the predictor's images/s on the same files in
+this process, and whether batching would pay (ONNX Runtime at batch 1 vs 8). The load
+generator shares the CPU with the server: the figures are a floor, and name the CPU.
+Without ``--images``, synthetic 454x373 JPEGs (FracAtlas's common size) are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fracture import preprocess
+from fracture.predict import Predictor
+from fracture.synth import write_jpegs
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process from /proc (Linux); NaN elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def form(name: str, data: bytes) -> tuple[bytes, str]:
+    b = uuid.uuid4().hex
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+            + data + f"\r\n--{b}--\r\n".encode())
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def load(host: str, port: int, bodies: list[tuple[bytes, str]], clients: int, requests: int, query: str) -> dict[str, float]:
+    """``clients`` threads × ``requests`` POSTs each; latencies of every answer, errors = anything but 200."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        mine, bad = [], 0
+        for i in range(requests):
+            body, ctype = bodies[(k * requests + i) % len(bodies)]
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/predict" + query, body=body, headers={"Content-Type": ctype})
+                r = conn.getresponse()
+                r.read()
+                bad += r.status != 200
+            except OSError:
+                bad += 1
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=120)
+            mine.append(time.perf_counter() - start)
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += bad
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = 1000 * np.array(latencies)
+    return {"requests": len(latencies), "rps": len(latencies) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "errors": errors[0]}
+
+
+def batching(model: str, paths: list[str], threads: int) -> dict[int, float]:
+    """ONNX Runtime images/s at batch 1 and 8 on real inputs: does batching concurrent requests pay?"""
+    predictor = Predictor(model, threads)
+    x = [preprocess.load(p, predictor.contract) for p in paths[:8]]
+    out = {}
+    for size in (1, 8):
+        predictor.run(x[:size])
+        times = []
+        for _ in range(max(3, 24 // size)):
+            start = time.perf_counter()
+            predictor.run(x[:size])
+            times.append(time.perf_counter() - start)
+        out[size] = size / statistics.median(times)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="ONNX file from python -m fracture.export")
+    parser.add_argument("--images", type=Path, help="folder of images to send (default: synthetic 454x373 JPEGs)")
+    parser.add_argument("--n-images", type=int, default=64, help="how many images to cycle through")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200, help="per client")
+    parser.add_argument("--workers", type=int, default=2, help="the server's --workers")
+    parser.add_argument("--warmup", type=int, default=16, help="requests per client before the first memory reading")
+    ns = parser.parse_args()
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="fracture-serve-bench-"))
+    if ns.images:
+        paths = [str(p) for p in sorted(ns.images.rglob("*")) if p.is_file() and preprocess.is_image_file(p)][: ns.n_images]
+    else:
+        paths = write_jpegs(work / "jpegs", ns.n_images, shape=(454, 373))
+    bodies = [form(Path(p).name, Path(p).read_bytes()) for p in paths]
+    total = ns.clients * ns.requests
+
+    server = subprocess.Popen([sys.executable, "-m", "fracture.serve", ns.model, "--port", "0", "--workers", str(ns.workers),
+                               "--queue", str(2 * ns.clients)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()
+        if "http://" not in line:
+            print(f"error: the server did not start ({line.strip()})", file=sys.stderr)
+            return 2
+        host, port = line.split("http://")[1].split("/")[0].rsplit(":", 1)
+        warm = load(host, int(port), bodies, ns.clients, ns.warmup, "")  # at full concurrency: onnxruntime grows its arenas once
+        assert warm["errors"] == 0, "warm-up requests failed"
+        rss = {"after warm-up": rss_mb(server.pid)}
+        runs = {}
+        for label, query in (("with PNGs (the page)", ""), ("numbers only (?images=0)", "?images=0")):
+            runs[label] = load(host, int(port), bodies, ns.clients, ns.requests, query)
+            rss[f"after {label}"] = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    predictor = Predictor(ns.model, cores)
+    list(predictor.predict(paths[:8], show_progress=False))
+    every = [paths[i % len(paths)] for i in range(total)]
+    start = time.perf_counter()
+    rows = list(predictor.predict(every, show_progress=False))
+    predict_ips = len(rows) / (time.perf_counter() - start)
+    assert not any(r.error for r in rows)
+    batch = batching(ns.model, paths, cores)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    meta = predictor.metadata
+    print(f"CPU: {cpu}, {cores} cores; onnxruntime {ort.__version__}; model {Path(ns.model).name} ({meta.get('head', 'classify')}, "
+          f"{predictor.contract.image_size} px); {len(paths)} distinct images; server --workers {ns.workers}; load generator on the same cores")
+    print(f"\n{ns.clients} clients x {ns.requests} requests, one image each:\n")
+    print("| | requests/s | p50 ms | p95 ms | p99 ms | errors | × fracture.predict |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in runs.items():
+        print(f"| serve, {label} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} of {r['requests']} | {r['rps'] / predict_ips:.2f} |")
+    print(f"| fracture.predict, same files, batch 32 | {predict_ips:.1f} | | | | 0 of {len(rows)} | 1.00 |")
+    base = rss["after warm-up"]
+    print("\nserver resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
+          + f"; growth {100 * (max(rss.values()) / base - 1):+.1f} % over {2 * total} requests")
+    print(f"batching: ONNX Runtime {batch[1]:.1f} images/s at batch 1, {batch[8]:.1f} at batch 8 ({batch[8] / batch[1]:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
