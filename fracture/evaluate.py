@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fracture import detection, localisation, metrics, preprocess
+from fracture import detection, localisation, metrics, plots, preprocess
 from fracture.annotations import Columns, DatasetError, read_split
 from fracture.progress import progress
 
@@ -48,7 +48,7 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
     import torch
 
     from fracture.explain import grad_cam
-    from fracture.export import load_classifier
+    from fracture.checkpoint import load_classifier
 
     model = load_classifier(ckpt)
     out, found = [], []
@@ -145,114 +145,6 @@ def _fmt(value: float, ci: tuple[float, float] | None = None) -> str:
     return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
-def plots(out: Path, probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float], paths: list[str], run_dir: Path | None) -> list[str]:
-    """Write the PNGs; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    colors = {"default": "tab:gray", "screening": "tab:red", "balanced": "tab:blue"}
-    fpr, tpr, cut = metrics.roc_curve(probs, labels)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(fpr, tpr, lw=2, label=f"ROC (AUROC {metrics.auroc(probs, labels):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    for name, t in thresholds.items():
-        m = metrics.binary_metrics(probs, labels, t)
-        ax.plot(1 - m["specificity"], m["sensitivity"], "o", ms=8, color=colors.get(name, "tab:green"), label=f"{name} (t={t:.3f})")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, fractured = positive")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
-    plt.close(fig)
-    made.append("roc.png")
-
-    order = np.argsort(-probs, kind="mergesort")
-    tp = np.cumsum(labels[order])
-    precision = tp / np.arange(1, len(order) + 1)
-    recall = tp / max(labels.sum(), 1)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(recall, precision, lw=2, label=f"AP {metrics.average_precision(probs, labels):.3f}")
-    ax.axhline(labels.mean(), color="k", ls="--", lw=0.8, label=f"prevalence {labels.mean():.2f}")
-    for name, t in thresholds.items():
-        m = metrics.binary_metrics(probs, labels, t)
-        ax.plot(m["sensitivity"], m["precision"], "o", ms=8, color=colors.get(name, "tab:green"), label=name)
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pr.png", dpi=120)
-    plt.close(fig)
-    made.append("pr.png")
-
-    fig, axes = plt.subplots(1, len(thresholds), figsize=(3.3 * len(thresholds), 3.3))
-    for ax, (name, t) in zip(np.atleast_1d(axes), thresholds.items()):
-        c = metrics.confusion(probs, labels, t)
-        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-        ax.imshow(grid, cmap="Blues")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=12, color="black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["not fr.", "fractured"], yticklabels=["not fr.", "fractured"], xlabel="predicted", ylabel="true", title=f"{name} (t={t:.3f})")
-    fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=120)
-    plt.close(fig)
-    made.append("confusion.png")
-
-    bins = metrics.calibration_bins(probs, labels)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    full = [b for b in bins if b["n"]]
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
-    ax.plot([b["mean_prob"] for b in full], [b["observed"] for b in full], "o-", label=f"model (ECE {metrics.expected_calibration_error(probs, labels):.3f})")
-    ax2 = ax.twinx()
-    ax2.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09, alpha=0.2, color="gray")
-    ax2.set_ylabel("images per bin")
-    ax.set(xlabel="predicted probability", ylabel="observed fractured rate", title="Reliability", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
-    plt.close(fig)
-    made.append("reliability.png")
-
-    log = run_dir / "metrics.csv" if run_dir else None
-    if log and log.is_file():
-        df = pd.read_csv(log)
-        by_epoch = df.groupby("epoch").max(numeric_only=True)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-        for key in ("train/loss_epoch", "val/loss"):
-            if key in by_epoch:
-                a1.plot(by_epoch.index, by_epoch[key], "o-", label=key)
-        for key in ("train/auroc", "val/auroc", "val/sensitivity", "val/specificity"):
-            if key in by_epoch:
-                a2.plot(by_epoch.index, by_epoch[key], "o-", label=key)
-        a1.set(xlabel="epoch", title="loss")
-        a2.set(xlabel="epoch", title="validation metrics", ylim=(0, 1.02))
-        a1.legend(fontsize=8)
-        a2.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=120)
-        plt.close(fig)
-        made.append("training_curves.png")
-
-    fn = [i for i in np.argsort(probs) if labels[i] == 1][:6]
-    fp = [i for i in np.argsort(-probs) if labels[i] == 0][:6]
-    cols = max(len(fn), len(fp), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 5), squeeze=False)
-    for row, (title, picks) in enumerate((("missed fracture", fn), ("false alarm", fp))):
-        for k in range(cols):
-            ax = axes[row][k]
-            ax.axis("off")
-            if k < len(picks):
-                i = picks[k]
-                ax.imshow(preprocess.read_image(paths[i]), cmap="gray")
-                ax.set_title(f"{title}\np={probs[i]:.3f}\n{Path(paths[i]).name}", fontsize=7)
-    fig.suptitle("Most confident errors (false negatives top, false positives bottom)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "errors.png", dpi=110)
-    plt.close(fig)
-    made.append("errors.png")
-    return made
-
-
 def audit_summary(root: Path) -> list[str]:
     path = root / "audit.json"
     if not path.is_file():
@@ -302,7 +194,7 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
         result["operating_points"][name] = {"threshold": t, "metrics": point, "ci95": cis, "confusion": metrics.confusion(probs, labels, t)}
     op = operating_point or ("balanced" if "balanced" in thresholds else "default")
     result["subgroups"] = {"operating_point": op, "rows": subgroups(table, probs, thresholds[op], n_boot, seed)}
-    result["plots"] = plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
+    result["plots"] = plots.evaluation_plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
     studies = table["study"].to_numpy().astype(str) if "study" in table.columns else np.full(len(labels), "")
     if not (studies != "").any():  # no study column: DICOM files carry their own StudyInstanceUID / PatientID
         from fracture.predict import study_keys
@@ -443,10 +335,10 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from fracture.export import ExportError
+        from fracture.checkpoint import CheckpointError
         from fracture.predict import ModelError
 
-        if isinstance(exc, (ExportError, ModelError)):
+        if isinstance(exc, (CheckpointError, ModelError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

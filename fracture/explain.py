@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fracture import detection, heatmap, preprocess
-from fracture.export import ExportError, load_classifier
+from fracture.checkpoint import CheckpointError, load_classifier
 from fracture.model import FractureNet, normalise_cam
 from fracture.predict import expand_inputs
 from fracture.progress import progress
@@ -91,7 +91,7 @@ def main(args: list[str] | None = None) -> int:
         paths = expand_inputs(ns.images)[: ns.limit]
         ns.out.mkdir(parents=True, exist_ok=True)
         summary = explain(ns.ckpt, paths, ns.out, ns.boxes)
-    except (ExportError, ValueError) as exc:
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{summary['overlays']} overlays in {ns.out}" + (f"; {len(summary['failed'])} unreadable" if summary["failed"] else ""))

@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import Logger
 from fracture import __version__, metrics
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule, write_splits
-from fracture.export import load_classifier
+from fracture.checkpoint import load_classifier
 from fracture.module import FractureClassifier, TrainingDiverged
 from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, newest, trim_log
 

@@ -27,7 +27,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fracture.export import export_model, load_classifier, quantize_static_qdq
+from fracture.checkpoint import load_classifier
+from fracture.export import export_model
+from fracture.quantize import quantize_static_qdq
 from fracture.module import FractureClassifier
 from fracture.networks import SeedCNN
 from fracture.predict import Predictor

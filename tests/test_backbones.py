@@ -15,7 +15,8 @@ import torchvision
 from conftest import tiny_fit_args
 from fracture import fit, preprocess
 from fracture.data import FractureDataModule
-from fracture.export import export, export_model, load_classifier
+from fracture.checkpoint import load_classifier
+from fracture.export import export, export_model
 from fracture.model import build_network
 from fracture.module import FractureClassifier
 from fracture.networks import ResNet, SeedCNN, Torchvision

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fracture import evaluate, metrics, preprocess
-from fracture.export import load_classifier
+from fracture.checkpoint import load_classifier
 
 
 def test_bootstrap_contains_the_estimate_and_is_reproducible() -> None:

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from fracture import export as export_mod
+from fracture import graph
 from fracture import preprocess
-from fracture.export import Deployable, ExportError, export, load_classifier, parity_inputs, quantize_int8, sha256
+from fracture.checkpoint import load_classifier
+from fracture.export import export
+from fracture.graph import Deployable, ExportError, parity_inputs
+from fracture.predict import file_sha256 as sha256
+from fracture.quantize import quantize_int8
 
 
 def test_onnx_matches_checkpoint_at_batch_1_and_7(tiny_ckpt: Path, tiny_onnx: Path) -> None:
@@ -48,7 +53,7 @@ def test_metadata_carries_the_deployment_contract(tiny_ckpt: Path, tiny_onnx: Pa
 def test_failed_parity_leaves_the_old_file_untouched(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
-    monkeypatch.setattr(export_mod, "PARITY_ATOL", -1.0)
+    monkeypatch.setattr(graph, "PARITY_ATOL", -1.0)
     with pytest.raises(ExportError, match="differ"):
         export(tiny_ckpt, out)
     assert out.read_bytes() == b"previous export"
@@ -86,7 +91,7 @@ def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx:
 
 def test_int8_operating_points_are_rechosen_for_the_int8_probabilities() -> None:
     from fracture import metrics
-    from fracture.export import int8_operating_points
+    from fracture.quantize import int8_operating_points
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

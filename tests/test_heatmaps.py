@@ -14,7 +14,9 @@ import torch
 from conftest import REPO
 from fracture import heatmap, preprocess
 from fracture.explain import explain, grad_cam
-from fracture.export import export, load_classifier, parity_inputs
+from fracture.checkpoint import load_classifier
+from fracture.export import export
+from fracture.graph import parity_inputs
 from fracture.model import build_network, cam_from_features, normalise_cam
 from fracture.preprocess import Contract
 from test_predict import BLOCK_TRAINING_LIBS

@@ -18,7 +18,10 @@ import torch
 from conftest import REPO
 from fracture import detection, evaluate, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
-from fracture.export import Deployable, export, load_classifier, quantize_int8
+from fracture.checkpoint import load_classifier
+from fracture.export import export
+from fracture.graph import Deployable
+from fracture.quantize import quantize_int8
 from fracture.model import build_network
 from fracture.losses import map_loss
 from fracture.model import MirrorTTA

@@ -17,7 +17,8 @@ from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from conftest import REPO
 from fracture import heatmap, predict, preprocess
-from fracture.export import Deployable, load_classifier
+from fracture.checkpoint import load_classifier
+from fracture.graph import Deployable
 from fracture.predict import ModelError, Predictor
 
 BLOCKER = """
@@ -165,7 +166,12 @@ def test_dicom_round_trip(tmp_path: Path, tiny_onnx: Path) -> None:
 
 
 def test_rows_stream_to_out_and_resume_completes_a_killed_run(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
-    images = sorted((synth_root / "test" / "images").glob("*.png"))
+    sources = sorted((synth_root / "test" / "images").glob("*.png"))
+    (tmp_path / "many").mkdir()
+    images = []  # enough distinct files that the run cannot finish between two polls
+    for k in range(240):
+        images.append(tmp_path / "many" / f"{k:03d}_{sources[k % len(sources)].name}")
+        images[-1].symlink_to(sources[k % len(sources)])
     out = tmp_path / "preds.csv"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # a run killed mid-way (SIGKILL after the first rows reach the file) keeps what it wrote

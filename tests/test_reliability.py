@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, tiny_fit_args
 from fracture import fit, metrics, preprocess
-from fracture.export import load_classifier
+from fracture.checkpoint import load_classifier
 from fracture.module import FractureClassifier
 from fracture.runio import AtomicCheckpointIO
 

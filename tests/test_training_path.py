@@ -19,7 +19,7 @@ from conftest import REPO, tiny_fit_args
 from fracture import fit, preprocess
 from fracture.augment import device_augment
 from fracture.data import Augmentation, FractureDataModule
-from fracture.export import load_classifier
+from fracture.checkpoint import load_classifier
 from fracture.metrics import auroc
 from fracture.synth import radiograph
 

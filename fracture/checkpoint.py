@@ -1,0 +1,80 @@
+"""Checkpoints on disk: load one (today's layout or an older one) without unpickling code, find the latest.
+
+Torch-side, below ``fracture.export``, ``fracture.evaluate`` and ``fracture.fit``, which all load checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fracture import networks
+from fracture.module import FractureClassifier
+from fracture.runio import newest
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; printed without a traceback."""
+
+
+LEGACY_KEYS = ("arch", "weights", "head", "widths", "dense", "dropout", "dense_dropout", "pool")
+
+
+RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs")
+
+
+def upgrade(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hyperparameters, weights) of a checkpoint in today's form; older ones had flat network and recipe options
+    and kept EMA weights as a submodule (``ema.module.*``, which is what they evaluated and exported)."""
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}  # LightningCLI's _instantiator
+    state = dict(checkpoint["state_dict"])
+    if "net" not in hparams:
+        hparams["net"] = networks.from_legacy(hparams).config()
+        hparams["recipe"] = {k: hparams[k] for k in RECIPE_KEYS if k in hparams}
+        hparams = {k: v for k, v in hparams.items() if k not in LEGACY_KEYS + RECIPE_KEYS}
+    if any(k.startswith("ema.module.") for k in state):
+        state = {"net." + k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    state = {k: v for k, v in state.items() if not k.startswith("ema.") and k != "pos_weight"}
+    return hparams, state
+
+
+def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
+    """Load a checkpoint (today's or an older one) without unpickling arbitrary objects."""
+    try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        hparams, state = upgrade(checkpoint)
+        model = FractureClassifier(**hparams)  # a stored network config drops `weights`: the checkpoint holds them
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(state)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: checkpoint not found") from None
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise CheckpointError(f"{ckpt}: not a usable fracture checkpoint ({type(exc).__name__}: {exc})") from None
+    return model.eval()
+
+
+def latest_best(output_dir: str | os.PathLike = "checkpoints") -> Path:
+    """The best checkpoint of the most recent run."""
+    found = newest(output_dir, "best-*.ckpt")
+    if found is None:
+        raise CheckpointError(f"no best-*.ckpt under {output_dir}/; train first (python -m fracture.fit) or pass --ckpt")
+    return found
+
+
+def run_split(ckpt: Path, split: str, with_study: bool = False) -> tuple | None:
+    """Paths and labels (and study keys, "" when none) of one split of the checkpoint's run, from its splits.csv."""
+    table = ckpt.parent / "splits.csv"
+    if not table.is_file():
+        return None
+    import pandas as pd
+
+    rows = pd.read_csv(table, keep_default_na=False, dtype={"study": str})
+    rows = rows[rows["split"] == split]
+    if not len(rows):
+        return None
+    found = (rows["path"].tolist(), rows["label"].to_numpy().astype(int))
+    return (*found, rows["study"].to_numpy() if "study" in rows.columns else np.full(len(rows), "")) if with_study else found

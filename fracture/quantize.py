@@ -1,0 +1,140 @@
+"""INT8 (static QDQ) from an FP32 ONNX file, kept only when it keeps its promises on labelled images.
+
+Operating points are re-checked with the INT8 model and re-chosen for it; the file is kept only if AUROC
+drops by at most 0.01 and no operating point loses more than ``MAX_SENSITIVITY_LOSS`` sensitivity.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from fracture import metrics, preprocess
+from fracture.checkpoint import run_split
+from fracture.graph import METADATA_KEY, ExportError, install, predict_probabilities, session, write_metadata
+
+class Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed images."""
+
+    def __init__(self, paths: list[str], contract: preprocess.Contract, batch: int = 16) -> None:
+        self.batches = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
+        self.contract = contract
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self.batches, None)
+        if chunk is None:
+            return None
+        return {"image": preprocess.load_batch(chunk, self.contract)}
+
+
+def image_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and preprocess.is_image_file(p))
+
+
+def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract: preprocess.Contract) -> None:
+    """Static QDQ INT8: per-channel int8 weights, int8 activations, MinMax calibration on ``calibration``.
+
+    Conv, ReLU, pooling and hidden dense layers run in int8; the last dense layer
+    and the sigmoid stay float so probabilities keep their resolution (no ties).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmpdir:
+        pre = Path(tmpdir) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        nodes = list(onnx.load(str(pre)).graph.node)
+        last_dense = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul", "Conv"))
+        quantize_static(
+            str(pre),
+            str(out),
+            Calibration(calibration, contract),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[n.name for n in nodes[last_dense:]],
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+
+def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_split: Path | None = None, max_calibration: int = 256, max_auroc_drop: float = 0.01) -> dict[str, Any]:
+    """INT8 calibrated on training images, installed only if it keeps its promises on a labelled split.
+
+    Kept when AUROC drops by at most ``max_auroc_drop`` and, at every operating point (re-chosen for the
+    INT8 model on that split and stored in its metadata), sensitivity stays within ``MAX_SENSITIVITY_LOSS``
+    of FP32's.
+
+    Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
+    root, else every image under ``calibration``. Evaluation: ``eval_split`` (a
+    split folder with annotations.csv), else the checkpoint run's validation split.
+    """
+    from fracture.annotations import read_split
+
+    meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
+    contract = preprocess.Contract.from_dict(meta["contract"])
+    if (calibration / "train" / "annotations.csv").is_file():
+        calib = read_split(calibration / "train")["path"].tolist()
+    else:
+        calib = image_files(calibration)
+    if not calib:
+        raise ExportError(f"no calibration images under {calibration}")
+    calib = [calib[i] for i in np.random.default_rng(0).permutation(len(calib))[:max_calibration]]
+    if eval_split is not None:
+        table = read_split(eval_split)
+        labelled = (table["path"].tolist(), table["label"].to_numpy())
+    else:
+        labelled = run_split(ckpt, "val")
+    if labelled is None:
+        raise ExportError("--int8 needs a labelled split to check AUROC: pass --int8-eval SPLIT_DIR (a folder with images/ and annotations.csv)")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as tmpdir:
+        tmp = Path(tmpdir) / out.name
+        quantize_static_qdq(fp32, tmp, calib, contract)
+        p32 = predict_probabilities(fp32, labelled[0], contract)
+        p8 = predict_probabilities(tmp, labelled[0], contract)
+        report = {
+            "n": int(len(p32)),
+            "calibration_images": len(calib),
+            "max_abs_prob_diff": float(np.abs(p32 - p8).max()),
+            "auroc_fp32": metrics.auroc(p32, labelled[1]),
+            "auroc_int8": metrics.auroc(p8, labelled[1]),
+        }
+        report["auroc_drop"] = report["auroc_fp32"] - report["auroc_int8"]
+        points, rechosen = int8_operating_points(p32, p8, labelled[1], meta["thresholds"], float(meta.get("screening_sensitivity", 0.95)))
+        report["operating_points"] = points
+        lost = [n for n, pt in points.items() if pt["int8"]["sensitivity"] < pt["fp32"]["sensitivity"] - MAX_SENSITIVITY_LOSS]
+        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop and not lost)
+        if lost:
+            report["reason"] = f"INT8 sensitivity at {', '.join(lost)} fell more than {MAX_SENSITIVITY_LOSS} below FP32's"
+        elif not report["kept"]:
+            report["reason"] = f"AUROC dropped by more than {max_auroc_drop}"
+        if report["kept"]:
+            write_metadata(tmp, {**meta, "thresholds": rechosen, "thresholds_fp32": meta["thresholds"],
+                                  "quantization": {"format": "QDQ", "weights": "int8 per-channel", "activations": "int8", **report}})
+            install(tmp, out)
+    return report
+
+
+MAX_SENSITIVITY_LOSS = 0.02  # on the validation split, at each operating point re-chosen for the INT8 model
+
+
+def int8_operating_points(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, thresholds: dict[str, float],
+                          screening_sensitivity: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each stored operating point checked with the INT8 model and re-chosen for it on the same labelled split.
+
+    Returns the per-point report (FP32 at its threshold, INT8 at the same threshold, INT8 at its own) and
+    the INT8 thresholds to store.
+    """
+    rechosen = {**thresholds, **metrics.operating_points(p8, labels, screening_sensitivity)}
+    keep = ("sensitivity", "specificity")
+    points = {}
+    for name, t in thresholds.items():
+        m32, same, own = (metrics.binary_metrics(p, labels, th) for p, th in ((p32, t), (p8, t), (p8, rechosen[name])))
+        points[name] = {"threshold_fp32": t, "fp32": {k: m32[k] for k in keep}, "int8_at_fp32_threshold": {k: same[k] for k in keep},
+                        "threshold_int8": rechosen[name], "int8": {k: own[k] for k in keep}}
+    return points, rechosen
