@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import ipaddress
 import logging
 import math
@@ -361,13 +362,12 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds to receive and answer one request")
     parser.add_argument("--display-side", type=int, default=defaults.display_side, help="longest side of the PNGs sent back")
     ns = parser.parse_args(args)
-    try:
-        import uvicorn
-        import starlette  # noqa: F401
-        import python_multipart  # noqa: F401
-    except ImportError as exc:
-        print(f"error: serving needs the serve extra: pip install 'fracture[serve]' ({exc})", file=sys.stderr)
+    missing = [name for name in ("uvicorn", "starlette", "python_multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: serving needs the serve extra (missing {', '.join(missing)}): pip install 'fracture[serve]'", file=sys.stderr)
         return 2
+    import uvicorn
+
     limits = Limits(ns.max_upload_mb, ns.max_files, ns.max_megapixels, ns.timeout, ns.workers, ns.queue, ns.display_side)
     if min(limits.workers, limits.max_files) < 1 or limits.queue < 0 or min(limits.timeout_s, limits.max_upload_mb, limits.max_megapixels) <= 0:
         print("error: --workers and --max-files must be at least 1, --queue at least 0, limits positive", file=sys.stderr)
