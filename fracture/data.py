@@ -251,7 +251,7 @@ class FractureDataModule(L.LightningDataModule):
             ``cache_dir`` and memory-mapped by all of them (one copy, in the page cache).
         cache_dir: where ``disk`` (and shared ``memory``) caches live.
         crop: train on random ``crop`` px squares of the ``image_size`` input (validation and test see the
-            whole input; needs a fully convolutional model such as ``model.head: localise``); ``null`` = no crop.
+            whole input; needs a fully convolutional model such as ``head: localise`` under ``model.net``); ``null`` = no crop.
         crop_on_box: probability that a training crop is placed over a fracture box (images with boxes).
         reduced_decode: decode large JPEGs at 1/2-1/8 scale when that stays at or above ``image_size``
             (recorded in the contract, so deployment decodes the same way).

@@ -47,6 +47,22 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def native_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX): where bf16-mixed trains 2.1-2.5x faster (README table)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_precision(accelerator: str) -> str:
+    """``trainer.precision`` when a config leaves it unset: bf16-mixed on a CPU with native bf16, else 32-bit."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return "bf16-mixed" if on_cpu and native_bf16() else "32-true"
+
+
 class Throughput(Callback):
     """Per epoch's training part: wall time, images/s over all processes and, on a GPU, peak memory (logged as ``perf/*``)."""
 
@@ -127,6 +143,10 @@ class FractureCLI(LightningCLI):
         # Lightning's save_last only refreshes last.ckpt when the best one changed; a run killed later would lose epochs
         latest = ModelCheckpoint(dirpath=self.run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, Throughput(), EpochSummary()]
+        if trainer_cfg.get("precision") is None:
+            kwargs["precision"] = default_precision(str(trainer_cfg.get("accelerator") or "auto"))
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"trainer.precision unset: {kwargs['precision']} (the fastest measured for this hardware; set it to choose)", file=sys.stderr)
         plugins = trainer_cfg.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         if trainer_cfg.get("logger") is not False:

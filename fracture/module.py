@@ -8,6 +8,7 @@ validation and stored in the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict
 from typing import Any, Literal
@@ -49,7 +50,7 @@ class FractureClassifier(L.LightningModule):
         ema_decay: keep an exponential moving average of the weights (e.g. 0.999) with Lightning's
             ``EMAWeightAveraging``; validation, checkpoints, test and export use it. ``null`` = off.
         tta: average the outputs of the image and its mirror at evaluation (and in the ONNX file).
-        channels_last: train with NHWC memory layout (faster convolutions on recent GPUs; see the README's table for CPUs).
+        channels_last: train with NHWC memory layout; ``null`` = on when training in bf16 on a CPU (measured fastest there).
         pos_weight: weight of the fractured class in the loss; ``auto`` = negatives/positives of the train split.
         map_weight: weight of the per-cell map loss against the image losses (localise head).
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
@@ -57,7 +58,7 @@ class FractureClassifier(L.LightningModule):
         mean, std: normalisation of the 0..1-scaled pixels.
     """
 
-    def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool = False,
+    def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
                  pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, screening_sensitivity: float = 0.95,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
                  reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25) -> None:
@@ -73,6 +74,7 @@ class FractureClassifier(L.LightningModule):
         if image_size % self.size_multiple:
             raise ValueError(f"the localise head on {self.spec.name} needs data.image_size divisible by {self.size_multiple}, got {image_size}")
         self.pos_weight = 1.0 if pos_weight in (None, "auto") else float(pos_weight)
+        self.channels_last = bool(channels_last)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", _metric_collection(f"{stage}/"))
             if stage != "train":
@@ -95,7 +97,9 @@ class FractureClassifier(L.LightningModule):
         return self.net(x) if self.training else self.evaluation_net(x)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.channels_last:
+        auto = type(self.trainer.accelerator).__name__ == "CPUAccelerator" and str(self.trainer.precision).startswith("bf16")
+        self.channels_last = auto if self.hparams.channels_last is None else self.hparams.channels_last
+        if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -126,14 +130,16 @@ class FractureClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, ...], stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[1]
-        if self.hparams.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             batch = (x, *batch[1:])
-        if self.localise:
-            logits, loss = self._localise_step(batch, stage)
-        else:
-            logits = self(x)
-            loss = image_loss(logits, y, self.pos_weight)
+        # mixed precision trains; evaluation runs in fp32, as the ONNX file does, so thresholds fit what ships
+        with torch.autocast(x.device.type, enabled=False) if stage != "train" else contextlib.nullcontext():
+            if self.localise:
+                logits, loss = self._localise_step(batch, stage)
+            else:
+                logits = self(x)
+                loss = image_loss(logits, y, self.pos_weight)
         if stage == "train" and not torch.isfinite(loss):
             raise TrainingDiverged(f"training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}")
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=stage != "train")

@@ -9,7 +9,7 @@ itself). DICOM (``.dcm``) works when pydicom is installed (``fracture[dicom]``).
 The preprocessing (size, resize, scaling) is read from the model's metadata,
 never from flags. A file that cannot be read becomes an error row; the others
 are still predicted and the exit code is 1. Models with a fracture map
-(``model.head: localise``) also give boxes in original-image pixels (``x0, y0,
+(``head: localise`` under ``model.net``) also give boxes in original-image pixels (``x0, y0,
 x1, y1, score``): one CSV row per box, or a ``boxes`` list per image in JSON;
 ``--heatmaps`` draws them. Imports numpy, OpenCV and onnxruntime only.
 """

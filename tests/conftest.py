@@ -30,6 +30,7 @@ def tiny_fit_args(root: Path, out: Path, *extra: str, epochs: int = 2) -> list[s
         "--data.batch_size", "16",
         "--trainer.max_epochs", str(epochs),
         "--trainer.accelerator", "cpu",
+        "--trainer.precision", "32",  # the same numerics on every CI machine (the unset default depends on the CPU)
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--output_dir", str(out),
@@ -65,8 +66,8 @@ def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("locrun")
     args = ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
             "--data.crop", "64", "--model.net.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--output_dir", str(out), "--run_name", "loc"]
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--output_dir", str(out), "--run_name", "loc"]
     from fracture import fit
 
     assert fit.main(args) == 0

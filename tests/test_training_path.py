@@ -86,6 +86,14 @@ def test_bf16_device_augmented_channels_last_smoke_fit(synth_root: Path, tmp_pat
     logs = pd.read_csv(tmp_path / "tiny" / "metrics.csv")
     assert logs["val/auroc"].notna().sum() == 1 and np.isfinite(logs["train/loss_epoch"].dropna()).all()
     assert (logs["perf/images_per_s"].dropna() > 0).sum() == 1 and (logs["perf/train_epoch_s"].dropna() > 0).all()
+    # trained in bf16, validated in fp32: the logged AUROC is the one the fp32 weights (and the ONNX file) give
+    model = load_classifier(tmp_path / "tiny" / "last.ckpt")
+    dm = FractureDataModule(root=str(synth_root), image_size=64, num_workers=0)
+    dm.setup("fit")
+    with torch.no_grad():
+        probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
+    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
+    assert auroc(probs, labels) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
 
 
 def _fit_process(args: list[str], **kw) -> subprocess.Popen:
@@ -123,3 +131,12 @@ def test_two_process_ddp_with_ema_trains_validates_averaged_weights_and_resumes_
         probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
     labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
     assert auroc(probs, labels) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
+
+
+def test_unset_precision_picks_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fit, "native_bf16", lambda: True)
+    assert fit.default_precision("auto") == fit.default_precision("cpu") == "bf16-mixed"
+    assert fit.default_precision("gpu") == "32-true"
+    monkeypatch.setattr(fit, "native_bf16", lambda: False)
+    assert fit.default_precision("cpu") == "32-true"
