@@ -81,3 +81,21 @@ def loc_onnx(loc_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("locexport") / "loc.onnx"
     export(loc_run[1], out)
     return out
+
+
+def val_auroc_of(ckpt: Path, root: Path, image_size: int = 64) -> float:
+    """AUROC of a checkpoint's weights on its dataset's validation split, scored in one process in fp32."""
+    import numpy as np
+    import torch
+
+    from fracture.checkpoint import load_classifier
+    from fracture.data import FractureDataModule
+    from fracture.metrics import auroc
+
+    model = load_classifier(ckpt)
+    dm = FractureDataModule(root=str(root), image_size=image_size, num_workers=0)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    with torch.no_grad():
+        probs = torch.cat([torch.sigmoid(model(b[0])) for b in batches]).numpy()
+    return auroc(probs, np.concatenate([b[1].numpy() for b in batches]))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import tiny_fit_args
+from conftest import tiny_fit_args, val_auroc_of
 from fracture import fit, preprocess
 from fracture.data import FractureDataModule
 from fracture.checkpoint import load_classifier
@@ -74,17 +74,8 @@ def test_schedule_and_ema_in_a_real_run(synth_root: Path, tmp_path: Path) -> Non
     assert not any(k.startswith("ema.") for k in averaged) and set(averaged) == set(current)
     assert not torch.equal(averaged["net.backbone.features.0.weight"], current["net.backbone.features.0.weight"])
     # validation ran with the averaged weights: the checkpoint's weights reproduce the logged AUROC of that epoch
-    model = load_classifier(tmp_path / "tiny" / "last.ckpt")
-    dm = FractureDataModule(root=str(synth_root), image_size=64, num_workers=0)
-    dm.setup("fit")
-    with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
-    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
     logs = pd.read_csv(tmp_path / "tiny" / "metrics.csv")
-    logged = logs["val/auroc"].dropna().iloc[-1]
-    from fracture.metrics import auroc
-
-    assert auroc(probs, labels) == pytest.approx(logged, abs=1e-6)
+    assert val_auroc_of(tmp_path / "tiny" / "last.ckpt", synth_root) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
     assert logs["val/auroc"].notna().sum() == 2
 
 

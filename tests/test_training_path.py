@@ -15,12 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, tiny_fit_args
+from conftest import REPO, tiny_fit_args, val_auroc_of
 from fracture import fit, preprocess
 from fracture.augment import device_augment
 from fracture.data import Augmentation, FractureDataModule
-from fracture.checkpoint import load_classifier
-from fracture.metrics import auroc
 from fracture.synth import radiograph
 
 GEOMETRY = Augmentation(rotation=15.0, translate=0.1, scale_min=0.8, scale_max=1.2, hflip=0.5, brightness=0.0, contrast=0.0, noise_std=0.0)
@@ -87,13 +85,7 @@ def test_bf16_device_augmented_channels_last_smoke_fit(synth_root: Path, tmp_pat
     assert logs["val/auroc"].notna().sum() == 1 and np.isfinite(logs["train/loss_epoch"].dropna()).all()
     assert (logs["perf/images_per_s"].dropna() > 0).sum() == 1 and (logs["perf/train_epoch_s"].dropna() > 0).all()
     # trained in bf16, validated in fp32: the logged AUROC is the one the fp32 weights (and the ONNX file) give
-    model = load_classifier(tmp_path / "tiny" / "last.ckpt")
-    dm = FractureDataModule(root=str(synth_root), image_size=64, num_workers=0)
-    dm.setup("fit")
-    with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
-    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
-    assert auroc(probs, labels) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
+    assert val_auroc_of(tmp_path / "tiny" / "last.ckpt", synth_root) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
 
 
 def _fit_process(args: list[str], **kw) -> subprocess.Popen:
@@ -124,13 +116,7 @@ def test_two_process_ddp_with_ema_trains_validates_averaged_weights_and_resumes_
     epochs = logs.dropna(subset=["val/auroc"])["epoch"].astype(int).tolist()
     assert epochs == list(range(killed_at + 2))  # every epoch once: the killed run's rows kept, none duplicated
     # the 2-process validation (each image once, averaged weights) equals one process scoring the checkpoint's averaged weights
-    model = load_classifier(run / "last.ckpt")
-    dm = FractureDataModule(root=str(synth_root), image_size=64, num_workers=0)
-    dm.setup("fit")
-    with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(model(b[0])) for b in dm.val_dataloader()]).numpy()
-    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
-    assert auroc(probs, labels) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
+    assert val_auroc_of(run / "last.ckpt", synth_root) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
 
 
 def test_unset_precision_picks_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
