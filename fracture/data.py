@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fracture import detection, preprocess
-from fracture.augment import device_augment
 from fracture.annotations import Columns, DatasetError, load_splits
+from fracture.augment import device_augment
 from fracture.audit import exact_leaks
 from fracture.progress import progress
 

@@ -9,7 +9,7 @@ venv=${VENV:-/tmp/fracture-floors}
 python=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "lightning==2.6.0" "torchmetrics==1.3.0" "onnxruntime==1.19.0" \
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "lightning==2.6.0" "torchmetrics==1.3.1" "onnxruntime==1.19.0" \
     "numpy==1.26.4" "opencv-python-headless==4.8.1.78" -e ".[train,dicom,serve,dev]"
 "$venv/bin/python" - <<'EOF'
 import cv2, lightning, numpy, onnxruntime, torch, torchmetrics
