@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh DATA_DIR [WHEELS_DIR]
 #
 # DATA_DIR: a dataset in the standard layout; on a machine with little room use a compact copy:
-#   python -m fracture.datasets compact data/fracatlas --out data/fracatlas-224 --size 224      # ~40 MiB
+#   python -m fracture.datasets compact data/fracatlas --out data/fracatlas-224 --size 224      # 17 MiB for FracAtlas
 # or `synthetic` to generate 2000 synthetic radiographs there. WHEELS_DIR (default data/wheels): wheels
 # of what the GPU machine lacks (jsonargparse), installed offline; fill it on a machine with network:
 #   pip download -d data/wheels --no-deps "jsonargparse>=4.27" docstring-parser typeshed-client
@@ -73,5 +73,5 @@ for name, point in test["operating_points"].items():
 EOF
 }
 
-run default-fp32 --config configs/default.yaml
+run default-fp32 --config configs/default.yaml --trainer.precision 32
 run fracatlas-bf16 --config configs/fracatlas.yaml "${BF16[@]}"
