@@ -18,6 +18,7 @@ Scoring follows the definitions used in the README:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -220,22 +221,81 @@ def detection_metrics(scored: dict[str, list[ImageScores]], index: np.ndarray | 
     return out
 
 
-def choose_box_threshold(maps: Sequence[np.ndarray], truths: Sequence[Sequence[Box]], thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-                         min_areas: Sequence[float] = (0.0, 0.0005, 0.002)) -> dict[str, float]:
-    """Box threshold and minimum area (fraction of the map) maximising mean FROC sensitivity at 0.5/1/2 FP per image.
+def choose_box_decoding(maps: Sequence[np.ndarray], truths: Sequence[Sequence[Box]], thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                        min_areas: Sequence[float] = (0.0, 0.0005, 0.002), peak_thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+                        max_boxes: Sequence[int] = (1, 2, 3)) -> dict[str, Any]:
+    """How a map becomes boxes, chosen by mean FROC sensitivity (centre hit) at 0.5/1/2 FP per image.
 
     ``maps`` are probability maps over the model input, ``truths`` pixel boxes in the same frame.
-    Ties go to the higher threshold (fewer boxes shown to a reader).
+    Candidates: ``regions`` (threshold x minimum area) and ``peaks`` (threshold x boxes per image, box
+    size = the median true box here). Ties go to the higher threshold and fewer boxes (less shown to a
+    reader) and to ``regions``: peaks must be strictly better.
     """
-    best = {"box_threshold": 0.5, "min_area_fraction": 0.0, "froc_mean": -1.0}
+    def froc_mean(preds: Sequence[Sequence[Sequence[float]]]) -> float:
+        return float(np.mean(list(froc([ImageScores(p, tr, "centre") for p, tr in zip(preds, truths)]).values())))
+
+    best: dict[str, Any] = {"box_method": "regions", "box_threshold": 0.5, "min_area_fraction": 0.0, "froc_mean": -1.0}
     for t in thresholds:
         raw = [map_to_boxes(m, t) for m in maps]
         for area in min_areas:
-            preds = [[b for b in r if (b[2] - b[0]) * (b[3] - b[1]) >= area * m.size] for r, m in zip(raw, maps)]  # = map_to_boxes(m, t, area * m.size)
-            score = float(np.mean(list(froc([ImageScores(p, tr, "centre") for p, tr in zip(preds, truths)]).values())))
+            score = froc_mean([[b for b in r if (b[2] - b[0]) * (b[3] - b[1]) >= area * m.size] for r, m in zip(raw, maps)])  # = map_to_boxes(m, t, area * m.size)
             if score >= best["froc_mean"]:
-                best = {"box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}
+                best = {"box_method": "regions", "box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}
+    sizes = np.array([(b[2] - b[0], b[3] - b[1]) for boxes in truths for b in boxes], float).reshape(-1, 2)
+    if not len(sizes) or not peak_thresholds or not max_boxes:
+        return best
+    side = maps[0].shape[0]
+    box_size = (float(np.median(sizes[:, 0])) / side, float(np.median(sizes[:, 1])) / side)
+    found = [peak_boxes(m, box_size[0] * side, box_size[1] * side, min(peak_thresholds), max(max_boxes), peak_window(side, side)) for m in maps]
+    chosen = None
+    for t in peak_thresholds:
+        for k in sorted(max_boxes, reverse=True):
+            score = froc_mean([[b for b in f if b[4] > t][:k] for f in found])  # = peak_boxes(m, …, t, k, …)
+            if score > best["froc_mean"] or (chosen is not None and score >= best["froc_mean"]):
+                best = {"box_method": "peaks", "box_threshold": float(t), "max_boxes": int(k), "box_size": list(box_size), "min_area_fraction": 0.0, "froc_mean": score}
+                chosen = best
     return best
+
+
+def peak_window(height: int, width: int, input_size: int | None = None, stride: int = 8) -> int:
+    """Odd side (pixels of a map shown at ``height x width``) of the neighbourhood a peak must top: 3 map cells."""
+    scale = max(height, width) / (input_size or max(height, width))
+    return int(round(3 * stride * scale)) | 1
+
+
+def peak_boxes(prob_map: np.ndarray, box_width: float, box_height: float, threshold: float, max_boxes: int, window: int) -> list[tuple[float, float, float, float, float]]:
+    """Local maxima of the map above ``threshold`` → boxes of a fixed size centred on them, scored by the peak.
+
+    A maximum inside an already kept box is skipped; at most ``max_boxes``, highest first; boxes are
+    clipped to the map. The box centre is the peak, so a centre hit means the map points into the fracture.
+    """
+    dilated = cv2.dilate(prob_map.astype(np.float32), np.ones((window, window), np.uint8))
+    ys, xs = np.nonzero((prob_map >= dilated) & (prob_map > threshold))
+    h, w = prob_map.shape
+    out: list[tuple[float, float, float, float, float]] = []
+    for j in np.argsort(-prob_map[ys, xs], kind="stable"):
+        cx, cy = xs[j] + 0.5, ys[j] + 0.5
+        if any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in out):
+            continue
+        out.append((max(cx - box_width / 2, 0.0), max(cy - box_height / 2, 0.0), min(cx + box_width / 2, float(w)), min(cy + box_height / 2, float(h)),
+                    float(prob_map[ys[j], xs[j]])))
+        if len(out) >= max_boxes:
+            break
+    return out
+
+
+def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int, contract: Contract) -> list[tuple[float, float, float, float, float]]:
+    """A localise model's map over the original ``height x width`` image → boxes there, as its stored ``params`` say.
+
+    ``params`` is the ``localisation`` metadata chosen on validation (no ``box_method``: ``regions``, older models).
+    """
+    if params.get("box_method", "regions") == "peaks":
+        g = geometry(height, width, contract)
+        sx, sy = width / g.inner_width, height / g.inner_height  # input pixels → original pixels
+        bw, bh = (v * contract.image_size for v in params["box_size"])
+        return peak_boxes(full, bw * sx, bh * sy, params["box_threshold"], int(params["max_boxes"]), peak_window(height, width, max(g.inner_height, g.inner_width)))
+    min_area = min_area_in_original(params.get("min_area_fraction", 0.0), height, width, contract)
+    return map_to_boxes(full, params.get("box_threshold", 0.5), min_area)
 
 
 def choose_fusion(labels: np.ndarray, logits: np.ndarray) -> tuple[float, dict[str, float]]:

@@ -88,18 +88,18 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     """Score the maps against the split's boxes (``fracture.localisation``); returns the summary with plot names."""
     contract = preprocess.Contract.from_dict(info["contract"])
     own = info.get("localisation")
-    if own:  # a localise model: its fracture map, with the box threshold chosen on validation
-        method, threshold, min_area, relative = "fracture map (localise head)", own["box_threshold"], own.get("min_area_fraction", 0.0), False
-    else:
-        method, threshold, min_area, relative = "Grad-CAM (classify model)", localisation.GRAD_CAM_BOX_THRESHOLD, 0.0, True
+    # a localise model: its fracture map, boxes decoded as chosen on validation; else a Grad-CAM
+    method = "fracture map (localise head)" if own else "Grad-CAM (classify model)"
+    decoding = {k: own[k] for k in ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size") if k in own} if own else None
     truths = [detection.parse_boxes(b) for b in table["boxes"]]
     centre = localisation.median_box_size(truths)
     results, paths = [], table["path"].tolist()
     for i in progress(range(len(paths)), desc="localise"):
         h, w = preprocess.read_image(paths[i]).shape
-        results.append(localisation.score_image(maps[i], h, w, contract, truths[i], float(probs[i]), threshold, min_area, relative, centre))
+        results.append(localisation.score_image(maps[i], h, w, contract, truths[i], float(probs[i]), decoding, centre))
     summary = localisation.summarise(results, groups, n_boot, seed)
-    summary.update({"method": method, "box_threshold": threshold, "min_area_fraction": min_area, "centre_box_size": list(centre)})
+    summary.update({"method": method, "boxes": decoding or {"box_method": "regions", "box_threshold": localisation.GRAD_CAM_BOX_THRESHOLD, "relative": True},
+                    "centre_box_size": list(centre)})
 
     def redo_map(i: int, image: np.ndarray) -> np.ndarray:
         from fracture import heatmap
@@ -277,13 +277,23 @@ def study_md(st: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def describe_boxes(params: dict[str, Any]) -> str:
+    """The box decoding in words, for the report."""
+    if params.get("box_method") == "peaks":
+        w, h = params["box_size"]
+        return (f"up to {params['max_boxes']} per image, centred on the map's local maxima above {params['box_threshold']:.2f}, "
+                f"{w:.3f} x {h:.3f} of the input (the median validation box)")
+    kind = "of each map's maximum" if params.get("relative") else "probability"
+    return f"regions above {params['box_threshold']:.2f} {kind}, at least {params.get('min_area_fraction', 0.0):g} of the input"
+
+
 def localisation_md(loc: dict[str, Any] | None) -> list[str]:
     if not loc:
         return []
     lines = [
         "", "## Where: localisation against the true boxes (95 % CI)",
         f"{loc['method']}; {loc['fractured_with_boxes']} fractured images with {loc['true_boxes']} boxes among {loc['images']} images; "
-        f"{loc['predicted_boxes']} predicted boxes (threshold {loc['box_threshold']:.2f}). False positives are counted over all images. "
+        f"{loc['predicted_boxes']} predicted boxes ({describe_boxes(loc['boxes'])}). False positives are counted over all images. "
         f"Centre baseline: a Gaussian at the centre (pointing) and one centred box of the median true size, scored by the image probability (FROC, AP).",
         "| measure | model | centre baseline |", "|---|---|---|",
     ]

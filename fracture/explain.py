@@ -60,9 +60,7 @@ def explain(ckpt: Path, paths: list[str], out: Path, boxes: Path | None = None) 
             prob, cam = grad_cam(model.net.eval(), x)
         full = heatmap.to_original(cam[0].numpy(), image.shape[0], image.shape[1], contract)
         if model.localise:
-            h, w = image.shape
-            loc = model.box_params
-            found_boxes = detection.map_to_boxes(full, loc.get("box_threshold", 0.5), detection.min_area_in_original(loc.get("min_area_fraction", 0.0), h, w, contract))
+            found_boxes = detection.find_boxes(full, model.box_params, image.shape[0], image.shape[1], contract)
         heatmap.write_overlay(out, path, image, full, float(prob[0]), found_boxes)
         if boxes is not None:
             found = heatmap.read_yolo_boxes(boxes / f"{Path(path).stem}.txt", *image.shape)

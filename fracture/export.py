@@ -66,7 +66,9 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
         extra = {"heatmap": {"output": "heatmap", "method": "Grad-CAM of the fracture logit on the last conv block", "range": "0..1 per image"}} if module.heatmap else {}
         if module.localise:
             extra["map"] = {"output": "map", "stride": 8, "range": "0..1 fracture probability per 8x8 input cell",
-                            "boxes": "regions of the map resized onto the image above localisation.box_threshold, at least min_area_fraction of the input"}
+                            "boxes": "the map resized onto the image, then localisation.box_method: 'regions' = regions above box_threshold, "
+                                     "at least min_area_fraction of the input; 'peaks' = up to max_boxes local maxima above box_threshold, "
+                                     "each a box of box_size (fractions of the input side) centred on it"}
         extra["study_aggregation"] = study_aggregation(tmp, ckpt, model.contract)
         meta = deployment_metadata(model, ckpt, exporter, parity_max_abs_diff=parity, **extra)
         meta["outputs"] = module.output_names

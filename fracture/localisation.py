@@ -44,17 +44,17 @@ class ImageResult:
 
 
 def score_image(low_res: np.ndarray, height: int, width: int, contract: Contract, truth_norm: list[detection.Box], probability: float,
-                box_threshold: float, min_area_fraction: float, relative: bool, centre_size: tuple[float, float]) -> ImageResult:
-    """Score one map. ``relative``: a Grad-CAM (threshold of its own maximum, box score = probability x peak)."""
+                boxes: dict[str, Any] | None, centre_size: tuple[float, float]) -> ImageResult:
+    """Score one map. ``boxes``: a localise model's stored box decoding; None for a Grad-CAM (regions above
+    ``GRAD_CAM_BOX_THRESHOLD`` of its own maximum, box score = probability x peak)."""
     full = heatmap.to_original(low_res, height, width, contract)
     truth = detection.to_pixels(truth_norm, height, width)
-    if relative:
+    if boxes is None:
         top = float(full.max())
         norm = full / top if top > 0 else full
-        preds = [(*b[:4], probability * b[4]) for b in detection.map_to_boxes(norm, box_threshold)]
+        preds = [(*b[:4], probability * b[4]) for b in detection.map_to_boxes(norm, GRAD_CAM_BOX_THRESHOLD)]
     else:
-        min_area = detection.min_area_in_original(min_area_fraction, height, width, contract)
-        preds = detection.map_to_boxes(full, box_threshold, min_area)
+        preds = detection.find_boxes(full, boxes, height, width, contract)
     cw, ch = centre_size[0] * width, centre_size[1] * height
     centre = [(width / 2 - cw / 2, height / 2 - ch / 2, width / 2 + cw / 2, height / 2 + ch / 2, probability)]
     result = ImageResult(truth, preds, centre)

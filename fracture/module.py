@@ -80,7 +80,7 @@ class FractureClassifier(L.LightningModule):
             if stage != "train":
                 setattr(self, f"{stage}_outputs", nn.ModuleList([CatMetric(), CatMetric()]))  # probabilities, labels
         self.val_maps: list[tuple] = []  # (label, (map-pooled, joint) logits, map, true boxes) per validation image
-        self.box_params: dict[str, float] = {}
+        self.box_params: dict[str, Any] = {}
         self.thresholds: dict[str, float] = {"default": 0.5}
         self.val_summary: dict[str, float] = {}
         self.train_counts: dict[str, int] = {}
@@ -220,7 +220,7 @@ class FractureClassifier(L.LightningModule):
         self.net.fusion.fill_(best)
         size = self.contract.image_size
         maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
-        self.box_params = {**detection.choose_box_threshold(maps, [[tuple(b) for b in it[3]] for it in items]), "fusion": float(best),
+        self.box_params = {**detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items]), "fusion": float(best),
                            **{f"val_auroc_{k}": v for k, v in scores.items()}}
         self.log("val/froc_mean", self.box_params["froc_mean"])
         fused = best * logits[:, 0] + (1 - best) * logits[:, 1]

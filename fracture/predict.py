@@ -123,10 +123,9 @@ class Predictor:
         return name, self.thresholds[name]
 
     def boxes(self, prob_map: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[tuple[float, float, float, float, float]]]:
-        """A map output → (the map over the original image, boxes there with the stored threshold and minimum size)."""
+        """A map output → (the map over the original image, boxes there as the stored ``localisation`` says)."""
         full = heatmap.to_original(prob_map, height, width, self.contract)
-        min_area = detection.min_area_in_original(self.localisation.get("min_area_fraction", 0.0), height, width, self.contract)
-        return full, detection.map_to_boxes(full, self.localisation["box_threshold"], min_area)
+        return full, detection.find_boxes(full, self.localisation, height, width, self.contract)
 
     def run(self, inputs: list[np.ndarray], maps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Model inputs → (probabilities, low-resolution maps or None).

@@ -69,8 +69,61 @@ def test_map_to_boxes_and_threshold_choice() -> None:
     boxes = detection.map_to_boxes(m, 0.5)
     assert boxes == [(5.0, 5.0, 15.0, 10.0, pytest.approx(0.9))]
     assert len(detection.map_to_boxes(m, 0.3)) == 2 and len(detection.map_to_boxes(m, 0.3, min_area=5)) == 1
-    chosen = detection.choose_box_threshold([m, m * 0], [[(5, 5, 15, 10)], []], thresholds=(0.2, 0.5, 0.95))
-    assert chosen["box_threshold"] == 0.5 and chosen["froc_mean"] == 1.0
+    chosen = detection.choose_box_decoding([m, m * 0], [[(5, 5, 15, 10)], []], thresholds=(0.2, 0.5, 0.95))
+    assert chosen["box_method"] == "regions" and chosen["box_threshold"] == 0.5 and chosen["froc_mean"] == 1.0  # peaks tie: regions kept
+
+
+def _blob(shape: tuple[int, int], centre: tuple[float, float], sigma: float, height: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (height * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma**2))).astype(np.float32)
+
+
+def test_peak_boxes_are_centred_on_local_maxima_with_suppression() -> None:
+    m = np.maximum(_blob((60, 80), (20, 15), 4, 0.9), _blob((60, 80), (70, 50), 4, 0.6))
+    m[15, 24] = max(m[15, 24], 0.88)  # a shoulder of the first peak: inside its box, so not a box of its own
+    boxes = detection.peak_boxes(m, 10, 6, threshold=0.1, max_boxes=5, window=5)
+    assert [b[4] for b in boxes] == pytest.approx([0.9, 0.6], abs=1e-6)
+    assert boxes[0][:4] == pytest.approx((15.5, 12.5, 25.5, 18.5)) and boxes[1][:4] == pytest.approx((65.5, 47.5, 75.5, 53.5))
+    assert len(detection.peak_boxes(m, 10, 6, threshold=0.7, max_boxes=5, window=5)) == 1
+    assert len(detection.peak_boxes(m, 10, 6, threshold=0.1, max_boxes=1, window=5)) == 1
+    corner = detection.peak_boxes(_blob((30, 30), (1, 1), 2, 1.0), 10, 10, 0.1, 1, 5)[0]
+    assert corner[:4] == pytest.approx((0.0, 0.0, 6.5, 6.5))  # clipped to the map
+
+
+def test_peaks_are_chosen_when_a_ridge_merges_the_fracture_with_its_surroundings() -> None:
+    # the map is high along a ridge and peaks at the fracture's end: every threshold's region spans the ridge,
+    # so its centre misses; a box on the peak hits
+    maps, truths = [], []
+    for k in range(6):
+        m = np.zeros((64, 64), np.float32)
+        m[30 + k % 3, 4:44] = 0.75
+        m[29 + k % 3 : 32 + k % 3, 40:44] = 0.78
+        maps.append(m)
+        truths.append([(38.0, 26.0 + k % 3, 46.0, 34.0 + k % 3)])
+    maps.append(np.zeros((64, 64), np.float32))
+    truths.append([])
+    chosen = detection.choose_box_decoding(maps, truths)
+    assert chosen["box_method"] == "peaks" and chosen["froc_mean"] == 1.0 and chosen["max_boxes"] == 1
+    assert chosen["box_size"] == pytest.approx([8 / 64, 8 / 64])
+    regions_only = detection.choose_box_decoding(maps, truths, peak_thresholds=())
+    assert regions_only["box_method"] == "regions" and regions_only["froc_mean"] == 0.0
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_stored_box_decoding_gives_boxes_in_original_pixels(resize: str) -> None:
+    contract = Contract(image_size=64, resize=resize)
+    h, w = 90, 140
+    truth = detection.to_pixels([(0.6, 0.3, 0.7, 0.5)], h, w)[0]
+    mask = detection.rasterize(detection.to_input([(0.6, 0.3, 0.7, 0.5)], h, w, contract), 64, 64)
+    low = cv2.resize(mask.astype(np.float32) / 255, (8, 8), interpolation=cv2.INTER_AREA)
+    full = heatmap.to_original(low, h, w, contract)
+    g = preprocess.geometry(h, w, contract)
+    size = [(truth[2] - truth[0]) * g.inner_width / w / 64, (truth[3] - truth[1]) * g.inner_height / h / 64]  # the true box, as input fractions
+    (box,) = detection.find_boxes(full, {"box_method": "peaks", "box_threshold": 0.2, "max_boxes": 1, "box_size": size}, h, w, contract)
+    assert box[2] - box[0] == pytest.approx(truth[2] - truth[0], rel=0.05) and box[3] - box[1] == pytest.approx(truth[3] - truth[1], rel=0.05)
+    assert detection.hits(box, truth, "centre") and detection.iou(box, truth) > 0.4
+    old = {"box_threshold": 0.5, "min_area_fraction": 0.0}  # metadata from before box_method: regions
+    assert detection.find_boxes(full, old, h, w, contract) == detection.map_to_boxes(full, 0.5)
 
 
 def test_box_text_round_trip_and_refusals() -> None:
