@@ -1,0 +1,55 @@
+"""Which box decoding suits a localise checkpoint? Scores both on its run's validation split.
+
+    python scripts/compare_box_decoding.py checkpoints/RUN/best-….ckpt [--root DATA]
+
+Prints the best ``regions`` decoding, the best ``peaks`` decoding and the one training would store
+(``fracture.detection.choose_box_decoding``), each with its mean FROC sensitivity (centre hit) at
+0.5 / 1 / 2 false positives per image. Validation only: the test split is never looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from fracture import detection, preprocess
+from fracture.annotations import read_split
+from fracture.checkpoint import run_split
+from fracture.evaluate import predict_checkpoint, run_columns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("--root", type=Path, help="dataset root (default: data.root of the run's config.yaml)")
+    ns = parser.parse_args()
+    root = ns.root or Path(yaml.safe_load((ns.ckpt.parent / "config.yaml").read_text())["data"]["root"])
+    found = run_split(ns.ckpt, "val")
+    if found is None:
+        parser.error(f"{ns.ckpt.parent / 'splits.csv'} lists no validation split")
+    table = read_split(root / "train", run_columns(ns.ckpt.parent)).set_index("path")
+    paths = found[0]
+    if "boxes" not in table.columns:
+        parser.error(f"{root / 'train'} has no boxes column")
+    probs, info, maps = predict_checkpoint(ns.ckpt, paths, maps=True)
+    contract = preprocess.Contract.from_dict(info["contract"])
+    size = contract.image_size
+    inputs = [cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) for m in maps]
+    truths = []
+    for path in paths:
+        h, w = preprocess.read_image(path).shape
+        truths.append(detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, contract))
+    regions = detection.choose_box_decoding(inputs, truths, peak_thresholds=())
+    stored = detection.choose_box_decoding(inputs, truths)
+    peaks = detection.choose_box_decoding(inputs, truths, thresholds=(), min_areas=())
+    print(f"validation: {len(paths)} images, {sum(map(bool, truths))} with boxes ({sum(map(len, truths))} boxes)")
+    for name, chosen in (("regions", regions), ("peaks", peaks), ("chosen", stored)):
+        print(f"{name:8s} mean FROC {chosen['froc_mean']:.3f}  {chosen}")
+
+
+if __name__ == "__main__":
+    main()
