@@ -23,11 +23,9 @@ from torch import nn
 
 from fracture import preprocess
 from fracture.model import MirrorTTA, cam_from_features, is_localise, normalise_cam
+from fracture.predict import METADATA_KEY  # the reader's key: torch-side may import torch-free, not the reverse
 from fracture.progress import progress
 from fracture.synth import radiograph
-
-METADATA_KEY = "fracture"
-
 
 PARITY_ATOL = 1e-5
 
