@@ -28,6 +28,7 @@ from fracture.preprocess import Contract, geometry
 
 Box = tuple[float, float, float, float]
 FP_RATES = (0.5, 1.0, 2.0)
+DECODING_KEYS = ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size")  # how a map becomes boxes, as stored
 MAX_BOXES = 16  # per image in a training batch (padded); more are dropped with the rest of the smallest
 
 

@@ -90,7 +90,7 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     own = info.get("localisation")
     # a localise model: its fracture map, boxes decoded as chosen on validation; else a Grad-CAM
     method = "fracture map (localise head)" if own else "Grad-CAM (classify model)"
-    decoding = {k: own[k] for k in ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size") if k in own} if own else None
+    decoding = {k: own[k] for k in detection.DECODING_KEYS if k in own} if own else None
     truths = [detection.parse_boxes(b) for b in table["boxes"]]
     centre = localisation.median_box_size(truths)
     results, paths = [], table["path"].tolist()

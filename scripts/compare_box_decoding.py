@@ -1,10 +1,12 @@
 """Which box decoding suits a localise checkpoint? Scores both on its run's validation split.
 
-    python scripts/compare_box_decoding.py checkpoints/RUN/best-….ckpt [--root DATA]
+    python scripts/compare_box_decoding.py checkpoints/RUN/best-….ckpt [--root DATA] [--store NEW.ckpt]
 
 Prints the best ``regions`` decoding, the best ``peaks`` decoding and the one training would store
 (``fracture.detection.choose_box_decoding``), each with its mean FROC sensitivity (centre hit) at
 0.5 / 1 / 2 false positives per image. Validation only: the test split is never looked at.
+``--store`` writes a copy of the checkpoint carrying the chosen decoding (for checkpoints trained
+before ``peaks`` existed); the original is left as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path)
     parser.add_argument("--root", type=Path, help="dataset root (default: data.root of the run's config.yaml)")
+    parser.add_argument("--store", type=Path, help="write a copy of the checkpoint with the chosen decoding here")
     ns = parser.parse_args()
     root = ns.root or Path(yaml.safe_load((ns.ckpt.parent / "config.yaml").read_text())["data"]["root"])
     found = run_split(ns.ckpt, "val")
@@ -49,6 +52,16 @@ def main() -> None:
     print(f"validation: {len(paths)} images, {sum(map(bool, truths))} with boxes ({sum(map(len, truths))} boxes)")
     for name, chosen in (("regions", regions), ("peaks", peaks), ("chosen", stored)):
         print(f"{name:8s} mean FROC {chosen['froc_mean']:.3f}  {chosen}")
+    if ns.store:
+        import torch
+
+        if ns.store.resolve() == ns.ckpt.resolve():
+            parser.error("--store must name a new file")
+        checkpoint = torch.load(ns.ckpt, map_location="cpu", weights_only=False)
+        kept = {k: v for k, v in checkpoint["fracture"]["localisation"].items() if k not in (*detection.DECODING_KEYS, "froc_mean")}
+        checkpoint["fracture"]["localisation"] = {**kept, **stored}
+        torch.save(checkpoint, ns.store)
+        print(f"wrote {ns.store}")
 
 
 if __name__ == "__main__":

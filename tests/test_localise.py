@@ -351,3 +351,22 @@ def test_localise_refuses_archs_and_sizes_it_cannot_serve() -> None:
         build_network(Contract(image_size=64), "densenet121", head="localise")
     with pytest.raises(ValueError, match="divisible by 32"):
         FractureClassifier(net=ResNet(18, head="localise"), image_size=80)
+
+
+def test_compare_box_decoding_rechooses_on_validation_into_a_new_checkpoint(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    before = ckpt.read_bytes()
+    new = ckpt.parent / "redecoded-test.ckpt"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_box_decoding.py"), str(ckpt), "--root", str(root), "--store", str(new)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert ckpt.read_bytes() == before  # the original is left as it was
+        printed = {line.split()[0]: float(line.split()[3]) for line in done.stdout.splitlines() if "mean FROC" in line}
+        assert printed["chosen"] == max(printed["regions"], printed["peaks"])
+        stored = load_classifier(new).deployment_info()["localisation"]
+        assert stored["froc_mean"] == pytest.approx(printed["chosen"], abs=1e-3)
+        assert stored["box_method"] == ("peaks" if printed["peaks"] > printed["regions"] else "regions")
+        assert stored["fusion"] == load_classifier(ckpt).deployment_info()["localisation"]["fusion"]  # only the decoding changes
+    finally:
+        new.unlink(missing_ok=True)  # the run folder is shared by the session's other tests
