@@ -370,3 +370,29 @@ def test_compare_box_decoding_rechooses_on_validation_into_a_new_checkpoint(loc_
         assert stored["fusion"] == load_classifier(ckpt).deployment_info()["localisation"]["fusion"]  # only the decoding changes
     finally:
         new.unlink(missing_ok=True)  # the run folder is shared by the session's other tests
+
+
+def test_predictor_decodes_peaks_from_metadata_and_refuses_incomplete_decodings(loc_onnx: Path, loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from fracture.predict import ModelError, Predictor
+    from test_predict import _with_metadata
+
+    peaks = {"box_method": "peaks", "box_threshold": 0.05, "max_boxes": 2, "box_size": [0.25, 0.125]}
+    model = _with_metadata(loc_onnx, tmp_path / "peaks.onnx", lambda m: m["localisation"].update(peaks))
+    predictor = Predictor(model)
+    images = sorted((loc_run[0] / "test" / "images").glob("*.png"))[:12]
+    rows = list(predictor.predict([str(p) for p in images], show_progress=False))
+    assert all(not r.error and len(r.boxes) <= 2 for r in rows) and any(r.boxes for r in rows)
+    for r in rows:
+        h, w = preprocess.read_image(r.path).shape
+        g = preprocess.geometry(h, w, predictor.contract)
+        for b in r.boxes:  # the stored size (input fractions) in original pixels, unless clipped at the border
+            if 0 < b[0] and b[2] < w:
+                assert b[2] - b[0] == pytest.approx(0.25 * 96 * w / g.inner_width, rel=1e-6)
+            if 0 < b[1] and b[3] < h:
+                assert b[3] - b[1] == pytest.approx(0.125 * 96 * h / g.inner_height, rel=1e-6)
+    lacking = _with_metadata(loc_onnx, tmp_path / "lacking.onnx", lambda m: m["localisation"].update({"box_method": "peaks"}))
+    with pytest.raises(ModelError, match="lacks max_boxes, box_size"):
+        Predictor(lacking)
+    unknown = _with_metadata(loc_onnx, tmp_path / "unknown.onnx", lambda m: m["localisation"].update({"box_method": "blobs"}))
+    with pytest.raises(ModelError, match="unknown localisation.box_method 'blobs'"):
+        Predictor(unknown)
