@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="dataset root (default: data.root of the run's config.yaml)")
     parser.add_argument("--store", type=Path, help="write a copy of the checkpoint with the chosen decoding here")
     ns = parser.parse_args()
+    if ns.store and ns.store.resolve() == ns.ckpt.resolve():
+        parser.error("--store must name a new file: the original checkpoint is kept as it was")
     root = ns.root or Path(yaml.safe_load((ns.ckpt.parent / "config.yaml").read_text())["data"]["root"])
     found = run_split(ns.ckpt, "val")
     if found is None:
@@ -38,7 +40,7 @@ def main() -> None:
     paths = found[0]
     if "boxes" not in table.columns:
         parser.error(f"{root / 'train'} has no boxes column")
-    probs, info, maps = predict_checkpoint(ns.ckpt, paths, maps=True)
+    _, info, maps = predict_checkpoint(ns.ckpt, paths, maps=True)
     contract = preprocess.Contract.from_dict(info["contract"])
     size = contract.image_size
     inputs = [cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) for m in maps]
@@ -55,8 +57,6 @@ def main() -> None:
     if ns.store:
         import torch
 
-        if ns.store.resolve() == ns.ckpt.resolve():
-            parser.error("--store must name a new file")
         checkpoint = torch.load(ns.ckpt, map_location="cpu", weights_only=False)
         kept = {k: v for k, v in checkpoint["fracture"]["localisation"].items() if k not in (*detection.DECODING_KEYS, "froc_mean")}
         checkpoint["fracture"]["localisation"] = {**kept, **stored}
