@@ -247,20 +247,18 @@ def choose_box_decoding(maps: Sequence[np.ndarray], truths: Sequence[Sequence[Bo
         return best
     side = maps[0].shape[0]
     box_size = (float(np.median(sizes[:, 0])) / side, float(np.median(sizes[:, 1])) / side)
-    found = [peak_boxes(m, box_size[0] * side, box_size[1] * side, min(peak_thresholds), max(max_boxes), peak_window(side, side)) for m in maps]
-    chosen = None
+    found = [peak_boxes(m, box_size[0] * side, box_size[1] * side, min(peak_thresholds), max(max_boxes), peak_window(1.0)) for m in maps]
+    peaks: dict[str, Any] | None = None
     for t in peak_thresholds:
         for k in sorted(max_boxes, reverse=True):
             score = froc_mean([[b for b in f if b[4] > t][:k] for f in found])  # = peak_boxes(m, …, t, k, …)
-            if score > best["froc_mean"] or (chosen is not None and score >= best["froc_mean"]):
-                best = {"box_method": "peaks", "box_threshold": float(t), "max_boxes": int(k), "box_size": list(box_size), "min_area_fraction": 0.0, "froc_mean": score}
-                chosen = best
-    return best
+            if peaks is None or score >= peaks["froc_mean"]:
+                peaks = {"box_method": "peaks", "box_threshold": float(t), "max_boxes": int(k), "box_size": list(box_size), "min_area_fraction": 0.0, "froc_mean": score}
+    return peaks if peaks is not None and peaks["froc_mean"] > best["froc_mean"] else best
 
 
-def peak_window(height: int, width: int, input_size: int | None = None, stride: int = 8) -> int:
-    """Odd side (pixels of a map shown at ``height x width``) of the neighbourhood a peak must top: 3 map cells."""
-    scale = max(height, width) / (input_size or max(height, width))
+def peak_window(scale: float, stride: int = 8) -> int:
+    """Odd side in pixels of the neighbourhood a peak must top (3 map cells), for a map shown at ``scale`` pixels per input pixel."""
     return int(round(3 * stride * scale)) | 1
 
 
@@ -294,7 +292,7 @@ def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int
         g = geometry(height, width, contract)
         sx, sy = width / g.inner_width, height / g.inner_height  # input pixels → original pixels
         bw, bh = (v * contract.image_size for v in params["box_size"])
-        return peak_boxes(full, bw * sx, bh * sy, params["box_threshold"], int(params["max_boxes"]), peak_window(height, width, max(g.inner_height, g.inner_width)))
+        return peak_boxes(full, bw * sx, bh * sy, params["box_threshold"], int(params["max_boxes"]), peak_window(max(sx, sy)))
     min_area = min_area_in_original(params.get("min_area_fraction", 0.0), height, width, contract)
     return map_to_boxes(full, params.get("box_threshold", 0.5), min_area)
 
