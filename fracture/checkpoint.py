@@ -6,6 +6,7 @@ Torch-side, below ``fracture.export``, ``fracture.evaluate`` and ``fracture.fit`
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,31 @@ def load_classifier(ckpt: str | os.PathLike) -> FractureClassifier:
     except Exception as exc:  # a truncated or foreign file fails in many ways
         raise CheckpointError(f"{ckpt}: not a usable fracture checkpoint ({type(exc).__name__}: {exc})") from None
     return model.eval()
+
+
+def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: dict[str, list[str]]) -> list[str]:
+    """Start ``model`` from the network weights of ``ckpt`` (fine-tuning: a new run, optimiser and schedule).
+
+    Refused when the network or the preprocessing differ, or when an image this run validates or tests on
+    was in the checkpoint's training split (that would leak it into the measurement). Returns warnings.
+    """
+    source = load_classifier(ckpt)
+    if source.spec.config() != model.spec.config():
+        raise CheckpointError(f"{ckpt}: its network {source.spec!r} differs from this run's {model.spec!r}")
+    if replace(source.contract, train_crop=None) != replace(model.contract, train_crop=None):  # the crop is a training choice
+        raise CheckpointError(f"{ckpt}: its preprocessing {source.contract} differs from this run's {model.contract}")
+    trained = run_split(Path(ckpt), "train")
+    if trained is None:
+        warnings = [f"{ckpt}: no splits.csv beside it, so leakage into this run's validation/test split cannot be checked"]
+    else:
+        seen = {str(Path(p).resolve()) for p in trained[0]}
+        leaked = [p for split in ("val", "test") for p in splits.get(split, []) if str(Path(p).resolve()) in seen]
+        if leaked:
+            raise CheckpointError(f"{ckpt}: {len(leaked)} images of this run's validation/test split were in its training split "
+                                  f"(e.g. {leaked[0]}); fine-tune on the same split (same data.root, seed and val_fraction)")
+        warnings = []
+    model.net.load_state_dict(source.net.state_dict())
+    return warnings
 
 
 def latest_best(output_dir: str | os.PathLike = "checkpoints") -> Path:

@@ -28,7 +28,8 @@ from fracture.preprocess import Contract, geometry
 
 Box = tuple[float, float, float, float]
 FP_RATES = (0.5, 1.0, 2.0)
-DECODING_KEYS = ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size")  # how a map becomes boxes, as stored
+DECODING_KEYS = ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size", "display_threshold")  # how a map becomes boxes, as stored
+DISPLAY_FP_RATE = 1.0  # boxes shown to a reader: scores at which validation had at most this many false boxes per image
 MAX_BOXES = 16  # per image in a training batch (padded); more are dropped with the rest of the smallest
 
 
@@ -169,10 +170,22 @@ def froc(images: Sequence[ImageScores], rates: Sequence[float] = FP_RATES) -> di
     fps = np.sort(np.concatenate([im.fp_scores for im in images]))[::-1] if images else np.zeros(0)
     out = {}
     for r in rates:
-        allowed = int(np.floor(r * n + 1e-9))
-        cut = fps[allowed] if allowed < fps.size else -np.inf  # scores above the first FP we may not take
-        out[f"sensitivity_at_{r:g}_fp"] = float((lesions > cut).mean()) if lesions.size else float("nan")
+        out[f"sensitivity_at_{r:g}_fp"] = float((lesions > fp_cut(fps, n, r)).mean()) if lesions.size else float("nan")
     return out
+
+
+def fp_cut(fps_descending: np.ndarray, n_images: int, rate: float) -> float:
+    """The score of the first false positive that ``rate`` per image does not allow: boxes scoring above it are kept."""
+    allowed = int(np.floor(rate * n_images + 1e-9))
+    return float(fps_descending[allowed]) if allowed < fps_descending.size else -np.inf
+
+
+def at_threshold(images: Sequence[ImageScores], threshold: float) -> dict[str, float]:
+    """Lesion sensitivity and false boxes per image when only boxes scoring above ``threshold`` are kept."""
+    lesions = np.concatenate([im.lesion_scores for im in images]) if images else np.zeros(0)
+    fps = np.concatenate([im.fp_scores for im in images]) if images else np.zeros(0)
+    return {"sensitivity": float((lesions > threshold).mean()) if lesions.size else float("nan"),
+            "fp_per_image": float((fps > threshold).sum() / max(len(images), 1))}
 
 
 def froc_curve(images: Sequence[ImageScores]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,31 +243,39 @@ def choose_box_decoding(maps: Sequence[np.ndarray], truths: Sequence[Sequence[Bo
     ``maps`` are probability maps over the model input, ``truths`` pixel boxes in the same frame.
     Candidates: ``regions`` (threshold x minimum area) and ``peaks`` (threshold x boxes per image, box
     size = the median true box here). Ties go to the higher threshold and fewer boxes (less shown to a
-    reader) and to ``regions``: peaks must be strictly better.
+    reader) and to ``regions``: peaks must be strictly better. The decoded boxes are the FROC's
+    candidates; ``display_threshold`` is the reader's operating point among them (at most
+    ``DISPLAY_FP_RATE`` false boxes per image here), what the predictor outputs and draws.
     """
     def froc_mean(preds: Sequence[Sequence[Sequence[float]]]) -> float:
         return float(np.mean(list(froc([ImageScores(p, tr, "centre") for p, tr in zip(preds, truths)]).values())))
 
     best: dict[str, Any] = {"box_method": "regions", "box_threshold": 0.5, "min_area_fraction": 0.0, "froc_mean": -1.0}
+    best_preds: list = [[] for _ in maps]
     for t in thresholds:
         raw = [map_to_boxes(m, t) for m in maps]
         for area in min_areas:
-            score = froc_mean([[b for b in r if (b[2] - b[0]) * (b[3] - b[1]) >= area * m.size] for r, m in zip(raw, maps)])  # = map_to_boxes(m, t, area * m.size)
+            preds = [[b for b in r if (b[2] - b[0]) * (b[3] - b[1]) >= area * m.size] for r, m in zip(raw, maps)]  # = map_to_boxes(m, t, area * m.size)
+            score = froc_mean(preds)
             if score >= best["froc_mean"]:
-                best = {"box_method": "regions", "box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}
+                best, best_preds = {"box_method": "regions", "box_threshold": float(t), "min_area_fraction": float(area), "froc_mean": score}, preds
     sizes = np.array([(b[2] - b[0], b[3] - b[1]) for boxes in truths for b in boxes], float).reshape(-1, 2)
-    if not len(sizes) or not peak_thresholds or not max_boxes:
-        return best
-    side = maps[0].shape[0]
-    box_size = (float(np.median(sizes[:, 0])) / side, float(np.median(sizes[:, 1])) / side)
-    found = [peak_boxes(m, box_size[0] * side, box_size[1] * side, min(peak_thresholds), max(max_boxes), peak_window(1.0)) for m in maps]
-    peaks: dict[str, Any] | None = None
-    for t in peak_thresholds:
-        for k in sorted(max_boxes, reverse=True):
-            score = froc_mean([[b for b in f if b[4] > t][:k] for f in found])  # = peak_boxes(m, …, t, k, …)
-            if peaks is None or score >= peaks["froc_mean"]:
-                peaks = {"box_method": "peaks", "box_threshold": float(t), "max_boxes": int(k), "box_size": list(box_size), "min_area_fraction": 0.0, "froc_mean": score}
-    return peaks if peaks is not None and peaks["froc_mean"] > best["froc_mean"] else best
+    if len(sizes) and peak_thresholds and max_boxes:
+        side = maps[0].shape[0]
+        box_size = (float(np.median(sizes[:, 0])) / side, float(np.median(sizes[:, 1])) / side)
+        found = [peak_boxes(m, box_size[0] * side, box_size[1] * side, min(peak_thresholds), max(max_boxes), peak_window(1.0)) for m in maps]
+        peaks: dict[str, Any] | None = None
+        for t in peak_thresholds:
+            for k in sorted(max_boxes, reverse=True):
+                preds = [[b for b in f if b[4] > t][:k] for f in found]  # = peak_boxes(m, …, t, k, …)
+                score = froc_mean(preds)
+                if peaks is None or score >= peaks["froc_mean"]:
+                    peaks, peaks_preds = {"box_method": "peaks", "box_threshold": float(t), "max_boxes": int(k), "box_size": list(box_size),
+                                          "min_area_fraction": 0.0, "froc_mean": score}, preds
+        if peaks is not None and peaks["froc_mean"] > best["froc_mean"]:
+            best, best_preds = peaks, peaks_preds
+    fps = np.sort(np.concatenate([ImageScores(p, tr, "centre").fp_scores for p, tr in zip(best_preds, truths)] or [np.zeros(0)]))[::-1]
+    return {**best, "display_threshold": max(fp_cut(fps, len(maps), DISPLAY_FP_RATE), best["box_threshold"])}
 
 
 def peak_window(scale: float, stride: int = 8) -> int:
@@ -283,18 +304,24 @@ def peak_boxes(prob_map: np.ndarray, box_width: float, box_height: float, thresh
     return out
 
 
-def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int, contract: Contract) -> list[tuple[float, float, float, float, float]]:
+def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int, contract: Contract,
+               candidates: bool = False) -> list[tuple[float, float, float, float, float]]:
     """A localise model's map over the original ``height x width`` image → boxes there, as its stored ``params`` say.
 
     ``params`` is the ``localisation`` metadata chosen on validation (no ``box_method``: ``regions``, older models).
+    The boxes shown to a reader score above ``display_threshold`` (none stored, older models: all);
+    ``candidates`` gives every decoded box, as FROC and AP sweep them.
     """
     if params.get("box_method", "regions") == "peaks":
         g = geometry(height, width, contract)
         sx, sy = width / g.inner_width, height / g.inner_height  # input pixels → original pixels
         bw, bh = (v * contract.image_size for v in params["box_size"])
-        return peak_boxes(full, bw * sx, bh * sy, params["box_threshold"], int(params["max_boxes"]), peak_window(max(sx, sy)))
-    min_area = min_area_in_original(params.get("min_area_fraction", 0.0), height, width, contract)
-    return map_to_boxes(full, params.get("box_threshold", 0.5), min_area)
+        boxes = peak_boxes(full, bw * sx, bh * sy, params["box_threshold"], int(params["max_boxes"]), peak_window(max(sx, sy)))
+    else:
+        min_area = min_area_in_original(params.get("min_area_fraction", 0.0), height, width, contract)
+        boxes = map_to_boxes(full, params.get("box_threshold", 0.5), min_area)
+    shown = params.get("display_threshold")
+    return boxes if candidates or shown is None else [b for b in boxes if b[4] > shown]
 
 
 def choose_fusion(labels: np.ndarray, logits: np.ndarray) -> tuple[float, dict[str, float]]:

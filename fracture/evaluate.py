@@ -97,7 +97,7 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     for i in progress(range(len(paths)), desc="localise"):
         h, w = preprocess.read_image(paths[i]).shape
         results.append(localisation.score_image(maps[i], h, w, contract, truths[i], float(probs[i]), decoding, centre))
-    summary = localisation.summarise(results, groups, n_boot, seed)
+    summary = localisation.summarise(results, groups, n_boot, seed, (decoding or {}).get("display_threshold"))
     summary.update({"method": method, "boxes": decoding or {"box_method": "regions", "box_threshold": localisation.GRAD_CAM_BOX_THRESHOLD, "relative": True},
                     "centre_box_size": list(centre)})
 
@@ -262,6 +262,8 @@ LOCALISATION_ROWS = (
     ("froc_iou_sensitivity_at_2_fp", "FROC sensitivity at 2 FP/image (hit = IoU >= 0.25)"),
     ("ap_iou25", "AP at IoU 0.25"),
     ("ap_iou50", "AP at IoU 0.5"),
+    ("display_sensitivity", "boxes shown to a reader: lesion sensitivity (hit = centre in box)"),
+    ("display_fp_per_image", "boxes shown to a reader: false boxes per image"),
 )
 
 
@@ -287,13 +289,20 @@ def describe_boxes(params: dict[str, Any]) -> str:
     return f"regions above {params['box_threshold']:.2f} {kind}, at least {params.get('min_area_fraction', 0.0):g} of the input"
 
 
+def describe_display(loc: dict[str, Any]) -> str:
+    if "shown_boxes" not in loc:
+        return ""
+    return (f"; {loc['shown_boxes']} of them shown to a reader (score above {loc['boxes']['display_threshold']:.2f}, "
+            f"at most {detection.DISPLAY_FP_RATE:g} false box per image on validation)")
+
+
 def localisation_md(loc: dict[str, Any] | None) -> list[str]:
     if not loc:
         return []
     lines = [
         "", "## Where: localisation against the true boxes (95 % CI)",
         f"{loc['method']}; {loc['fractured_with_boxes']} fractured images with {loc['true_boxes']} boxes among {loc['images']} images; "
-        f"{loc['predicted_boxes']} predicted boxes ({describe_boxes(loc['boxes'])}). False positives are counted over all images. "
+        f"{loc['predicted_boxes']} predicted boxes ({describe_boxes(loc['boxes'])}){describe_display(loc)}. False positives are counted over all images. "
         f"Centre baseline: a Gaussian at the centre (pointing) and one centred box of the median true size, scored by the image probability (FROC, AP).",
         "| measure | model | centre baseline |", "|---|---|---|",
     ]

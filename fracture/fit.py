@@ -2,6 +2,7 @@
 
     python -m fracture.fit --config configs/default.yaml [--trainer.max_epochs 5] [--data.batch_size 64]
     python -m fracture.fit --config configs/default.yaml --ckpt_path last      # resume the latest run
+    python -m fracture.fit --config configs/default.yaml --init_from RUN/best-….ckpt   # fine-tune: a new run from its weights
 
 Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
 (by validation AUROC), ``last.ckpt``, ``config.yaml`` (the resolved config),
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import Logger
 from fracture import __version__, metrics
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule, write_splits
-from fracture.checkpoint import load_classifier
+from fracture.checkpoint import CheckpointError, initialise_from, load_classifier
 from fracture.module import FractureClassifier, TrainingDiverged
 from fracture.runio import AtomicCheckpointIO, ResumableCSVLogger, newest, trim_log
 
@@ -107,6 +108,9 @@ class FractureCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: config name + time)")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="where run folders go")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from a .ckpt, or 'last' for the latest run's last.ckpt")
+        parser.add_argument("--init_from", type=str | None, default=None,
+                            help="start a new run from a checkpoint's network weights (same network, preprocessing and split; "
+                                 "fresh optimiser, schedule and epochs)")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint on the test split")
 
     def _resolve_run(self) -> tuple[str, str | None]:
@@ -174,6 +178,7 @@ def run_info(cli: FractureCLI) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "resumed_from": cli.resume,
+        "initialised_from": cli.config.get("init_from"),
     }
 
 
@@ -228,6 +233,11 @@ def main(args: list[str] | None = None) -> int:
         resume = cli.resume
         if resume == "last":
             resume = str(cli.run_dir / "last.ckpt")
+        if cli.config["init_from"]:
+            if resume:
+                raise DatasetError("--init_from starts a new run from a checkpoint's weights, --ckpt_path resumes a run: give one")
+            for warning in initialise_from(cli.model, cli.config["init_from"], {s: t["path"].tolist() for s, t in tables.items()}):
+                print(f"warning: {warning}", file=sys.stderr)
         if trainer.is_global_zero:
             cli.run_dir.mkdir(parents=True, exist_ok=True)
             write_splits(tables, cli.run_dir / "splits.csv")
@@ -248,7 +258,7 @@ def main(args: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2))
             print(format_report(report))
             print(f"\nrun folder: {cli.run_dir}\nbest checkpoint: {best}\ntest metrics: {out}")
-    except DatasetError as exc:
+    except (DatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

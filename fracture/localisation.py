@@ -54,7 +54,7 @@ def score_image(low_res: np.ndarray, height: int, width: int, contract: Contract
         norm = full / top if top > 0 else full
         preds = [(*b[:4], probability * b[4]) for b in detection.map_to_boxes(norm, GRAD_CAM_BOX_THRESHOLD)]
     else:
-        preds = detection.find_boxes(full, boxes, height, width, contract)
+        preds = detection.find_boxes(full, boxes, height, width, contract, candidates=True)
     cw, ch = centre_size[0] * width, centre_size[1] * height
     centre = [(width / 2 - cw / 2, height / 2 - ch / 2, width / 2 + cw / 2, height / 2 + ch / 2, probability)]
     result = ImageResult(truth, preds, centre)
@@ -70,18 +70,28 @@ def median_box_size(truths_norm: list[list[detection.Box]]) -> tuple[float, floa
     return tuple(np.median(np.array(sizes), axis=0)) if sizes else (0.1, 0.1)
 
 
-def _values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray) -> dict[str, float]:
+def _values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray, display: float | None) -> dict[str, float]:
     values = detection.detection_metrics(scored, index)
+    if display is not None:
+        shown = detection.at_threshold([scored["centre"][i] for i in index], display)
+        values.update({f"display_{k}": v for k, v in shown.items()})
     boxed = index[~np.isnan(hits[index])]
     values["pointing_hit_rate"] = float(hits[boxed].mean()) if boxed.size else float("nan")
     values["mass_in_boxes"] = float(np.nanmean(mass[boxed])) if boxed.size else float("nan")
     return values
 
 
-def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Point estimates and 95 % percentile-bootstrap intervals (whole groups resampled), model and centre baseline."""
+def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+              display: float | None = None) -> dict[str, Any]:
+    """Point estimates and 95 % percentile-bootstrap intervals (whole groups resampled), model and centre baseline.
+
+    ``display``: the model's stored display threshold; its boxes above it are what a reader is shown
+    (``display_sensitivity``, ``display_fp_per_image``, centre hits).
+    """
     out: dict[str, Any] = {"images": len(results), "fractured_with_boxes": sum(1 for r in results if r.truth),
                            "true_boxes": sum(len(r.truth) for r in results), "predicted_boxes": sum(len(r.preds) for r in results)}
+    if display is not None:
+        out["shown_boxes"] = sum(1 for r in results for b in r.preds if b[4] > display)
     members = metrics.group_members(len(results), groups)
     for who, key in (("model", "pointing"), ("centre", "centre_pointing")):
         # score every image once, then resample the per-image scores
@@ -91,10 +101,10 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
         rng = np.random.default_rng(seed)
         draws: dict[str, list[float]] = {}
         for _ in range(n_boot):
-            for k, v in _values(scored, hits, mass, metrics.resample(members, rng)).items():
+            for k, v in _values(scored, hits, mass, metrics.resample(members, rng), display if who == "model" else None).items():
                 if not np.isnan(v):
                     draws.setdefault(k, []).append(v)
-        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results))),
+        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results)), display if who == "model" else None),
                     "ci95": {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in draws.items()},
                     "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
     return out
@@ -102,7 +112,8 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
 
 def plots(out: Path, summary: dict[str, Any], results: list[ImageResult], paths: list[str], probs: np.ndarray,
           redo_map: Any, label: str, n: int = 4) -> list[str]:
-    """FROC curves and a grid of the best / worst fractured images (by map mass in boxes), true boxes green."""
+    """FROC curves and a grid of the best / worst fractured images (by map mass in boxes), true boxes green,
+    predicted boxes white (those a reader is shown, when the model stores a display threshold)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,13 +137,14 @@ def plots(out: Path, summary: dict[str, Any], results: list[ImageResult], paths:
     ranked = sorted(boxed, key=lambda i: (results[i].pointing["mass_in_boxes"], results[i].pointing["hit"]))
     picks = [("best", i) for i in ranked[::-1][:n]] + [("worst", i) for i in ranked[:n]]
     made = ["froc.png"]
+    display = summary.get("boxes", {}).get("display_threshold", -np.inf)
     if picks:
         fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         for k, (kind, i) in enumerate(picks):
             image = preprocess.read_image(paths[i])
-            blend = heatmap.overlay(image, redo_map(i, image), float(probs[i]), boxes=results[i].preds, truth=results[i].truth)
+            blend = heatmap.overlay(image, redo_map(i, image), float(probs[i]), boxes=[b for b in results[i].preds if b[4] > display], truth=results[i].truth)
             half = blend[:, blend.shape[1] // 2 :, ::-1]
             ax = axes[0 if kind == "best" else 1][k % n]
             ax.imshow(half)

@@ -24,7 +24,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinaryRecall, BinarySpecificity)
 
 from fracture import __version__, detection, metrics, networks, recipe
-from fracture.losses import image_loss, map_loss
+from fracture.losses import MapLoss, image_loss, map_loss
 from fracture.model import MirrorTTA
 from fracture.networks import Network
 from fracture.preprocess import Contract
@@ -53,13 +53,16 @@ class FractureClassifier(L.LightningModule):
         channels_last: train with NHWC memory layout; ``null`` = on when training in bf16 on a CPU (measured fastest there).
         pos_weight: weight of the fractured class in the loss; ``auto`` = negatives/positives of the train split.
         map_weight: weight of the per-cell map loss against the image losses (localise head).
+        map_loss: ``bce_dice`` (mean BCE + soft Dice) or ``focal`` (focal BCE summed over cells / fracture
+            cells); see :func:`fracture.losses.map_loss`.
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size, resize, train_crop, reduced_decode: the preprocessing contract (linked from ``data.*``).
         mean, std: normalisation of the 0..1-scaled pixels.
     """
 
     def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
-                 pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, screening_sensitivity: float = 0.95,
+                 pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, map_loss: MapLoss = "bce_dice",
+                 screening_sensitivity: float = 0.95,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
                  reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25) -> None:
         super().__init__()
@@ -156,7 +159,7 @@ class FractureClassifier(L.LightningModule):
         x, y, mask, boxes, has_boxes = batch
         net = self.net if self.training else self.evaluation_net
         pooled, joint, maps = net.forward_maps(x)
-        pixel = map_loss(maps, mask, (y == 0) | has_boxes)
+        pixel = map_loss(maps, mask, (y == 0) | has_boxes, self.hparams.map_loss)
         loss = image_loss(pooled, y, self.pos_weight) + image_loss(joint, y, self.pos_weight) + self.hparams.map_weight * pixel
         self.log(f"{stage}/map_loss", pixel, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
         if stage == "val" and self._trainer is not None and not self.trainer.sanity_checking:

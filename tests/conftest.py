@@ -64,14 +64,18 @@ def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("locsynth")
     write_dataset(root, n=320, seed=7)
     out = tmp_path_factory.mktemp("locrun")
-    args = ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
-            "--data.crop", "64", "--model.net.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", "8",
-            "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--output_dir", str(out), "--run_name", "loc"]
     from fracture import fit
 
-    assert fit.main(args) == 0
+    assert fit.main(loc_fit_args(root, out, "loc")) == 0
     return root, next((out / "loc").glob("best-*.ckpt"))
+
+
+def loc_fit_args(root: Path, out: Path, name: str, *extra: str, epochs: int = 8) -> list[str]:
+    """The demo config as a seed-CNN localise run: 96 px letterbox, 64 px crops, CPU fp32."""
+    return ["--config", str(CONFIGS / "demo.yaml"), "--data.root", str(root), "--data.image_size", "96", "--data.resize", "letterbox",
+            "--data.crop", "64", "--model.net.head", "localise", "--data.num_workers", "0", "--trainer.max_epochs", str(epochs),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--output_dir", str(out), "--run_name", name, *extra]
 
 
 @pytest.fixture(scope="session")

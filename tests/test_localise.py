@@ -15,15 +15,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
-from fracture import detection, evaluate, heatmap, preprocess
+from conftest import REPO, loc_fit_args
+from fracture import detection, evaluate, fit, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
-from fracture.checkpoint import load_classifier
+from fracture.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
 from fracture.export import export
 from fracture.graph import Deployable
 from fracture.quantize import quantize_int8
 from fracture.model import build_network
 from fracture.losses import map_loss
+from fracture.module import FractureClassifier
 from fracture.model import MirrorTTA
 from fracture.networks import ResNet
 from fracture.preprocess import Contract
@@ -107,6 +108,28 @@ def test_peaks_are_chosen_when_a_ridge_merges_the_fracture_with_its_surroundings
     assert chosen["box_size"] == pytest.approx([8 / 64, 8 / 64])
     regions_only = detection.choose_box_decoding(maps, truths, peak_thresholds=())
     assert regions_only["box_method"] == "regions" and regions_only["froc_mean"] == 0.0
+
+
+def test_display_threshold_shows_at_most_one_false_box_per_validation_image() -> None:
+    rng = np.random.default_rng(0)
+    maps, truths = [], []
+    for k in range(30):  # four blobs per map; on odd maps the last is the fracture
+        m = np.zeros((64, 64), np.float32)
+        for j in range(4):
+            y, x = (int(v) for v in rng.integers(6, 58, 2))
+            m[y - 2 : y + 2, x - 2 : x + 2] = rng.uniform(0.5, 0.95) if (j == 3 and k % 2) else rng.uniform(0.2, 0.9)
+        maps.append(m)
+        truths.append([(x - 4.0, y - 4.0, x + 4.0, y + 4.0)] if k % 2 else [])
+    chosen = detection.choose_box_decoding(maps, truths)
+    contract = Contract(image_size=64)
+    candidates = [detection.find_boxes(m, chosen, 64, 64, contract, candidates=True) for m in maps]
+    scored = [detection.ImageScores(c, t, "centre") for c, t in zip(candidates, truths)]
+    shown = chosen["display_threshold"]
+    assert shown > chosen["box_threshold"] and sum(map(len, candidates)) / len(maps) > 1.5  # the candidates are trimmed
+    assert detection.at_threshold(scored, shown)["fp_per_image"] <= detection.DISPLAY_FP_RATE
+    assert detection.at_threshold(scored, shown - 1e-6)["fp_per_image"] > detection.DISPLAY_FP_RATE  # the lowest such threshold
+    for m, c in zip(maps, candidates):  # what a reader is shown: the candidates above it
+        assert detection.find_boxes(m, chosen, 64, 64, contract) == [b for b in c if b[4] > shown]
 
 
 @pytest.mark.parametrize("resize", ["stretch", "letterbox"])
@@ -200,6 +223,51 @@ def test_map_loss_targets_the_box_cells_and_skips_unknown_images() -> None:
     assert maps.grad[0, 1, 2] < 0 and (maps.grad[0].flatten()[torch.arange(16) != 6] > 0).all()  # up in the box cell, down elsewhere
 
 
+def test_focal_map_loss_on_a_hand_computed_case_and_fading_easy_background() -> None:
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:16, 16:24] = 1.0  # one fracture cell of 16
+    supervised = torch.tensor([True, False])
+    # all logits 0: every cell has p = 0.5, BCE ln 2, weight |0.5 - t|^2 = 1/4; 16 cells / 1 fracture cell
+    assert map_loss(torch.zeros(2, 4, 4), mask, supervised, "focal").item() == pytest.approx(16 * np.log(2) / 4, rel=1e-5)
+    maps = torch.full((2, 4, 4), -6.0, requires_grad=True)  # easy background everywhere
+    maps.data[0, 0, 0] = 2.0  # one hard negative
+    map_loss(maps, mask, supervised, "focal").backward()
+    grad = maps.grad[0]
+    assert grad[1, 2] < 0 and grad[0, 0] > 0 and maps.grad[1].abs().sum() == 0
+    easy = grad.flatten()[[i for i in range(16) if i not in (0, 6)]]
+    assert (easy > 0).all() and easy.max() < grad[0, 0] / 1000  # the easy cells nearly drop out
+    plain = torch.full((2, 4, 4), -6.0, requires_grad=True)
+    plain.data[0, 0, 0] = 2.0
+    map_loss(plain, mask, supervised, "bce_dice").backward()
+    assert easy.max() / grad[0, 0] < plain.grad[0, 0, 1] / plain.grad[0, 0, 0] / 100  # unlike plain BCE
+
+
+def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other_networks(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, ckpt = loc_run
+    hparams, _ = upgrade(torch.load(ckpt, map_location="cpu", weights_only=True))
+    fresh = FractureClassifier(**hparams)
+    splits = pd.read_csv(ckpt.parent / "splits.csv")
+    same = {s: t["path"].tolist() for s, t in splits.groupby("split")}
+    assert initialise_from(fresh, ckpt, same) == []
+    source = load_classifier(ckpt).net.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in fresh.net.state_dict().items())
+    leaked = {**same, "test": same["test"] + same["train"][:1]}
+    with pytest.raises(CheckpointError, match="1 images of this run's validation/test split were in its training split"):
+        initialise_from(fresh, ckpt, leaked)
+    other = FractureClassifier(**{**hparams, "net": {**hparams["net"], "init_args": {**hparams["net"]["init_args"], "widths": [8, 16, 32]}}})
+    with pytest.raises(CheckpointError, match="network"):
+        initialise_from(other, ckpt, same)
+    letterbox = FractureClassifier(**{**hparams, "image_size": 128})
+    with pytest.raises(CheckpointError, match="preprocessing"):
+        initialise_from(letterbox, ckpt, same)
+    # end to end: a 1-epoch fine-tune with the focal map loss; resuming and initialising at once is refused
+    args = loc_fit_args(root, tmp_path, "ft", "--init_from", str(ckpt), "--model.map_loss", "focal", "--test_after_fit", "false", epochs=1)
+    assert fit.main(args) == 0
+    info = json.loads((tmp_path / "ft" / "run_info.json").read_text())
+    assert info["initialised_from"] == str(ckpt) and load_classifier(next((tmp_path / "ft").glob("best-*.ckpt"))).hparams.map_loss == "focal"
+    assert fit.main([*args, "--ckpt_path", str(ckpt)]) == 2
+
+
 # --- data: synth, importers, dataset items ------------------------------------------------------------------------
 
 def test_synthetic_boxes_are_off_centre_as_often_as_not(tmp_path: Path) -> None:
@@ -257,9 +325,13 @@ def test_localise_fit_points_at_fractures_better_than_the_centre(loc_run: tuple[
     assert model["froc_centre_sensitivity_at_1_fp"] > centre["froc_centre_sensitivity_at_1_fp"] + 0.2
     lo, hi = loc["model"]["ci95"]["pointing_hit_rate"]
     assert lo <= model["pointing_hit_rate"] <= hi
+    assert 0 < loc["shown_boxes"] <= loc["predicted_boxes"] and {"display_sensitivity", "display_fp_per_image"} <= set(loc["model"]["ci95"])
+    if model["display_fp_per_image"] <= 2:  # the boxes shown are among those the FROC counts at 2 FP/image
+        assert model["display_sensitivity"] <= model["froc_centre_sensitivity_at_2_fp"] + 1e-9
     assert {"froc.png", "localisation_examples.png"} <= set(result["plots"])
     assert result["operating_points"]["default"]["metrics"]["auroc"] > 0.8
-    assert "## Where: localisation" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Where: localisation" in report and "shown to a reader" in report
 
 
 def test_fusion_and_box_threshold_are_chosen_on_validation_and_stored(loc_run: tuple[Path, Path]) -> None:
@@ -376,12 +448,16 @@ def test_predictor_decodes_peaks_from_metadata_and_refuses_incomplete_decodings(
     from fracture.predict import ModelError, Predictor
     from test_predict import _with_metadata
 
-    peaks = {"box_method": "peaks", "box_threshold": 0.05, "max_boxes": 2, "box_size": [0.25, 0.125]}
+    peaks = {"box_method": "peaks", "box_threshold": 0.05, "max_boxes": 2, "box_size": [0.25, 0.125], "display_threshold": 0.05}
     model = _with_metadata(loc_onnx, tmp_path / "peaks.onnx", lambda m: m["localisation"].update(peaks))
     predictor = Predictor(model)
     images = sorted((loc_run[0] / "test" / "images").glob("*.png"))[:12]
     rows = list(predictor.predict([str(p) for p in images], show_progress=False))
     assert all(not r.error and len(r.boxes) <= 2 for r in rows) and any(r.boxes for r in rows)
+    cut = float(np.median([b[4] for r in rows for b in r.boxes]))  # a reader's operating point above some of them
+    shown = _with_metadata(loc_onnx, tmp_path / "shown.onnx", lambda m: m["localisation"].update({**peaks, "display_threshold": cut}))
+    kept = list(Predictor(shown).predict([str(p) for p in images], show_progress=False))
+    assert [r.boxes for r in kept] == [[b for b in r.boxes if b[4] > cut] for r in rows] and sum(map(len, (r.boxes for r in kept))) < sum(len(r.boxes) for r in rows)
     for r in rows:
         h, w = preprocess.read_image(r.path).shape
         g = preprocess.geometry(h, w, predictor.contract)
