@@ -307,6 +307,8 @@ def localisation_md(loc: dict[str, Any] | None) -> list[str]:
         "| measure | model | centre baseline |", "|---|---|---|",
     ]
     for key, name in LOCALISATION_ROWS:
+        if key not in loc["model"]["metrics"]:  # e.g. no display threshold stored (older models show every box)
+            continue
         cells = [_fmt(loc[w]["metrics"].get(key, float("nan")), loc[w]["ci95"].get(key)) for w in ("model", "centre")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
