@@ -257,9 +257,9 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other
     other = FractureClassifier(**{**hparams, "net": {**hparams["net"], "init_args": {**hparams["net"]["init_args"], "widths": [8, 16, 32]}}})
     with pytest.raises(CheckpointError, match="network"):
         initialise_from(other, ckpt, same)
-    letterbox = FractureClassifier(**{**hparams, "image_size": 128})
+    bigger = FractureClassifier(**{**hparams, "image_size": 128})
     with pytest.raises(CheckpointError, match="preprocessing"):
-        initialise_from(letterbox, ckpt, same)
+        initialise_from(bigger, ckpt, same)
     # end to end: a 1-epoch fine-tune with the focal map loss; resuming and initialising at once is refused
     args = loc_fit_args(root, tmp_path, "ft", "--init_from", str(ckpt), "--model.map_loss", "focal", "--test_after_fit", "false", epochs=1)
     assert fit.main(args) == 0
