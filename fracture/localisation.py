@@ -98,13 +98,14 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
         scored = detection.score_detections([r.preds if who == "model" else r.centre_pred for r in results], [r.truth for r in results])
         hits = np.array([getattr(r, key).get("hit", np.nan) for r in results])
         mass = np.array([getattr(r, key).get("mass_in_boxes", np.nan) for r in results])
+        shown = display if who == "model" else None
         rng = np.random.default_rng(seed)
         draws: dict[str, list[float]] = {}
         for _ in range(n_boot):
-            for k, v in _values(scored, hits, mass, metrics.resample(members, rng), display if who == "model" else None).items():
+            for k, v in _values(scored, hits, mass, metrics.resample(members, rng), shown).items():
                 if not np.isnan(v):
                     draws.setdefault(k, []).append(v)
-        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results)), display if who == "model" else None),
+        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results)), shown),
                     "ci95": {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in draws.items()},
                     "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
     return out
