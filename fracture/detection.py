@@ -304,6 +304,32 @@ def peak_boxes(prob_map: np.ndarray, box_width: float, box_height: float, thresh
     return out
 
 
+def decoding_problems(params: dict[str, Any]) -> list[str]:
+    """What makes a stored decoding unusable (empty: usable): an unknown method, missing keys, values of the wrong kind.
+
+    Checked when a model is loaded, so an edited or damaged file fails there with a reason, not at its first box.
+    """
+    method = params.get("box_method", "regions")
+    needs = {"regions": ("box_threshold",), "peaks": ("box_threshold", "max_boxes", "box_size")}.get(method)
+    if needs is None:
+        return [f"unknown localisation.box_method {method!r} (this predictor knows regions and peaks); update fracture"]
+    missing = [k for k in needs if k not in params]
+    if missing:
+        return [f"has a fracture map but its localisation metadata lacks {', '.join(missing)}"]
+
+    def fraction(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+    bad = [k for k in ("box_threshold", "min_area_fraction", "display_threshold") if k in params and not fraction(params[k])]
+    if "max_boxes" in params and not (isinstance(params["max_boxes"], int) and not isinstance(params["max_boxes"], bool) and params["max_boxes"] >= 1):
+        bad.append("max_boxes")
+    size = params.get("box_size", [0.5, 0.5])
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(fraction(v) and v > 0 for v in size)):
+        bad.append("box_size")
+    return [f"localisation.{k} = {params[k]!r} is not valid (thresholds and fractions within 0..1, max_boxes >= 1, "
+            "box_size two fractions of the input)" for k in bad]
+
+
 def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int, contract: Contract,
                candidates: bool = False) -> list[tuple[float, float, float, float, float]]:
     """A localise model's map over the original ``height x width`` image → boxes there, as its stored ``params`` say.

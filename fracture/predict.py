@@ -104,14 +104,9 @@ class Predictor:
         self.has_map = "map" in outputs
         self.has_heatmap = "heatmap" in outputs or self.has_map
         self.localisation = self.metadata.get("localisation", {}) if self.has_map else {}
-        if self.has_map:
-            method = self.localisation.get("box_method", "regions")
-            needs = {"regions": ("box_threshold",), "peaks": ("box_threshold", "max_boxes", "box_size")}.get(method)
-            if needs is None:
-                raise ModelError(f"{path}: unknown localisation.box_method {method!r} (this predictor knows regions and peaks); update fracture")
-            missing = [k for k in needs if k not in self.localisation]
-            if missing:
-                raise ModelError(f"{path}: has a fracture map but its localisation metadata lacks {', '.join(missing)}")
+        problems = detection.decoding_problems(self.localisation) if self.has_map else []
+        if problems:
+            raise ModelError(f"{path}: " + "; ".join(problems))
         shape = inputs[0].shape
         size = self.contract.image_size
         if len(shape) != 4 or list(shape[1:]) != [self.contract.channels, size, size]:

@@ -444,7 +444,7 @@ def test_compare_box_decoding_rechooses_on_validation_into_a_new_checkpoint(loc_
         new.unlink(missing_ok=True)  # the run folder is shared by the session's other tests
 
 
-def test_predictor_decodes_peaks_from_metadata_and_refuses_incomplete_decodings(loc_onnx: Path, loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_predictor_decodes_peaks_from_metadata_and_refuses_broken_decodings(loc_onnx: Path, loc_run: tuple[Path, Path], tmp_path: Path) -> None:
     from fracture.predict import ModelError, Predictor
     from test_predict import _with_metadata
 
@@ -472,3 +472,8 @@ def test_predictor_decodes_peaks_from_metadata_and_refuses_incomplete_decodings(
     unknown = _with_metadata(loc_onnx, tmp_path / "unknown.onnx", lambda m: m["localisation"].update({"box_method": "blobs"}))
     with pytest.raises(ModelError, match="unknown localisation.box_method 'blobs'"):
         Predictor(unknown)
+    for edit, key in (({"display_threshold": "high"}, "display_threshold"), ({**peaks, "max_boxes": 0}, "max_boxes"),
+                      ({"box_threshold": 1.5}, "box_threshold"), ({**peaks, "box_size": [0.25]}, "box_size")):
+        damaged = _with_metadata(loc_onnx, tmp_path / f"bad-{key}.onnx", lambda m: m["localisation"].update(edit))
+        with pytest.raises(ModelError, match=f"localisation.{key} = .* is not valid"):
+            Predictor(damaged)  # at load, not at the first box
