@@ -3,9 +3,11 @@
     python -m fracture.evaluate --ckpt checkpoints/RUN/best-….ckpt [--split test]
     python -m fracture.evaluate --onnx exports/fracture.onnx --root data/fracatlas
 
-Writes ``reports/<name>/``: ``metrics.json``, ``report.md`` (one page), and PNG
-plots (ROC and precision-recall with the operating points, confusion matrices,
-reliability diagram, training curves, most confident errors). Every metric is
+Writes ``reports/<name>/``: ``metrics.json``, ``report.md`` (one page),
+``predictions.csv`` (one row per image: probability, and with boxes the true and
+predicted boxes; two reports are compared, paired, by ``fracture.compare``) and
+PNG plots (ROC and precision-recall with the operating points, confusion
+matrices, reliability diagram, training curves, most confident errors). Every metric is
 computed at every operating point stored with the model (chosen on validation,
 never on this split) with a 95 % percentile bootstrap interval (seeded; whole
 patient/duplicate groups are resampled when the annotations have a group column).
@@ -84,8 +86,8 @@ def predict_onnx(path: Path, paths: list[str], maps: bool = False) -> tuple[np.n
 
 
 def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], info: dict[str, Any], out: Path, n_boot: int, seed: int,
-             groups: np.ndarray | None) -> dict[str, Any]:
-    """Score the maps against the split's boxes (``fracture.localisation``); returns the summary with plot names."""
+             groups: np.ndarray | None) -> tuple[dict[str, Any], list[localisation.ImageResult]]:
+    """Score the maps against the split's boxes (``fracture.localisation``); returns the summary with plot names, and each image's result."""
     contract = preprocess.Contract.from_dict(info["contract"])
     own = info.get("localisation")
     # a localise model: its fracture map, boxes decoded as chosen on validation; else a Grad-CAM
@@ -107,7 +109,7 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
         return heatmap.to_original(maps[i], image.shape[0], image.shape[1], contract)
 
     summary["plots"] = localisation.plots(out, summary, results, paths, probs, redo_map, method)
-    return summary
+    return summary, results
 
 
 def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
@@ -203,9 +205,12 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
         studies = np.array([keys.get(p, "") for p in table["path"]])
     if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
         result["study_level"] = study_level(probs, labels, studies, info, n_boot, seed)
+    per_image = pd.DataFrame({"path": table["path"], "label": labels, "group": groups, "probability": probs})
     if maps is not None and has_boxes(table):
-        result["localisation"] = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
+        result["localisation"], results = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
         result["plots"] += result["localisation"].pop("plots")
+        per_image = per_image.assign(**localisation.to_columns(results))
+    per_image.to_csv(out / "predictions.csv", index=False)  # what `fracture.compare` pairs two reports on
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "report.md").write_text(report_md(result, info, table, root))
     return result

@@ -20,6 +20,7 @@ box size at the centre, scored by the model's image probability, for FROC/AP.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,26 @@ def score_image(low_res: np.ndarray, height: int, width: int, contract: Contract
     return result
 
 
+def to_columns(results: list[ImageResult]) -> dict[str, list]:
+    """Per-image columns for ``predictions.csv`` (boxes as JSON, original pixels), so a report can be re-scored or compared."""
+    return {"truth": [json.dumps([list(b) for b in r.truth]) for r in results],
+            "boxes": [json.dumps([list(b) for b in r.preds]) for r in results],
+            "pointing_hit": [r.pointing.get("hit", np.nan) for r in results],
+            "mass_in_boxes": [r.pointing.get("mass_in_boxes", np.nan) for r in results]}
+
+
+def scored_columns(truth: list[str], boxes: list[str], hit: np.ndarray, mass: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    """``to_columns`` read back → what :func:`values` takes (the detections scored once)."""
+    scored = detection.score_detections([[tuple(b) for b in json.loads(t)] for t in boxes], [[tuple(b) for b in json.loads(t)] for t in truth])
+    return scored, np.asarray(hit, float), np.asarray(mass, float)
+
+
 def median_box_size(truths_norm: list[list[detection.Box]]) -> tuple[float, float]:
     sizes = [(b[2] - b[0], b[3] - b[1]) for boxes in truths_norm for b in boxes]
     return tuple(np.median(np.array(sizes), axis=0)) if sizes else (0.1, 0.1)
 
 
-def _values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray, display: float | None) -> dict[str, float]:
+def values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray, display: float | None) -> dict[str, float]:
     values = detection.detection_metrics(scored, index)
     if display is not None:
         shown = detection.at_threshold([scored["centre"][i] for i in index], display)
@@ -102,10 +117,10 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
         rng = np.random.default_rng(seed)
         draws: dict[str, list[float]] = {}
         for _ in range(n_boot):
-            for k, v in _values(scored, hits, mass, metrics.resample(members, rng), shown).items():
+            for k, v in values(scored, hits, mass, metrics.resample(members, rng), shown).items():
                 if not np.isnan(v):
                     draws.setdefault(k, []).append(v)
-        out[who] = {"metrics": _values(scored, hits, mass, np.arange(len(results)), shown),
+        out[who] = {"metrics": values(scored, hits, mass, np.arange(len(results)), shown),
                     "ci95": {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in draws.items()},
                     "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
     return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, loc_fit_args
-from fracture import detection, evaluate, fit, heatmap, preprocess
+from fracture import compare, detection, evaluate, fit, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
 from fracture.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
 from fracture.export import export
@@ -392,6 +392,15 @@ def test_onnx_evaluation_scores_the_same_map(loc_run: tuple[Path, Path], tmp_pat
     by_ckpt, by_onnx = (json.loads((tmp_path / d / "metrics.json").read_text())["localisation"]["model"]["metrics"] for d in ("ckpt", "onnx"))
     for key in ("pointing_hit_rate", "froc_centre_sensitivity_at_1_fp", "ap_iou25"):
         assert by_onnx[key] == pytest.approx(by_ckpt[key], abs=0.02)
+    # predictions.csv carries what the report scored: fracture.compare re-scores it to the same figures, paired
+    assert compare.main([str(tmp_path / "ckpt"), str(tmp_path / "onnx"), "--out", str(tmp_path / "cmp"), "--bootstrap", "50"]) == 0
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["measures"]
+    report = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    for key in compare.MAP_MEASURES:
+        assert paired[key]["a"] == pytest.approx(by_ckpt[key], abs=1e-9), key
+    assert paired["auroc"]["a"] == pytest.approx(report["operating_points"]["default"]["metrics"]["auroc"], abs=1e-9)
+    lo, hi = paired["froc_centre_sensitivity_at_1_fp"]["ci95"]
+    assert abs(paired["froc_centre_sensitivity_at_1_fp"]["difference"]) <= 0.02 and hi - lo <= 0.05  # one model, two runtimes: a tight paired interval
 
 
 def test_mirror_tta_map_is_flip_consistent_and_exports() -> None:
