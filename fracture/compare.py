@@ -3,8 +3,8 @@
     python -m fracture.compare reports/A reports/B [--out reports/compare-A-vs-B] [--bootstrap 2000]
 
 Reads the ``predictions.csv`` that ``fracture.evaluate`` writes into each report,
-checks that both scored the same images with the same labels (and the same true
-boxes), then resamples the images (whole duplicate groups, as the reports did)
+checks that both scored the same images (by their path within the split, so two
+copies of one dataset pair) with the same labels and true boxes, then resamples the images (whole duplicate groups, as the reports did)
 **once for both models**: for every measure, B − A with its 95 % percentile
 interval, and ``p_not_better``, the share of resamples in which B − A <= 0 (a
 one-sided bootstrap p-value; for "is A better", read 1 − it). Two unpaired
@@ -46,10 +46,10 @@ def read_predictions(report: Path) -> pd.DataFrame:
     path = report / "predictions.csv"
     if not path.is_file():
         raise CompareError(f"{path} not found: run `python -m fracture.evaluate` again to write it (reports from before it existed lack it)")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"group": str, "path": str, "truth": str, "boxes": str})
-    if frame["path"].duplicated().any():
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"group": str, "image": str, "path": str, "truth": str, "boxes": str})
+    if frame["image"].duplicated().any():
         raise CompareError(f"{path}: an image appears twice")
-    return frame.set_index("path")
+    return frame.set_index("image")
 
 
 def pair(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

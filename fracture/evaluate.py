@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,9 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
         studies = np.array([keys.get(p, "") for p in table["path"]])
     if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
         result["study_level"] = study_level(probs, labels, studies, info, n_boot, seed)
-    per_image = pd.DataFrame({"path": table["path"], "label": labels, "group": groups, "probability": probs})
+    split_dir = os.path.abspath(root / split)  # the pairing key: the same split read from another copy of the dataset still pairs
+    per_image = pd.DataFrame({"image": [os.path.relpath(os.path.abspath(p), split_dir) for p in table["path"]], "path": table["path"],
+                              "label": labels, "group": groups, "probability": probs})
     if maps is not None and has_boxes(table):
         result["localisation"], results = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
         result["plots"] += result["localisation"].pop("plots")

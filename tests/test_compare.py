@@ -16,7 +16,7 @@ def _report(folder: Path, probs: np.ndarray, labels: np.ndarray, boxes: list[lis
             hits: np.ndarray | None = None) -> Path:
     """A report folder as fracture.evaluate writes it (only predictions.csv matters here)."""
     folder.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame({"path": [f"img{i:03d}.png" for i in range(len(probs))], "label": labels, "group": [f"g{i}" for i in range(len(probs))],
+    frame = pd.DataFrame({"image": [f"images/img{i:03d}.png" for i in range(len(probs))], "path": [f"{folder}/img{i:03d}.png" for i in range(len(probs))], "label": labels, "group": [f"g{i}" for i in range(len(probs))],
                           "probability": probs})
     if boxes is not None:
         frame = frame.assign(truth=[json.dumps(t) for t in truth], boxes=[json.dumps(b) for b in boxes],
