@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture import evaluate, metrics, preprocess
+from fracture import compare, evaluate, metrics, preprocess
 from fracture.checkpoint import load_classifier
 
 
@@ -71,6 +71,12 @@ def test_report_renders_with_every_plot(synth_root: Path, tiny_ckpt: Path, tiny_
     assert evaluate.main(["--onnx", str(tiny_onnx), "--root", str(synth_root), "--out", str(onnx_out), "--bootstrap", "50"]) == 0
     via_onnx = json.loads((onnx_out / "metrics.json").read_text())
     assert via_onnx["operating_points"]["default"]["metrics"]["auroc"] == pytest.approx(result["operating_points"]["default"]["metrics"]["auroc"], abs=1e-4)
+    # the two reports pair image by image (predictions.csv), resampled by patient as the reports were
+    assert compare.main([str(out), str(onnx_out), "--out", str(tmp_path / "cmp"), "--bootstrap", "50"]) == 0
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert paired["images"] == result["n"] and paired["bootstrap"]["unit"] == "group" and set(paired["measures"]) == set(compare.IMAGE_MEASURES)
+    assert paired["measures"]["auroc"]["a"] == pytest.approx(result["operating_points"]["default"]["metrics"]["auroc"], abs=1e-9)
+    assert abs(paired["measures"]["auroc"]["difference"]) <= 1e-4
 
 
 def test_small_subgroups_are_marked() -> None:
