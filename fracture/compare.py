@@ -4,9 +4,10 @@
 
 Reads the ``predictions.csv`` that ``fracture.evaluate`` writes into each report,
 checks that both scored the same images (by their path within the split, so two
-copies of one dataset pair) with the same labels and true boxes, then resamples the images (whole duplicate groups, as the reports did)
-**once for both models**: for every measure, B − A with its 95 % percentile
-interval, and ``p_not_better``, the share of resamples in which B − A <= 0 (a
+copies of one dataset pair) with the same labels and true boxes, then resamples
+the images (whole duplicate groups, as the reports did) **once for both
+models**: for every measure, B − A with its 95 % percentile interval, and
+``p_not_better``, the share of resamples in which B − A <= 0 (a
 one-sided bootstrap p-value; for "is A better", read 1 − it). Two unpaired
 intervals overlap long before a difference is doubtful; the paired interval of
 the difference is the one that says whether it is.

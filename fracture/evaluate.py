@@ -5,9 +5,9 @@
 
 Writes ``reports/<name>/``: ``metrics.json``, ``report.md`` (one page),
 ``predictions.csv`` (one row per image: probability, and with boxes the true and
-predicted boxes; two reports are compared, paired, by ``fracture.compare``) and
-PNG plots (ROC and precision-recall with the operating points, confusion
-matrices, reliability diagram, training curves, most confident errors). Every metric is
+predicted boxes; ``fracture.compare`` pairs two reports on it) and PNG plots
+(ROC and precision-recall with the operating points, confusion matrices,
+reliability diagram, training curves, most confident errors). Every metric is
 computed at every operating point stored with the model (chosen on validation,
 never on this split) with a 95 % percentile bootstrap interval (seeded; whole
 patient/duplicate groups are resampled when the annotations have a group column).
