@@ -5,7 +5,7 @@
     python -m fracture.fit --config configs/default.yaml --init_from RUN/best-….ckpt   # fine-tune: a new run from its weights
 
 Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
-(by validation AUROC), ``last.ckpt``, ``config.yaml`` (the resolved config),
+(by validation AUROC, or ``--best_by``), ``last.ckpt``, ``config.yaml`` (the resolved config),
 ``metrics.csv`` (per-epoch logs), ``splits.csv``, ``run_info.json`` and
 ``test_metrics.json``.
 """
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -112,6 +112,9 @@ class FractureCLI(LightningCLI):
                             help="start a new run from a checkpoint's network weights (same network, preprocessing and split; "
                                  "fresh optimiser, schedule and epochs)")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint on the test split")
+        parser.add_argument("--best_by", type=Literal["val/auroc", "val/average_precision", "val/froc_mean"], default="val/auroc",
+                            help="the validation score that picks best-….ckpt (val/froc_mean: mean FROC sensitivity at 0.5/1/2 FP "
+                                 "per image, localise models only)")
 
     def _resolve_run(self) -> tuple[str, str | None]:
         cfg = self.config
@@ -136,11 +139,14 @@ class FractureCLI(LightningCLI):
         self.run_name, self.resume = self._resolve_run()
         self.run_dir = Path(self.config["output_dir"]) / self.run_name
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        best_by = self.config["best_by"]
+        if best_by == "val/froc_mean" and not self.model.localise:
+            raise DatasetError("--best_by val/froc_mean scores the fracture map's boxes: it needs a localise model (model.net.head: localise)")
         checkpoint = ModelCheckpoint(
             dirpath=self.run_dir,
-            filename="best-epoch{epoch:03d}-auroc{val/auroc:.4f}",
+            filename=f"best-epoch{{epoch:03d}}-{best_by.split('/')[1]}{{{best_by}:.4f}}",
             auto_insert_metric_name=False,
-            monitor="val/auroc",
+            monitor=best_by,
             mode="max",
             save_top_k=1,
         )

@@ -268,6 +268,19 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other
     assert fit.main([*args, "--ckpt_path", str(ckpt)]) == 2
 
 
+def test_best_checkpoint_by_validation_froc(loc_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root, ckpt = loc_run
+    args = loc_fit_args(root, tmp_path, "froc", "--init_from", str(ckpt), "--model.recipe.lr", "0.01", "--best_by", "val/froc_mean",
+                        "--test_after_fit", "false", epochs=3)
+    assert fit.main(args) == 0
+    (best,) = (tmp_path / "froc").glob("best-*.ckpt")
+    logged = pd.read_csv(tmp_path / "froc" / "metrics.csv").dropna(subset=["val/froc_mean"])
+    top = logged.loc[logged["val/froc_mean"].idxmax()]  # the first epoch with the highest score: later ties do not replace it
+    assert best.name == f"best-epoch{int(top['epoch']):03d}-froc_mean{top['val/froc_mean']:.4f}.ckpt"
+    classify = loc_fit_args(root, tmp_path, "cls", "--model.net.head", "classify", "--best_by", "val/froc_mean", epochs=1)
+    assert fit.main(classify) == 2 and "needs a localise model" in capsys.readouterr().err
+
+
 # --- data: synth, importers, dataset items ------------------------------------------------------------------------
 
 def test_synthetic_boxes_are_off_centre_as_often_as_not(tmp_path: Path) -> None:
