@@ -86,6 +86,7 @@ def median_box_size(truths_norm: list[list[detection.Box]]) -> tuple[float, floa
 
 
 def values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray, display: float | None) -> dict[str, float]:
+    """Every measure on the images ``index`` picks (all of them, or one bootstrap draw) from scores computed once per image."""
     values = detection.detection_metrics(scored, index)
     if display is not None:
         shown = detection.at_threshold([scored["centre"][i] for i in index], display)
