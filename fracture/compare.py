@@ -110,7 +110,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0)
     for k, d in draws.items():
         d = np.asarray(d)
         rows[k] = {"a": point_a[k], "b": point_b[k], "difference": point_b[k] - point_a[k],
-                   "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))] if d.size else None,
+                   "ci95": list(metrics.interval(d)) if d.size else None,
                    "p_not_better": float((d <= 0).mean()) if d.size else float("nan")}
     return {"images": len(a), "fractured": int(a["label"].sum()), "with_boxes": int((a["truth"] != "[]").sum()) if with_maps else 0,
             "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "group" if grouped else "image", "level": 0.95}, "measures": rows}

@@ -323,8 +323,8 @@ def decoding_problems(params: dict[str, Any]) -> list[str]:
     bad = [k for k in ("box_threshold", "min_area_fraction", "display_threshold") if k in params and not fraction(params[k])]
     if "max_boxes" in params and not (isinstance(params["max_boxes"], int) and not isinstance(params["max_boxes"], bool) and params["max_boxes"] >= 1):
         bad.append("max_boxes")
-    size = params.get("box_size", [0.5, 0.5])
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(fraction(v) and v > 0 for v in size)):
+    size = params.get("box_size")
+    if "box_size" in params and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(fraction(v) and v > 0 for v in size)):
         bad.append("box_size")
     return [f"localisation.{k} = {params[k]!r} is not valid (thresholds and fractions within 0..1, max_boxes >= 1, "
             "box_size two fractions of the input)" for k in bad]

@@ -122,7 +122,7 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
                 if not np.isnan(v):
                     draws.setdefault(k, []).append(v)
         out[who] = {"metrics": values(scored, hits, mass, np.arange(len(results)), shown),
-                    "ci95": {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in draws.items()},
+                    "ci95": {k: metrics.interval(v) for k, v in draws.items()},
                     "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
     return out
 

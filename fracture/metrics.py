@@ -8,6 +8,8 @@ strictly above the threshold.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 METRIC_NAMES = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auroc", "average_precision")
@@ -175,8 +177,13 @@ def bootstrap(probs: np.ndarray, labels: np.ndarray, threshold: float, groups: n
         for name, value in all_metrics(probs[idx], labels[idx], threshold).items():
             if not np.isnan(value):
                 draws.setdefault(name, []).append(value)
+    return {name: interval(v, level) for name, v in draws.items()}
+
+
+def interval(draws: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap draws."""
     alpha = (1 - level) / 2
-    return {name: (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) for name, v in draws.items()}
+    return float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))
 
 
 def group_members(n: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
