@@ -333,6 +333,38 @@ def run_columns(run_dir: Path | None) -> Columns | None:
     return Columns(**{k: v for k, v in given.items() if k in Columns.__dataclass_fields__ and v})
 
 
+def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> list[tuple]:
+    """(label, (map-pooled, joint) logits, map, true boxes in input pixels) per validation image of a localise
+    model's run, as training keeps them (``FractureClassifier.val_maps``), so its choices can be made again."""
+    import torch
+
+    from fracture.checkpoint import CheckpointError, run_split
+
+    found = run_split(ckpt, "val")
+    if found is None:
+        raise CheckpointError(f"{ckpt.parent / 'splits.csv'} is missing or lists no validation split")
+    columns = run_columns(ckpt.parent)
+    tables = [read_split(root / s, columns) for s in ("train", "val") if (root / s / "annotations.csv").is_file()]
+    table = pd.concat(tables).set_index("path") if tables else pd.DataFrame()
+    if "boxes" not in table.columns:
+        raise DatasetError(f"{root}: no boxes column in its annotations: the box decoding is chosen on the validation boxes")
+    paths, labels = found
+    missing = [p for p in paths if p not in table.index]
+    if missing:
+        raise DatasetError(f"{len(missing)} validation images of the run are not in {root}'s annotations (e.g. {missing[0]}); pass the runs' --root")
+    net = model.evaluation_net
+    items = []
+    for i in progress(range(0, len(paths), batch), desc="validate"):
+        chunk = paths[i : i + batch]
+        with torch.inference_mode():
+            pooled, joint, maps = net.forward_maps(torch.from_numpy(preprocess.load_batch(chunk, model.contract)))
+        for j, path in enumerate(chunk):
+            h, w = preprocess.read_image(path).shape
+            truth = detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, model.contract)
+            items.append((int(labels[i + j]), (float(pooled[j]), float(joint[j])), torch.sigmoid(maps[j]).numpy(), truth))
+    return items
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)

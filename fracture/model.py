@@ -241,9 +241,39 @@ class MirrorTTA(nn.Module):
         return self.net.fuse(pooled, joint)
 
 
+class Ensemble(nn.Module):
+    """Several localise networks of one architecture and contract as one: the mean of their logits.
+
+    Image logits (map-pooled and joint) and map logits are averaged member by member; the
+    fusion of the two image logits is the ensemble's own, chosen on validation like a single
+    network's. Built from trained runs by ``python -m fracture.ensemble``, never trained.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2 or not all(isinstance(m, LocaliseNet) for m in members):
+            raise ValueError("an ensemble needs at least two localise networks")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("fusion", torch.tensor(0.5))
+
+    @property
+    def pyramid(self) -> Pyramid:
+        return self.members[0].pyramid
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs = [m.forward_maps(x) for m in self.members]
+        return tuple(torch.stack(parts).mean(0) for parts in zip(*outputs))  # type: ignore[return-value]
+
+    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+        return self.fusion * pooled + (1 - self.fusion) * joint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(*self.forward_maps(x)[:2])
+
+
 def is_localise(net: nn.Module) -> bool:
-    """A network (or its TTA wrapper) with a fracture map."""
-    return isinstance(net.net if isinstance(net, MirrorTTA) else net, LocaliseNet)
+    """A network (or its TTA wrapper, or an ensemble) with a fracture map."""
+    return isinstance(net.net if isinstance(net, MirrorTTA) else net, (LocaliseNet, Ensemble))
 
 
 def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
 
 from fracture import __version__, detection, metrics, networks, recipe
 from fracture.losses import MapLoss, image_loss, map_loss
-from fracture.model import MirrorTTA
+from fracture.model import Ensemble, MirrorTTA
 from fracture.networks import Network
 from fracture.preprocess import Contract
 from fracture.recipe import Recipe
@@ -58,20 +58,22 @@ class FractureClassifier(L.LightningModule):
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size, resize, train_crop, reduced_decode: the preprocessing contract (linked from ``data.*``).
         mean, std: normalisation of the 0..1-scaled pixels.
+        members: networks averaged as one (:class:`fracture.model.Ensemble`); more than 1 only in checkpoints
+            written by ``python -m fracture.ensemble`` from trained runs; never trained.
     """
 
     def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
                  pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, map_loss: MapLoss = "bce_dice",
                  screening_sensitivity: float = 0.95,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
-                 reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25) -> None:
+                 reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25, members: int = 1) -> None:
         super().__init__()
         self.spec = networks.from_config(net) if isinstance(net, dict) else net or networks.SeedCNN()
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else recipe or Recipe()
         self.save_hyperparameters(ignore=["net", "recipe"])
         self.hparams.update(net=self.spec.config(), recipe=asdict(self.recipe))  # plain data: checkpoints load with weights_only
         self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std, train_crop=train_crop, reduced_decode=reduced_decode)
-        self.net = self.spec.build(self.contract)
+        self.net = Ensemble([self.spec.build(self.contract) for _ in range(members)]) if members > 1 else self.spec.build(self.contract)
         self.localise = self.spec.head == "localise"
         self.size_multiple = 8 * 2 ** (len(self.net.pyramid.taps) - 1) if self.localise else 1
         if image_size % self.size_multiple:
@@ -87,6 +89,7 @@ class FractureClassifier(L.LightningModule):
         self.thresholds: dict[str, float] = {"default": 0.5}
         self.val_summary: dict[str, float] = {}
         self.train_counts: dict[str, int] = {}
+        self.ensemble_of: list[dict[str, Any]] = []  # the members' source checkpoints, for an ensemble
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
         self.example_input_array = torch.zeros(2, 1, image_size, image_size)
 
@@ -116,6 +119,8 @@ class FractureClassifier(L.LightningModule):
         return recipe.configure(self.recipe, self.net, self.trainer.estimated_stepping_batches, self.trainer.max_epochs or 1)
 
     def on_fit_start(self) -> None:
+        if self.hparams.members > 1:
+            raise ValueError("an ensemble is not trained: fit its members, then combine them with python -m fracture.ensemble")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
@@ -184,12 +189,12 @@ class FractureClassifier(L.LightningModule):
         if self.localise:
             if self.trainer.sanity_checking:
                 return
-            probs, labels = self._choose_fusion_and_boxes()
+            probs, labels = self.choose_localisation(self._gathered_maps())
+            self.log("val/froc_mean", self.box_params["froc_mean"])
             self.log_dict({f"val/{k}": v for k, v in metrics.binary_metrics(probs, labels).items()})
         else:
             self._log_metrics("val")
-        self.thresholds = metrics.operating_points(probs, labels, self.hparams.screening_sensitivity)
-        self.val_summary = {k: v for k, v in metrics.binary_metrics(probs, labels).items() if not math.isnan(v)} | {"n": int(labels.size)}
+        self.choose_operating_points(probs, labels)
         self.log_dict({f"val/threshold_{k}": v for k, v in self.thresholds.items() if k != "default"})
 
     def on_test_epoch_end(self) -> None:
@@ -210,13 +215,25 @@ class FractureClassifier(L.LightningModule):
         labels.reset()
         return p, y
 
-    def _choose_fusion_and_boxes(self) -> tuple[np.ndarray, np.ndarray]:
-        """On validation (every process's images): the image-logit fusion and the box threshold. Returns fused probabilities, labels."""
+    def choose_operating_points(self, probs: np.ndarray, labels: np.ndarray) -> None:
+        """Thresholds and the validation summary stored with the model, from its validation probabilities."""
+        self.thresholds = metrics.operating_points(probs, labels, self.hparams.screening_sensitivity)
+        self.val_summary = {k: v for k, v in metrics.binary_metrics(probs, labels).items() if not math.isnan(v)} | {"n": int(labels.size)}
+
+    def _gathered_maps(self) -> list[tuple]:
+        """The epoch's validation maps from every process, then reset."""
         items, self.val_maps = self.val_maps, []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, items)
             items = [it for part in gathered for it in part]
+        return items
+
+    def choose_localisation(self, items: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """The image-logit fusion and the box decoding, chosen on validation items (see ``val_maps``).
+
+        Returns the fused probabilities and the labels.
+        """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
         best, scores = detection.choose_fusion(labels, logits)
@@ -225,7 +242,6 @@ class FractureClassifier(L.LightningModule):
         maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
         self.box_params = {**detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items]), "fusion": float(best),
                            **{f"val_auroc_{k}": v for k, v in scores.items()}}
-        self.log("val/froc_mean", self.box_params["froc_mean"])
         fused = best * logits[:, 0] + (1 - best) * logits[:, 1]
         return 1 / (1 + np.exp(-fused)), labels
 
@@ -243,7 +259,8 @@ class FractureClassifier(L.LightningModule):
         return {"contract": self.contract.to_dict(), "thresholds": dict(self.thresholds), "train_counts": dict(self.train_counts),
                 "val_metrics": dict(self.val_summary), "class_names": ["not_fractured", "fractured"], "positive_class": "fractured",
                 "version": __version__, "screening_sensitivity": self.hparams.screening_sensitivity, "head": self.spec.head,
-                "network": self.spec.name, **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {})}
+                "network": self.spec.name, **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
+                **({"ensemble_of": list(self.ensemble_of)} if self.ensemble_of else {})}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fracture"] = self.deployment_info()
@@ -257,3 +274,4 @@ class FractureClassifier(L.LightningModule):
         self.train_counts = dict(info.get("train_counts", {}))
         self.val_summary = dict(info.get("val_metrics", {}))
         self.box_params = {k: v for k, v in info.get("localisation", {}).items() if k != "stride"}
+        self.ensemble_of = list(info.get("ensemble_of", []))

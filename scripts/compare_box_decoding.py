@@ -15,13 +15,12 @@ import argparse
 from pathlib import Path
 
 import cv2
-import numpy as np
 import yaml
 
-from fracture import detection, preprocess
-from fracture.annotations import read_split
-from fracture.checkpoint import run_split
-from fracture.evaluate import predict_checkpoint, run_columns
+from fracture import detection
+from fracture.annotations import DatasetError
+from fracture.checkpoint import CheckpointError, load_classifier
+from fracture.evaluate import validation_items
 
 
 def main() -> None:
@@ -33,25 +32,18 @@ def main() -> None:
     if ns.store and ns.store.resolve() == ns.ckpt.resolve():
         parser.error("--store must name a new file: the original checkpoint is kept as it was")
     root = ns.root or Path(yaml.safe_load((ns.ckpt.parent / "config.yaml").read_text())["data"]["root"])
-    found = run_split(ns.ckpt, "val")
-    if found is None:
-        parser.error(f"{ns.ckpt.parent / 'splits.csv'} lists no validation split")
-    table = read_split(root / "train", run_columns(ns.ckpt.parent)).set_index("path")
-    paths = found[0]
-    if "boxes" not in table.columns:
-        parser.error(f"{root / 'train'} has no boxes column")
-    _, info, maps = predict_checkpoint(ns.ckpt, paths, maps=True)
-    contract = preprocess.Contract.from_dict(info["contract"])
-    size = contract.image_size
-    inputs = [cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) for m in maps]
-    truths = []
-    for path in paths:
-        h, w = preprocess.read_image(path).shape
-        truths.append(detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, contract))
+    model = load_classifier(ns.ckpt)
+    try:
+        items = validation_items(model, ns.ckpt, root)
+    except (CheckpointError, DatasetError) as exc:
+        parser.error(str(exc))
+    size = model.contract.image_size
+    inputs = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
+    truths = [it[3] for it in items]
     regions = detection.choose_box_decoding(inputs, truths, peak_thresholds=())
     stored = detection.choose_box_decoding(inputs, truths)
     peaks = detection.choose_box_decoding(inputs, truths, thresholds=(), min_areas=())
-    print(f"validation: {len(paths)} images, {sum(map(bool, truths))} with boxes ({sum(map(len, truths))} boxes)")
+    print(f"validation: {len(items)} images, {sum(map(bool, truths))} with boxes ({sum(map(len, truths))} boxes)")
     for name, chosen in (("regions", regions), ("peaks", peaks), ("chosen", stored)):
         print(f"{name:8s} mean FROC {chosen['froc_mean']:.3f}  {chosen}")
     if ns.store:

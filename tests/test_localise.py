@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import lightning as L
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
@@ -20,6 +21,7 @@ from fracture import compare, detection, evaluate, fit, heatmap, preprocess
 from fracture.data import Augmentation, FractureDataModule, Transform
 from fracture.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
 from fracture.export import export
+from fracture.predict import file_sha256
 from fracture.graph import Deployable
 from fracture.quantize import quantize_int8
 from fracture.model import build_network
@@ -280,6 +282,82 @@ def test_best_checkpoint_by_validation_froc(loc_run: tuple[Path, Path], tmp_path
     classify = loc_fit_args(root, tmp_path, "cls", "--model.net.head", "classify", "--best_by", "val/froc_mean", epochs=1)
     assert fit.main(classify) == 2 and "needs a localise model" in capsys.readouterr().err
 
+
+
+def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from fracture import ensemble
+
+    root, ckpt = loc_run
+    assert fit.main(loc_fit_args(root, tmp_path, "m2", "--init_from", str(ckpt), "--seed_everything", "1", "--test_after_fit", "false", epochs=1)) == 0
+    second = next((tmp_path / "m2").glob("best-*.ckpt"))
+    out = tmp_path / "ens" / "ensemble.ckpt"
+    assert ensemble.main([str(ckpt), str(second), "--out", str(out), "--root", str(root)]) == 0
+    ens, members = load_classifier(out), [load_classifier(c) for c in (ckpt, second)]
+    assert ens.hparams.members == 2 and (out.parent / "splits.csv").read_bytes() == (ckpt.parent / "splits.csv").read_bytes()
+    x = torch.from_numpy(preprocess.load_batch([str(p) for p in sorted((root / "test" / "images").glob("*.png"))[:6]], ens.contract))
+    with torch.no_grad():
+        got = ens.net.forward_maps(x)
+        each = [m.net.forward_maps(x) for m in members]
+        probs, maps = ens.probabilities_and_maps(x)
+    for k in range(3):  # the mean of the members' logits: image (map-pooled, joint) and every map cell
+        assert torch.allclose(got[k], (each[0][k] + each[1][k]) / 2, atol=1e-5)
+    info = ens.deployment_info()
+    loc = info["localisation"]
+    assert loc["fusion"] == float(ens.net.fusion) in (0.0, 0.5, 1.0) and 0 <= loc["froc_mean"] <= 1
+    assert torch.allclose(probs, torch.sigmoid(loc["fusion"] * got[0] + (1 - loc["fusion"]) * got[1]), atol=1e-6)
+    assert [m["sha256"] for m in info["ensemble_of"]] == [file_sha256(c) for c in (ckpt, second)]
+    assert info["thresholds"]["screening"] <= info["thresholds"]["balanced"] and info["val_metrics"]["n"] == members[0].val_summary["n"]
+
+    # one network twice is that network: validation re-made outside training reaches the choices training stored
+    twin = tmp_path / "twin" / ckpt.name
+    twin.parent.mkdir()
+    for f in (ckpt, ckpt.parent / "splits.csv", ckpt.parent / "config.yaml"):
+        twin.parent.joinpath(f.name).write_bytes(f.read_bytes())
+    assert ensemble.main([str(ckpt), str(twin), "--out", str(tmp_path / "same.ckpt"), "--root", str(root)]) == 0
+    same, single = load_classifier(tmp_path / "same.ckpt").deployment_info(), members[0].deployment_info()
+    for key in ("fusion", "box_method", "box_threshold", "froc_mean"):
+        assert same["localisation"][key] == pytest.approx(single["localisation"][key], abs=1e-6), key
+    assert same["thresholds"] == pytest.approx(single["thresholds"], abs=1e-6)
+
+    meta = export(out, tmp_path / "ens.onnx")  # one file, both members; parity checked at batch 1 and N
+    assert meta["outputs"] == ["probability", "logit", "map"] and len(meta["ensemble_of"]) == 2
+    assert evaluate.main(["--ckpt", str(out), "--root", str(root), "--out", str(tmp_path / "report"), "--bootstrap", "20"]) == 0
+    assert "localisation" in json.loads((tmp_path / "report" / "metrics.json").read_text())
+
+    # refusals: other splits, one member, a classify model, an ensemble as a fine-tuning start
+    other = tmp_path / "other" / ckpt.name
+    other.parent.mkdir()
+    other.write_bytes(ckpt.read_bytes())
+    splits = pd.read_csv(ckpt.parent / "splits.csv")
+    splits.loc[splits.index[0], "split"] = "test" if splits.loc[splits.index[0], "split"] != "test" else "train"
+    splits.to_csv(other.parent / "splits.csv", index=False)
+    with pytest.raises(CheckpointError, match="trained on other splits"):
+        ensemble.build([ckpt, other], tmp_path / "x.ckpt", root)
+    with pytest.raises(CheckpointError, match="at least two"):
+        ensemble.build([ckpt], tmp_path / "x.ckpt", root)
+    with pytest.raises(CheckpointError, match="named twice"):
+        ensemble.build([ckpt, ckpt], tmp_path / "x.ckpt", root)
+    with pytest.raises(CheckpointError, match="an ensemble of 2 networks"):
+        initialise_from(FractureClassifier(**upgrade(torch.load(ckpt, map_location="cpu", weights_only=True))[0]), out, {})
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_ensemble_refuses_classify_models_and_is_never_trained(tiny_ckpt: Path, synth_root: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from fracture import ensemble
+    from fracture.networks import SeedCNN
+
+    copy = tmp_path / "copy" / tiny_ckpt.name
+    copy.parent.mkdir()
+    for f in (tiny_ckpt, tiny_ckpt.parent / "splits.csv"):
+        copy.parent.joinpath(f.name).write_bytes(f.read_bytes())
+    assert ensemble.main([str(tiny_ckpt), str(copy), "--out", str(tmp_path / "e.ckpt"), "--root", str(synth_root)]) == 2
+    assert "not a single localise network" in capsys.readouterr().err and not (tmp_path / "e.ckpt").exists()
+    with pytest.raises(ValueError, match="at least two localise networks"):
+        FractureClassifier(members=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="an ensemble is not trained"):
+        trainer.fit(FractureClassifier(net=SeedCNN(head="localise"), members=2, image_size=64), FractureDataModule(root=str(synth_root), image_size=64, num_workers=0))
 
 # --- data: synth, importers, dataset items ------------------------------------------------------------------------
 

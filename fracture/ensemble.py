@@ -1,0 +1,115 @@
+"""Several trained localise runs → one checkpoint that averages them, its choices re-made on validation.
+
+    python -m fracture.ensemble checkpoints/A/best-….ckpt checkpoints/B/best-….ckpt [...] --out checkpoints/ens/ensemble.ckpt
+
+Runs of one network and preprocessing contract, trained on the same splits (their ``splits.csv`` must
+match, so no member has trained on an image the ensemble is validated or tested on), become one
+:class:`fracture.model.Ensemble`: the mean of the members' image and map logits. The image-logit
+fusion, the box decoding and the operating points are chosen again for the ensemble on the runs'
+validation split, exactly as training chooses them for one network; the test split is never read.
+The result is an ordinary checkpoint: ``fracture.evaluate``, ``fracture.export`` (one ONNX file
+holding every member) and the predictor take it as they take any other. It costs one member's
+inference time per member.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+
+from fracture import preprocess
+from fracture.annotations import DatasetError
+from fracture.checkpoint import CheckpointError, load_classifier, upgrade
+from fracture.evaluate import describe_boxes, validation_items
+from fracture.module import FractureClassifier
+from fracture.predict import file_sha256
+
+
+def check_members(ckpts: list[Path], models: list[FractureClassifier]) -> None:
+    """Refuse members that cannot be averaged or were trained on different splits."""
+    if len(ckpts) < 2:
+        raise CheckpointError("an ensemble needs at least two checkpoints")
+    if len({p.resolve() for p in ckpts}) < len(ckpts):
+        raise CheckpointError("the same checkpoint is named twice")
+    first = models[0]
+    for ckpt, model in zip(ckpts, models):
+        if not model.localise or model.hparams.members != 1:
+            raise CheckpointError(f"{ckpt}: not a single localise network (an ensemble averages fracture maps)")
+        if model.spec.config() != first.spec.config():
+            raise CheckpointError(f"{ckpt}: its network {model.spec!r} differs from {ckpts[0]}'s {first.spec!r}")
+        if replace(model.contract, train_crop=None) != replace(first.contract, train_crop=None):
+            raise CheckpointError(f"{ckpt}: its preprocessing {model.contract} differs from {ckpts[0]}'s {first.contract}")
+        if model.hparams.tta != first.hparams.tta:
+            raise CheckpointError(f"{ckpt}: mirror TTA {'on' if model.hparams.tta else 'off'}, unlike {ckpts[0]}")
+    splits = []
+    for ckpt in ckpts:
+        table = ckpt.parent / "splits.csv"
+        if not table.is_file():
+            raise CheckpointError(f"{ckpt}: no splits.csv beside it, so its training images cannot be checked against the others' validation and test images")
+        rows = pd.read_csv(table, keep_default_na=False)
+        splits.append(set(zip(rows["path"].map(lambda p: str(Path(p).resolve())), rows["split"])))
+    for ckpt, split in zip(ckpts[1:], splits[1:]):
+        if split != splits[0]:
+            raise CheckpointError(f"{ckpt}: trained on other splits than {ckpts[0]} ({len(split ^ splits[0])} image/split pairs differ); "
+                                  "members must share data.root, seed and val_fraction")
+
+
+def build(ckpts: list[Path], out: Path, root: Path | None = None) -> dict[str, Any]:
+    """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info."""
+    models = [load_classifier(c) for c in ckpts]
+    check_members(ckpts, models)
+    hparams, _ = upgrade(torch.load(ckpts[0], map_location="cpu", weights_only=True))
+    ensemble = FractureClassifier(**{**hparams, "members": len(models)}).eval()
+    for member, model in zip(ensemble.net.members, models):
+        member.load_state_dict(model.net.state_dict())
+    ensemble.train_counts = dict(models[0].train_counts)
+    ensemble.ensemble_of = [{"checkpoint": str(c), "sha256": file_sha256(c), "val_metrics": m.val_summary,
+                             "localisation": {k: m.box_params.get(k) for k in ("froc_mean", "fusion")}} for c, m in zip(ckpts, models)]
+    config = ckpts[0].parent / "config.yaml"
+    if root is None:
+        if not config.is_file():
+            raise CheckpointError(f"{config} not found: pass --root DATASET")
+        root = Path(yaml.safe_load(config.read_text())["data"]["root"])
+    probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
+    ensemble.choose_operating_points(probs, labels)
+    checkpoint = {"hyper_parameters": dict(ensemble.hparams), "state_dict": {f"net.{k}": v for k, v in ensemble.net.state_dict().items()}}
+    ensemble.on_save_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in ("splits.csv", "config.yaml"):
+        if (ckpts[0].parent / name).is_file() and ckpts[0].parent.resolve() != out.parent.resolve():
+            shutil.copyfile(ckpts[0].parent / name, out.parent / name)
+    torch.save(checkpoint, out)
+    return ensemble.deployment_info()
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.ensemble", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpts", nargs="+", type=Path, help="two or more localise checkpoints of one network, trained on the same splits")
+    parser.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint to write (e.g. checkpoints/ens/ensemble.ckpt)")
+    parser.add_argument("--root", type=Path, help="dataset root of the runs (default: data.root of the first run's config.yaml)")
+    ns = parser.parse_args(args)
+    if ns.out.exists():
+        parser.error(f"{ns.out} exists: name a new file")
+    try:
+        info = build(ns.ckpts, ns.out, ns.root)
+    except (CheckpointError, DatasetError, preprocess.ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    val = info["val_metrics"]
+    print(f"wrote {ns.out}: {len(ns.ckpts)} members, validation AUROC {val.get('auroc', float('nan')):.4f}, "
+          f"mean FROC {info['localisation']['froc_mean']:.3f} (members: "
+          + ", ".join(f"{m['val_metrics'].get('auroc', float('nan')):.4f} / {m['localisation']['froc_mean'] or float('nan'):.3f}" for m in info["ensemble_of"]) + ")")
+    print(f"fusion {info['localisation']['fusion']:g}; boxes: {describe_boxes(info['localisation'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
