@@ -31,6 +31,7 @@ from fracture.checkpoint import CheckpointError, load_classifier, upgrade
 from fracture.evaluate import describe_boxes, validation_items
 from fracture.module import FractureClassifier
 from fracture.predict import file_sha256
+from fracture.runio import atomic_write
 
 
 def check_members(ckpts: list[Path], models: list[FractureClassifier]) -> None:
@@ -86,7 +87,7 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None) -> dict[str, A
     for name in ("splits.csv", "config.yaml"):
         if (ckpts[0].parent / name).is_file() and ckpts[0].parent.resolve() != out.parent.resolve():
             shutil.copyfile(ckpts[0].parent / name, out.parent / name)
-    torch.save(checkpoint, out)
+    atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))
     return ensemble.deployment_info()
 
 
