@@ -351,7 +351,7 @@ def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> lis
     paths, labels = found
     missing = [p for p in paths if p not in table.index]
     if missing:
-        raise DatasetError(f"{len(missing)} validation images of the run are not in {root}'s annotations (e.g. {missing[0]}); pass the runs' --root")
+        raise DatasetError(f"{len(missing)} validation images of the run are not in {root}'s annotations (e.g. {missing[0]}); pass the run's --root")
     net = model.evaluation_net
     items = []
     for i in progress(range(0, len(paths), batch), desc="validate"):
