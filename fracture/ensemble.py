@@ -27,7 +27,7 @@ import yaml
 
 from fracture import preprocess
 from fracture.annotations import DatasetError
-from fracture.checkpoint import CheckpointError, load_classifier, upgrade
+from fracture.checkpoint import CheckpointError, load_classifier
 from fracture.evaluate import describe_boxes, validation_items
 from fracture.module import FractureClassifier
 from fracture.predict import file_sha256
@@ -67,8 +67,7 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None) -> dict[str, A
     """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info."""
     models = [load_classifier(c) for c in ckpts]
     check_members(ckpts, models)
-    hparams, _ = upgrade(torch.load(ckpts[0], map_location="cpu", weights_only=True))
-    ensemble = FractureClassifier(**{**hparams, "members": len(models)}).eval()
+    ensemble = FractureClassifier(**{**models[0].hparams, "members": len(models)}).eval()
     for member, model in zip(ensemble.net.members, models):
         member.load_state_dict(model.net.state_dict())
     ensemble.train_counts = dict(models[0].train_counts)
@@ -104,10 +103,13 @@ def main(args: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, preprocess.ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    val = info["val_metrics"]
-    print(f"wrote {ns.out}: {len(ns.ckpts)} members, validation AUROC {val.get('auroc', float('nan')):.4f}, "
-          f"mean FROC {info['localisation']['froc_mean']:.3f} (members: "
-          + ", ".join(f"{m['val_metrics'].get('auroc', float('nan')):.4f} / {m['localisation']['froc_mean'] or float('nan'):.3f}" for m in info["ensemble_of"]) + ")")
+    def scores(val: dict[str, Any], loc: dict[str, Any]) -> str:
+        froc = loc.get("froc_mean")
+        return f"{val.get('auroc', float('nan')):.4f} / {'n/a' if froc is None else f'{froc:.3f}'}"
+
+    members = ", ".join(scores(m["val_metrics"], m["localisation"]) for m in info["ensemble_of"])
+    print(f"wrote {ns.out}: {len(ns.ckpts)} members; validation AUROC / mean FROC {scores(info['val_metrics'], info['localisation'])} "
+          f"(members: {members})")
     print(f"fusion {info['localisation']['fusion']:g}; boxes: {describe_boxes(info['localisation'])}")
     return 0
 

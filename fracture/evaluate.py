@@ -356,10 +356,10 @@ def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> lis
     items = []
     for i in progress(range(0, len(paths), batch), desc="validate"):
         chunk = paths[i : i + batch]
+        loaded = [preprocess.load_with_size(p, model.contract) for p in chunk]  # one decode: the input and the original size
         with torch.inference_mode():
-            pooled, joint, maps = net.forward_maps(torch.from_numpy(preprocess.load_batch(chunk, model.contract)))
-        for j, path in enumerate(chunk):
-            h, w = preprocess.read_image(path).shape
+            pooled, joint, maps = net.forward_maps(torch.from_numpy(preprocess.as_batch([x for x, _ in loaded])))
+        for j, (path, (_, (h, w))) in enumerate(zip(chunk, loaded)):
             truth = detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, model.contract)
             items.append((int(labels[i + j]), (float(pooled[j]), float(joint[j])), torch.sigmoid(maps[j]).numpy(), truth))
     return items
