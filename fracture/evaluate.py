@@ -40,11 +40,11 @@ SUBGROUP_MIN = 10  # positives and negatives needed before a subgroup AUROC is w
 CAVEAT = "Research tool, not a medical device: these figures do not show fitness for clinical use."
 
 
-Maps = list[np.ndarray] | None
+Maps = list[tuple[np.ndarray, tuple[int, int]]] | None  # each image's low-res map and its original (height, width)
 
 
 def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool = False) -> tuple[np.ndarray, dict[str, Any], Maps]:
-    """Probabilities from a checkpoint (torch, eval mode), its deployment info, and with ``maps`` its low-res maps.
+    """Probabilities from a checkpoint (torch, eval mode), its deployment info, and with ``maps`` its low-res maps (with sizes).
 
     The maps are a ``localise`` model's fracture map, or a ``classify`` model's Grad-CAM.
     """
@@ -54,9 +54,11 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
     from fracture.checkpoint import load_classifier
 
     model = load_classifier(ckpt)
-    out, found = [], []
+    out, found, sizes = [], [], []
     for i in progress(range(0, len(paths), batch), desc="predict"):
-        x = torch.from_numpy(preprocess.load_batch(paths[i : i + batch], model.contract))
+        loaded = [preprocess.load_with_size(p, model.contract) for p in paths[i : i + batch]]  # one decode: input and size
+        x = torch.from_numpy(preprocess.as_batch([image for image, _ in loaded]))
+        sizes += [size for _, size in loaded]
         if model.localise:
             with torch.inference_mode():
                 p, m = model.probabilities_and_maps(x)
@@ -71,7 +73,7 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
         if m is not None:
             found += list(m.numpy())
     info = model.deployment_info() | {"arch": model.spec.name, "source": str(ckpt)}
-    return np.concatenate(out).astype(np.float64), info, found if maps else None
+    return np.concatenate(out).astype(np.float64), info, list(zip(found, sizes)) if maps else None
 
 
 def predict_onnx(path: Path, paths: list[str], maps: bool = False) -> tuple[np.ndarray, dict[str, Any], Maps]:
@@ -83,10 +85,10 @@ def predict_onnx(path: Path, paths: list[str], maps: bool = False) -> tuple[np.n
     failed = [r for r in rows if r.error]
     if failed:
         raise DatasetError(f"{len(failed)} image(s) could not be read, e.g. {failed[0].error}")
-    return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}, [r.raw_map for r in rows] if want else None
+    return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}, [(r.raw_map, r.size) for r in rows] if want else None
 
 
-def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], info: dict[str, Any], out: Path, n_boot: int, seed: int,
+def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[tuple[np.ndarray, tuple[int, int]]], info: dict[str, Any], out: Path, n_boot: int, seed: int,
              groups: np.ndarray | None) -> tuple[dict[str, Any], list[localisation.ImageResult]]:
     """Score the maps against the split's boxes (``fracture.localisation``); returns the summary with plot names, and each image's result."""
     contract = preprocess.Contract.from_dict(info["contract"])
@@ -98,8 +100,8 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     centre = localisation.median_box_size(truths)
     results, paths = [], table["path"].tolist()
     for i in progress(range(len(paths)), desc="localise"):
-        h, w = preprocess.read_image(paths[i]).shape
-        results.append(localisation.score_image(maps[i], h, w, contract, truths[i], float(probs[i]), decoding, centre))
+        raw, (h, w) = maps[i]
+        results.append(localisation.score_image(raw, h, w, contract, truths[i], float(probs[i]), decoding, centre))
     summary = localisation.summarise(results, groups, n_boot, seed, (decoding or {}).get("display_threshold"))
     summary.update({"method": method, "boxes": decoding or {"box_method": "regions", "box_threshold": localisation.GRAD_CAM_BOX_THRESHOLD, "relative": True},
                     "centre_box_size": list(centre)})
@@ -107,7 +109,7 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[np.ndarray], inf
     def redo_map(i: int, image: np.ndarray) -> np.ndarray:
         from fracture import heatmap
 
-        return heatmap.to_original(maps[i], image.shape[0], image.shape[1], contract)
+        return heatmap.to_original(maps[i][0], image.shape[0], image.shape[1], contract)
 
     summary["plots"] = localisation.plots(out, summary, results, paths, probs, redo_map, method)
     return summary, results

@@ -60,6 +60,7 @@ class Prediction:
     error: str = ""
     boxes: list[tuple[float, float, float, float, float]] | None = None  # original-image pixels + score; None = no map
     raw_map: np.ndarray | None = None  # the model's low-resolution map or heatmap, when asked for (evaluation)
+    size: tuple[int, int] | None = None  # the original image's (height, width): what boxes and maps map back onto
 
 
 class Predictor:
@@ -187,7 +188,7 @@ class Predictor:
                     if heatmap_dir is not None:
                         heatmap.write_overlay(heatmap_dir, path, original, full, p, boxes, absolute=self.has_map)
                     raw = raw if keep_maps else None
-                    yield Prediction(path, p, p > value, value, name, boxes=boxes, raw_map=raw)
+                    yield Prediction(path, p, p > value, value, name, boxes=boxes, raw_map=raw, size=(int(h), int(w)))
             for _ in bar:
                 pass
 
