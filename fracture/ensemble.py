@@ -1,6 +1,7 @@
 """Several trained localise runs → one checkpoint that averages them, its choices re-made on validation.
 
     python -m fracture.ensemble checkpoints/A/best-….ckpt checkpoints/B/best-….ckpt [...] --out checkpoints/ens/ensemble.ckpt
+    python -m fracture.ensemble checkpoints/A/best-….ckpt [...] --tta --out checkpoints/a-tta/model.ckpt
 
 Runs of one network and preprocessing contract, trained on the same splits (their ``splits.csv`` must
 match, so no member has trained on an image the ensemble is validated or tested on), become one
@@ -10,6 +11,10 @@ validation split, exactly as training chooses them for one network; the test spl
 The result is an ordinary checkpoint: ``fracture.evaluate``, ``fracture.export`` (one ONNX file
 holding every member) and the predictor take it as they take any other. It costs one member's
 inference time per member.
+
+``--tta`` adds mirror test-time augmentation (each member also sees the image flipped, its map
+flipped back; twice the inference time): the ensemble of a model and its mirror, so one run is
+enough. Its choices are re-made on validation the same way.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from fracture.predict import file_sha256
 from fracture.runio import atomic_write
 
 
-def check_members(ckpts: list[Path], models: list[FractureClassifier]) -> None:
+def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool = False) -> None:
     """Refuse members that cannot be averaged or were trained on different splits."""
-    if len(ckpts) < 2:
-        raise CheckpointError("an ensemble needs at least two checkpoints")
+    if not ckpts or (len(ckpts) < 2 and not tta):
+        raise CheckpointError("an ensemble needs at least two checkpoints (or one with --tta: the model and its mirror)")
     if len({p.resolve() for p in ckpts}) < len(ckpts):
         raise CheckpointError("the same checkpoint is named twice")
     first = models[0]
@@ -63,12 +68,15 @@ def check_members(ckpts: list[Path], models: list[FractureClassifier]) -> None:
                                   "members must share data.root, seed and val_fraction")
 
 
-def build(ckpts: list[Path], out: Path, root: Path | None = None) -> dict[str, Any]:
-    """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info."""
+def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = False) -> dict[str, Any]:
+    """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info.
+
+    ``tta`` turns mirror TTA on for the result (members trained with it keep it either way).
+    """
     models = [load_classifier(c) for c in ckpts]
-    check_members(ckpts, models)
-    ensemble = FractureClassifier(**{**models[0].hparams, "members": len(models)}).eval()
-    for member, model in zip(ensemble.net.members, models):
+    check_members(ckpts, models, tta)
+    ensemble = FractureClassifier(**{**models[0].hparams, "members": len(models), "tta": tta or models[0].hparams.tta}).eval()
+    for member, model in zip(ensemble.net.members if len(models) > 1 else [ensemble.net], models):
         member.load_state_dict(model.net.state_dict())
     ensemble.train_counts = dict(models[0].train_counts)
     ensemble.ensemble_of = [{"checkpoint": str(c), "sha256": file_sha256(c), "val_metrics": m.val_summary,
@@ -92,14 +100,15 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None) -> dict[str, A
 
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.ensemble", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpts", nargs="+", type=Path, help="two or more localise checkpoints of one network, trained on the same splits")
+    parser.add_argument("ckpts", nargs="+", type=Path, help="two or more localise checkpoints of one network, trained on the same splits (one with --tta)")
     parser.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint to write (e.g. checkpoints/ens/ensemble.ckpt)")
     parser.add_argument("--root", type=Path, help="dataset root of the runs (default: data.root of the first run's config.yaml)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation too: each member also sees the flipped image (2x inference time)")
     ns = parser.parse_args(args)
     if ns.out.exists():
         parser.error(f"{ns.out} exists: name a new file")
     try:
-        info = build(ns.ckpts, ns.out, ns.root)
+        info = build(ns.ckpts, ns.out, ns.root, ns.tta)
     except (CheckpointError, DatasetError, preprocess.ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +117,7 @@ def main(args: list[str] | None = None) -> int:
         return f"{val.get('auroc', float('nan')):.4f} / {'n/a' if froc is None else f'{froc:.3f}'}"
 
     members = ", ".join(scores(m["val_metrics"], m["localisation"]) for m in info["ensemble_of"])
-    print(f"wrote {ns.out}: {len(ns.ckpts)} members; validation AUROC / mean FROC {scores(info['val_metrics'], info['localisation'])} "
+    print(f"wrote {ns.out}: {len(ns.ckpts)} member(s){', mirror TTA' if info['tta'] else ''}; validation AUROC / mean FROC {scores(info['val_metrics'], info['localisation'])} "
           f"(members: {members})")
     print(f"fusion {info['localisation']['fusion']:g}; boxes: {describe_boxes(info['localisation'])}")
     return 0

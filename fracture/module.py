@@ -259,7 +259,7 @@ class FractureClassifier(L.LightningModule):
         return {"contract": self.contract.to_dict(), "thresholds": dict(self.thresholds), "train_counts": dict(self.train_counts),
                 "val_metrics": dict(self.val_summary), "class_names": ["not_fractured", "fractured"], "positive_class": "fractured",
                 "version": __version__, "screening_sensitivity": self.hparams.screening_sensitivity, "head": self.spec.head,
-                "network": self.spec.name, **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
+                "network": self.spec.name, "tta": bool(self.hparams.tta), **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
                 **({"ensemble_of": list(self.ensemble_of)} if self.ensemble_of else {})}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -319,6 +319,18 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
         assert same["localisation"][key] == pytest.approx(single["localisation"][key], abs=1e-6), key
     assert same["thresholds"] == pytest.approx(single["thresholds"], abs=1e-6)
 
+    # --tta: one run and its mirror, the flipped image's map flipped back before averaging; choices re-made
+    mirrored = tmp_path / "tta" / "model.ckpt"
+    assert ensemble.main([str(ckpt), "--tta", "--out", str(mirrored), "--root", str(root)]) == 0
+    tta = load_classifier(mirrored)
+    assert tta.hparams.tta and tta.hparams.members == 1 and tta.deployment_info()["tta"] and not single["tta"]
+    with torch.no_grad():
+        plain, flipped = members[0].net.forward_maps(x), members[0].net.forward_maps(torch.flip(x, dims=[-1]))
+        tta_probs, tta_maps = tta.probabilities_and_maps(x)
+    fusion = tta.box_params["fusion"]
+    assert torch.allclose(tta_maps, torch.sigmoid((plain[2] + torch.flip(flipped[2], dims=[-1])) / 2), atol=1e-5)
+    assert torch.allclose(tta_probs, torch.sigmoid((fusion * (plain[0] + flipped[0]) + (1 - fusion) * (plain[1] + flipped[1])) / 2), atol=1e-5)
+
     meta = export(out, tmp_path / "ens.onnx")  # one file, both members; parity checked at batch 1 and N
     assert meta["outputs"] == ["probability", "logit", "map"] and len(meta["ensemble_of"]) == 2
     assert evaluate.main(["--ckpt", str(out), "--root", str(root), "--out", str(tmp_path / "report"), "--bootstrap", "20"]) == 0
