@@ -56,9 +56,9 @@ def predict_checkpoint(ckpt: Path, paths: list[str], batch: int = 32, maps: bool
     model = load_classifier(ckpt)
     out, found, sizes = [], [], []
     for i in progress(range(0, len(paths), batch), desc="predict"):
-        loaded = [preprocess.load_with_size(p, model.contract) for p in paths[i : i + batch]]  # one decode: input and size
-        x = torch.from_numpy(preprocess.as_batch([image for image, _ in loaded]))
-        sizes += [size for _, size in loaded]
+        x, chunk_sizes = preprocess.load_batch_with_sizes(paths[i : i + batch], model.contract)
+        x = torch.from_numpy(x)
+        sizes += chunk_sizes
         if model.localise:
             with torch.inference_mode():
                 p, m = model.probabilities_and_maps(x)
@@ -358,10 +358,10 @@ def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> lis
     items = []
     for i in progress(range(0, len(paths), batch), desc="validate"):
         chunk = paths[i : i + batch]
-        loaded = [preprocess.load_with_size(p, model.contract) for p in chunk]  # one decode: the input and the original size
+        x, chunk_sizes = preprocess.load_batch_with_sizes(chunk, model.contract)
         with torch.inference_mode():
-            pooled, joint, maps = net.forward_maps(torch.from_numpy(preprocess.as_batch([x for x, _ in loaded])))
-        for j, (path, (_, (h, w))) in enumerate(zip(chunk, loaded)):
+            pooled, joint, maps = net.forward_maps(torch.from_numpy(x))
+        for j, (path, (h, w)) in enumerate(zip(chunk, chunk_sizes)):
             truth = detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, model.contract)
             items.append((int(labels[i + j]), (float(pooled[j]), float(joint[j])), torch.sigmoid(maps[j]).numpy(), truth))
     return items

@@ -468,4 +468,10 @@ def as_batch(inputs: list[np.ndarray]) -> np.ndarray:
 
 def load_batch(paths: list[str], contract: Contract) -> np.ndarray:
     """Files → ``N x 1 x H x W`` float32 batch (raises ImageError on the first bad file)."""
-    return as_batch([load(p, contract) for p in paths])
+    return load_batch_with_sizes(paths, contract)[0]
+
+
+def load_batch_with_sizes(paths: list[str], contract: Contract) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Files → (the batch, each original (height, width)), one decode per file: what maps and boxes map back onto."""
+    loaded = [load_with_size(p, contract) for p in paths]
+    return as_batch([x for x, _ in loaded]), [size for _, size in loaded]
