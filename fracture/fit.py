@@ -77,6 +77,13 @@ class Throughput(Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The epoch's training part ends where its validation starts."""
+        self._log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Epochs without validation (``trainer.check_val_every_n_epoch`` > 1) end here."""
+        self._log(trainer, pl_module)
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not getattr(self, "images", 0):
             return
         seconds = time.perf_counter() - self.start
@@ -84,6 +91,7 @@ class Throughput(Callback):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             values["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(values, rank_zero_only=True)
+        self.images = 0  # once per epoch
 
 
 class EpochSummary(Callback):
