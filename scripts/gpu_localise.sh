@@ -126,7 +126,7 @@ timeout $((S2 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.y
     --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.recipe.lr 0.0003 \
     --trainer.max_epochs "$E2" --trainer.check_val_every_n_epoch "$V2" --trainer.max_time "$(hms "$S2")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise-ft" || true
-"$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft-last" "${EVAL[@]}" \
+timeout 120 "$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft-last" "${EVAL[@]}" \
     > "$RESULTS/eval-localise.log" 2>&1 || echo "evaluate localise: exit $?"
 wait "$CLASSIFY" || true
 cat "$RESULTS/classify-summary.log"
