@@ -67,6 +67,8 @@ def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: 
     source = load_classifier(ckpt)
     if source.hparams.members != 1:
         raise CheckpointError(f"{ckpt}: an ensemble of {source.hparams.members} networks; start from one of its members")
+    if source.hparams.get("classifier"):
+        raise CheckpointError(f"{ckpt}: a localiser with a classifier beside it; start from the localiser's own run")
     if source.spec.config() != model.spec.config():
         raise CheckpointError(f"{ckpt}: its network {source.spec!r} differs from this run's {model.spec!r}")
     if replace(source.contract, train_crop=None) != replace(model.contract, train_crop=None):  # the crop is a training choice

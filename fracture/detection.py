@@ -350,13 +350,14 @@ def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int
     return boxes if candidates or shown is None else [b for b in boxes if b[4] > shown]
 
 
-def choose_fusion(labels: np.ndarray, logits: np.ndarray) -> tuple[float, dict[str, float]]:
-    """The image-logit fusion (1 = map-pooled, 0 = joint head, 0.5 = their mean) with the best validation AUROC.
+def choose_fusion(labels: np.ndarray, logits: np.ndarray, names: tuple[str, str] = ("map", "joint")) -> tuple[float, dict[str, float]]:
+    """The image-logit fusion (1 = the first logit, 0 = the second, 0.5 = their mean) with the best validation AUROC.
 
-    ``logits`` is ``N x 2`` (map-pooled, joint). Returns the weight and every choice's AUROC; ties go to the map.
+    ``logits`` is ``N x 2``: (map-pooled, joint) for a localise network, (localiser, classifier) for one
+    with a classifier; ``names`` labels them. Returns the weight and every choice's AUROC; ties go to the first.
     """
     sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
-    choices = {"map": 1.0, "joint": 0.0, "mean": 0.5}
+    choices = {names[0]: 1.0, names[1]: 0.0, "mean": 0.5}
     scores = {k: metrics.auroc(sigmoid(w * logits[:, 0] + (1 - w) * logits[:, 1]), labels) for k, w in choices.items()}
     best = max(choices, key=lambda k: (np.nan_to_num(scores[k], nan=-1), choices[k]))
     return choices[best], scores

@@ -15,6 +15,13 @@ inference time per member.
 ``--tta`` adds mirror test-time augmentation (each member also sees the image flipped, its map
 flipped back; twice the inference time): the ensemble of a model and its mirror, so one run is
 enough. Its choices are re-made on validation the same way.
+
+``--classifier RUN/best-….ckpt`` puts a classify run beside the localiser (or ensemble), as
+:class:`fracture.model.WithClassifier`: it sees the same input average-pooled to its own input
+size, so its contract must be the localiser's at an integer fraction of the size (e.g. 224 px
+letterbox beside 448 px letterbox). The image probability is then a fusion of the localiser's and
+the classifier's logits chosen on validation; the map and boxes stay the localiser's. One run is
+enough here too.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import pandas as pd
 import torch
 import yaml
 
-from fracture import preprocess
+from fracture import metrics, preprocess
 from fracture.annotations import DatasetError
 from fracture.checkpoint import CheckpointError, load_classifier
 from fracture.evaluate import describe_boxes, validation_items
@@ -39,10 +46,10 @@ from fracture.predict import file_sha256
 from fracture.runio import atomic_write
 
 
-def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool = False) -> None:
+def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool = False, classifier: bool = False) -> None:
     """Refuse members that cannot be averaged or were trained on different splits."""
-    if not ckpts or (len(ckpts) < 2 and not tta):
-        raise CheckpointError("an ensemble needs at least two checkpoints (or one with --tta: the model and its mirror)")
+    if not ckpts or (len(ckpts) < 2 and not tta and not classifier):
+        raise CheckpointError("an ensemble needs at least two checkpoints (or one with --tta: the model and its mirror, or with --classifier)")
     if len({p.resolve() for p in ckpts}) < len(ckpts):
         raise CheckpointError("the same checkpoint is named twice")
     first = models[0]
@@ -55,6 +62,11 @@ def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool
             raise CheckpointError(f"{ckpt}: its preprocessing {model.contract} differs from {ckpts[0]}'s {first.contract}")
         if model.hparams.tta != first.hparams.tta:
             raise CheckpointError(f"{ckpt}: mirror TTA {'on' if model.hparams.tta else 'off'}, unlike {ckpts[0]}")
+    check_splits(ckpts)
+
+
+def check_splits(ckpts: list[Path]) -> None:
+    """Runs combined into one model must share their splits: none may have trained on an image the others validate or test on."""
     splits = []
     for ckpt in ckpts:
         table = ckpt.parent / "splits.csv"
@@ -65,16 +77,36 @@ def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool
     for ckpt, split in zip(ckpts[1:], splits[1:]):
         if split != splits[0]:
             raise CheckpointError(f"{ckpt}: trained on other splits than {ckpts[0]} ({len(split ^ splits[0])} image/split pairs differ); "
-                                  "members must share data.root, seed and val_fraction")
+                                  "runs combined must share data.root, seed and val_fraction")
 
 
-def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = False) -> dict[str, Any]:
+def classifier_factor(ckpt: Path, model: FractureClassifier, localiser: FractureClassifier) -> int:
+    """How much smaller the classifier's input is than the localiser's; refuses contracts one input cannot serve."""
+    if model.localise or model.hparams.members != 1 or model.hparams.get("classifier"):
+        raise CheckpointError(f"{ckpt}: not a single classify network (--classifier takes a classify run)")
+    if model.hparams.tta:
+        raise CheckpointError(f"{ckpt}: mirror TTA is on for this classifier; give --tta to the combined model instead")
+    mine, theirs = model.contract, localiser.contract
+    factor = theirs.image_size // mine.image_size
+    same = replace(mine, image_size=theirs.image_size, train_crop=None) == replace(theirs, train_crop=None)
+    if not same or factor < 1 or factor * mine.image_size != theirs.image_size:
+        raise CheckpointError(f"{ckpt}: its preprocessing {mine} is not the localiser's {theirs} at an integer fraction of its size; "
+                              "train the classifier with the localiser's resize, normalisation and data.image_size divided by 1, 2, …")
+    return factor
+
+
+def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = False, classifier: Path | None = None) -> dict[str, Any]:
     """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info.
 
-    ``tta`` turns mirror TTA on for the result (members trained with it keep it either way).
+    ``tta`` turns mirror TTA on for the result (members trained with it keep it either way); ``classifier``
+    puts that classify run beside the localiser(s).
     """
     models = [load_classifier(c) for c in ckpts]
-    check_members(ckpts, models, tta)
+    check_members(ckpts, models, tta, classifier is not None)
+    side = load_classifier(classifier) if classifier is not None else None
+    if side is not None:
+        factor = classifier_factor(classifier, side, models[0])
+        check_splits([ckpts[0], classifier])
     ensemble = FractureClassifier(**{**models[0].hparams, "members": len(models), "tta": tta or models[0].hparams.tta}).eval()
     for member, model in zip(ensemble.net.members if len(models) > 1 else [ensemble.net], models):
         member.load_state_dict(model.net.state_dict())
@@ -87,6 +119,16 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
             raise CheckpointError(f"{config} not found: pass --root DATASET")
         root = Path(yaml.safe_load(config.read_text())["data"]["root"])
     probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
+    if side is not None:  # the localiser's own choices made above; now the classifier beside it, and the choices again
+        combined = FractureClassifier(**{**ensemble.hparams, "classifier": {"net": side.spec.config(), "factor": factor}}).eval()
+        combined.net.localiser.load_state_dict(ensemble.net.state_dict())
+        combined.net.classifier.load_state_dict(side.net.state_dict())
+        combined.train_counts, combined.ensemble_of = ensemble.train_counts, ensemble.ensemble_of
+        combined.classifier_of = {"checkpoint": str(classifier), "sha256": file_sha256(classifier), "network": side.spec.name,
+                                  "input_size": side.contract.image_size, "factor": factor, "val_metrics": side.val_summary,
+                                  "localiser_fusion": ensemble.box_params["fusion"], "localiser_val_auroc": metrics.auroc(probs, labels)}
+        ensemble = combined
+        probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
     ensemble.choose_operating_points(probs, labels)
     checkpoint = {"hyper_parameters": dict(ensemble.hparams), "state_dict": {f"net.{k}": v for k, v in ensemble.net.state_dict().items()}}
     ensemble.on_save_checkpoint(checkpoint)
@@ -100,15 +142,18 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
 
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.ensemble", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpts", nargs="+", type=Path, help="two or more localise checkpoints of one network, trained on the same splits (one with --tta)")
+    parser.add_argument("ckpts", nargs="+", type=Path,
+                        help="two or more localise checkpoints of one network, trained on the same splits (one with --tta or --classifier)")
     parser.add_argument("--out", type=Path, required=True, help="the ensemble checkpoint to write (e.g. checkpoints/ens/ensemble.ckpt)")
     parser.add_argument("--root", type=Path, help="dataset root of the runs (default: data.root of the first run's config.yaml)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation too: each member also sees the flipped image (2x inference time)")
+    parser.add_argument("--classifier", type=Path, help="a classify run's checkpoint to put beside the localiser(s): same splits, and its "
+                        "preprocessing the localiser's at an integer fraction of the input size")
     ns = parser.parse_args(args)
     if ns.out.exists():
         parser.error(f"{ns.out} exists: name a new file")
     try:
-        info = build(ns.ckpts, ns.out, ns.root, ns.tta)
+        info = build(ns.ckpts, ns.out, ns.root, ns.tta, ns.classifier)
     except (CheckpointError, DatasetError, preprocess.ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -119,7 +164,12 @@ def main(args: list[str] | None = None) -> int:
     members = ", ".join(scores(m["val_metrics"], m["localisation"]) for m in info["ensemble_of"])
     print(f"wrote {ns.out}: {len(ns.ckpts)} member(s){', mirror TTA' if info['tta'] else ''}; validation AUROC / mean FROC {scores(info['val_metrics'], info['localisation'])} "
           f"(members: {members})")
-    print(f"fusion {info['localisation']['fusion']:g}; boxes: {describe_boxes(info['localisation'])}")
+    if "classifier" in info:
+        side = info["classifier"]
+        print(f"classifier {side['network']} at {side['input_size']} px (1/{side['factor']} of the input): validation AUROC "
+              f"{side['val_metrics'].get('auroc', float('nan')):.4f} in its own run; the localiser's {side['localiser_val_auroc']:.4f}")
+    weights = "1 = localiser, 0 = classifier" if "classifier" in info else "1 = map-pooled, 0 = joint head"
+    print(f"fusion {info['localisation']['fusion']:g} ({weights}); boxes: {describe_boxes(info['localisation'])}")
     return 0
 
 

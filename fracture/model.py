@@ -271,9 +271,48 @@ class Ensemble(nn.Module):
         return self.fuse(*self.forward_maps(x)[:2])
 
 
+class WithClassifier(nn.Module):
+    """A localise network (or ensemble) and a classify network on the same input at ``1/factor`` resolution.
+
+    The two are complementary: the localiser's image heads learn from crops, the classifier from
+    whole images. The image logit is a fusion of the localiser's (its own fusion inside) and the
+    classifier's, chosen on validation like a localiser's (1 = localiser, 0 = classifier, 0.5 =
+    the mean); the map is the localiser's. The classifier's input is the localiser's average-pooled
+    by ``factor``: what its own contract at ``image_size / factor`` makes (``area`` interpolation) to
+    within half a pixel where a letterbox pads by an odd number of pixels, so one input and one
+    contract serve both; ``python -m fracture.ensemble`` reports its validation AUROC through this path.
+    Built from trained runs by ``python -m fracture.ensemble --classifier``, never trained.
+    """
+
+    logit_names = ("localiser", "classifier")
+
+    def __init__(self, localiser: nn.Module, classifier: FractureNet, factor: int) -> None:
+        super().__init__()
+        if not isinstance(localiser, (LocaliseNet, Ensemble)) or not isinstance(classifier, FractureNet):
+            raise ValueError("WithClassifier takes a localise network (or ensemble) and a classify network")
+        self.localiser, self.classifier, self.factor = localiser, classifier, int(factor)
+        self.register_buffer("fusion", torch.tensor(0.5))
+
+    @property
+    def pyramid(self) -> Pyramid:
+        return self.localiser.pyramid
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(localiser's image logit, classifier's image logit, localiser's map logits)."""
+        pooled, joint, maps = self.localiser.forward_maps(x)
+        small = nn.functional.avg_pool2d(x, self.factor) if self.factor > 1 else x
+        return self.localiser.fuse(pooled, joint), self.classifier(small), maps
+
+    def fuse(self, localiser: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        return self.fusion * localiser + (1 - self.fusion) * classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(*self.forward_maps(x)[:2])
+
+
 def is_localise(net: nn.Module) -> bool:
-    """A network (or its TTA wrapper, or an ensemble) with a fracture map."""
-    return isinstance(net.net if isinstance(net, MirrorTTA) else net, (LocaliseNet, Ensemble))
+    """A network (or its TTA wrapper, an ensemble, or either with a classifier) with a fracture map."""
+    return isinstance(net.net if isinstance(net, MirrorTTA) else net, (LocaliseNet, Ensemble, WithClassifier))
 
 
 def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
 
 from fracture import __version__, detection, metrics, networks, recipe
 from fracture.losses import MapLoss, image_loss, map_loss
-from fracture.model import Ensemble, MirrorTTA
+from fracture.model import Ensemble, MirrorTTA, WithClassifier
 from fracture.networks import Network
 from fracture.preprocess import Contract
 from fracture.recipe import Recipe
@@ -60,13 +60,17 @@ class FractureClassifier(L.LightningModule):
         mean, std: normalisation of the 0..1-scaled pixels.
         members: networks averaged as one (:class:`fracture.model.Ensemble`); more than 1 only in checkpoints
             written by ``python -m fracture.ensemble`` from trained runs; never trained.
+        classifier: ``{"net": a classify network's config, "factor": k}``: a classifier beside the localiser on
+            the input average-pooled by ``k`` (:class:`fracture.model.WithClassifier`); only in checkpoints
+            written by ``python -m fracture.ensemble --classifier``; never trained.
     """
 
     def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
                  pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, map_loss: MapLoss = "bce_dice",
                  screening_sensitivity: float = 0.95,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
-                 reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25, members: int = 1) -> None:
+                 reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25, members: int = 1,
+                 classifier: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.spec = networks.from_config(net) if isinstance(net, dict) else net or networks.SeedCNN()
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else recipe or Recipe()
@@ -74,6 +78,12 @@ class FractureClassifier(L.LightningModule):
         self.hparams.update(net=self.spec.config(), recipe=asdict(self.recipe))  # plain data: checkpoints load with weights_only
         self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std, train_crop=train_crop, reduced_decode=reduced_decode)
         self.net = Ensemble([self.spec.build(self.contract) for _ in range(members)]) if members > 1 else self.spec.build(self.contract)
+        if classifier:
+            factor = int(classifier["factor"])
+            if factor < 1 or image_size % factor:
+                raise ValueError(f"classifier factor {factor} does not divide image_size {image_size}")
+            small = Contract(image_size=image_size // factor, resize=resize, mean=mean, std=std, reduced_decode=reduced_decode)
+            self.net = WithClassifier(self.net, networks.from_config(classifier["net"]).build(small), factor)
         self.localise = self.spec.head == "localise"
         self.size_multiple = 8 * 2 ** (len(self.net.pyramid.taps) - 1) if self.localise else 1
         if image_size % self.size_multiple:
@@ -90,6 +100,7 @@ class FractureClassifier(L.LightningModule):
         self.val_summary: dict[str, float] = {}
         self.train_counts: dict[str, int] = {}
         self.ensemble_of: list[dict[str, Any]] = []  # the members' source checkpoints, for an ensemble
+        self.classifier_of: dict[str, Any] = {}  # the classifier's source checkpoint, with one beside the localiser
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
         self.example_input_array = torch.zeros(2, 1, image_size, image_size)
 
@@ -119,8 +130,9 @@ class FractureClassifier(L.LightningModule):
         return recipe.configure(self.recipe, self.net, self.trainer.estimated_stepping_batches, self.trainer.max_epochs or 1)
 
     def on_fit_start(self) -> None:
-        if self.hparams.members > 1:
-            raise ValueError("an ensemble is not trained: fit its members, then combine them with python -m fracture.ensemble")
+        if self.hparams.members > 1 or self.hparams.get("classifier"):
+            raise ValueError("an ensemble (or a localiser with a classifier) is not trained: fit its parts, then combine them with "
+                             "python -m fracture.ensemble")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
@@ -236,7 +248,7 @@ class FractureClassifier(L.LightningModule):
         """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
-        best, scores = detection.choose_fusion(labels, logits)
+        best, scores = detection.choose_fusion(labels, logits, getattr(self.net, "logit_names", ("map", "joint")))
         self.net.fusion.fill_(best)
         size = self.contract.image_size
         maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
@@ -260,7 +272,8 @@ class FractureClassifier(L.LightningModule):
                 "val_metrics": dict(self.val_summary), "class_names": ["not_fractured", "fractured"], "positive_class": "fractured",
                 "version": __version__, "screening_sensitivity": self.hparams.screening_sensitivity, "head": self.spec.head,
                 "network": self.spec.name, "tta": bool(self.hparams.tta), **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
-                **({"ensemble_of": list(self.ensemble_of)} if self.ensemble_of else {})}
+                **({"ensemble_of": list(self.ensemble_of)} if self.ensemble_of else {}),
+                **({"classifier": dict(self.classifier_of)} if self.classifier_of else {})}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fracture"] = self.deployment_info()
@@ -275,3 +288,4 @@ class FractureClassifier(L.LightningModule):
         self.val_summary = dict(info.get("val_metrics", {}))
         self.box_params = {k: v for k, v in info.get("localisation", {}).items() if k != "stride"}
         self.ensemble_of = list(info.get("ensemble_of", []))
+        self.classifier_of = dict(info.get("classifier", {}))

@@ -354,6 +354,60 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     assert not (tmp_path / "x.ckpt").exists()
 
 
+def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_is_chosen_on_validation(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from fracture import ensemble
+
+    root, ckpt = loc_run
+    # a classify run on the localiser's preprocessing at half its size, on the same splits (same root, seed, val fraction)
+    assert fit.main(loc_fit_args(root, tmp_path, "cls", "--model.net.head", "classify", "--data.image_size", "48", "--data.crop", "null",
+                                 "--test_after_fit", "false", epochs=2)) == 0
+    cls_ckpt = next((tmp_path / "cls").glob("best-*.ckpt"))
+    out = tmp_path / "with" / "model.ckpt"
+    assert ensemble.main([str(ckpt), "--classifier", str(cls_ckpt), "--out", str(out), "--root", str(root)]) == 0
+    model, loc, cls = load_classifier(out), load_classifier(ckpt), load_classifier(cls_ckpt)
+    paths = [str(p) for p in sorted((root / "test" / "images").glob("*.png"))[:6]]
+    x = torch.from_numpy(preprocess.load_batch(paths, model.contract))
+    small = torch.from_numpy(preprocess.load_batch(paths, cls.contract))
+    with torch.no_grad():
+        first, second, maps = model.net.forward_maps(x)
+        pooled, joint, loc_maps = loc.net.forward_maps(x)
+        probs, prob_maps = model.probabilities_and_maps(x)
+        assert torch.allclose(first, loc.net.fuse(pooled, joint), atol=1e-5) and torch.allclose(maps, loc_maps, atol=1e-5)
+        assert torch.allclose(second, cls.net(torch.nn.functional.avg_pool2d(x, 2)), atol=1e-5)
+        # the pooled input is what the classifier's own contract makes from the file, to within half a pixel of
+        # letterbox placement (0..255 grey levels; 1.9 on FracAtlas test images, 448 → 224 px)
+        assert (torch.nn.functional.avg_pool2d(x, 2) - small).abs().mean() < 4.0
+    info = model.deployment_info()
+    fusion = info["localisation"]["fusion"]
+    assert torch.allclose(probs, torch.sigmoid(fusion * first + (1 - fusion) * second), atol=1e-6)
+    assert torch.allclose(prob_maps, torch.sigmoid(loc_maps), atol=1e-5)
+    scores = {w: info["localisation"][f"val_auroc_{k}"] for k, w in (("localiser", 1.0), ("classifier", 0.0), ("mean", 0.5))}
+    assert scores[fusion] == max(scores.values())  # the best of the three on validation, never on test
+    side = info["classifier"]
+    assert (side["factor"], side["input_size"], side["sha256"]) == (2, 48, file_sha256(cls_ckpt))
+    assert side["localiser_fusion"] == loc.box_params["fusion"] and info["localisation"]["box_method"] == loc.box_params["box_method"]
+    meta = export(out, tmp_path / "with.onnx")  # one input, one contract; parity of probability and map at batch 1 and N
+    assert meta["outputs"] == ["probability", "logit", "map"] and meta["contract"]["image_size"] == 96 and meta["classifier"]["factor"] == 2
+
+    # refusals: a classifier whose input one pooling cannot make, a localiser as classifier, other splits, fine-tuning from it
+    for other in (FractureClassifier(image_size=64, resize="letterbox"), FractureClassifier(image_size=48, resize="stretch")):
+        with pytest.raises(CheckpointError, match="integer fraction"):
+            ensemble.classifier_factor(cls_ckpt, other, loc)
+    with pytest.raises(CheckpointError, match="not a single classify network"):
+        ensemble.classifier_factor(ckpt, loc, loc)
+    moved = tmp_path / "moved" / cls_ckpt.name
+    moved.parent.mkdir()
+    moved.write_bytes(cls_ckpt.read_bytes())
+    splits = pd.read_csv(cls_ckpt.parent / "splits.csv")
+    splits.loc[splits.index[0], "split"] = "test" if splits.loc[splits.index[0], "split"] != "test" else "train"
+    splits.to_csv(moved.parent / "splits.csv", index=False)
+    with pytest.raises(CheckpointError, match="trained on other splits"):
+        ensemble.build([ckpt], tmp_path / "x.ckpt", root, classifier=moved)
+    with pytest.raises(CheckpointError, match="with a classifier"):
+        initialise_from(loc, out, {})
+    assert not (tmp_path / "x.ckpt").exists()
+
+
 def test_ensemble_refuses_classify_models_and_is_never_trained(tiny_ckpt: Path, synth_root: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     from fracture import ensemble
@@ -368,7 +422,7 @@ def test_ensemble_refuses_classify_models_and_is_never_trained(tiny_ckpt: Path, 
     with pytest.raises(ValueError, match="at least two localise networks"):
         FractureClassifier(members=2)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="an ensemble is not trained"):
+    with pytest.raises(ValueError, match="is not trained"):
         trainer.fit(FractureClassifier(net=SeedCNN(head="localise"), members=2, image_size=64), FractureDataModule(root=str(synth_root), image_size=64, num_workers=0))
 
 # --- data: synth, importers, dataset items ------------------------------------------------------------------------
