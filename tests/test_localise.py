@@ -284,6 +284,17 @@ def test_best_checkpoint_by_validation_froc(loc_run: tuple[Path, Path], tmp_path
 
 
 
+def copy_with_one_image_moved(ckpt: Path, folder: Path) -> Path:
+    """The checkpoint in another run folder whose splits.csv has one image in another split."""
+    folder.mkdir()
+    copy = folder / ckpt.name
+    copy.write_bytes(ckpt.read_bytes())
+    splits = pd.read_csv(ckpt.parent / "splits.csv")
+    splits.loc[splits.index[0], "split"] = "test" if splits.loc[splits.index[0], "split"] != "test" else "train"
+    splits.to_csv(folder / "splits.csv", index=False)
+    return copy
+
+
 def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
     from fracture import ensemble
 
@@ -337,12 +348,7 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     assert "localisation" in json.loads((tmp_path / "report" / "metrics.json").read_text())
 
     # refusals: other splits, one member, a classify model, an ensemble as a fine-tuning start
-    other = tmp_path / "other" / ckpt.name
-    other.parent.mkdir()
-    other.write_bytes(ckpt.read_bytes())
-    splits = pd.read_csv(ckpt.parent / "splits.csv")
-    splits.loc[splits.index[0], "split"] = "test" if splits.loc[splits.index[0], "split"] != "test" else "train"
-    splits.to_csv(other.parent / "splits.csv", index=False)
+    other = copy_with_one_image_moved(ckpt, tmp_path / "other")
     with pytest.raises(CheckpointError, match="trained on other splits"):
         ensemble.build([ckpt, other], tmp_path / "x.ckpt", root)
     with pytest.raises(CheckpointError, match="at least two"):
@@ -395,14 +401,8 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
             ensemble.classifier_factor(cls_ckpt, other, loc)
     with pytest.raises(CheckpointError, match="not a single classify network"):
         ensemble.classifier_factor(ckpt, loc, loc)
-    moved = tmp_path / "moved" / cls_ckpt.name
-    moved.parent.mkdir()
-    moved.write_bytes(cls_ckpt.read_bytes())
-    splits = pd.read_csv(cls_ckpt.parent / "splits.csv")
-    splits.loc[splits.index[0], "split"] = "test" if splits.loc[splits.index[0], "split"] != "test" else "train"
-    splits.to_csv(moved.parent / "splits.csv", index=False)
     with pytest.raises(CheckpointError, match="trained on other splits"):
-        ensemble.build([ckpt], tmp_path / "x.ckpt", root, classifier=moved)
+        ensemble.build([ckpt], tmp_path / "x.ckpt", root, classifier=copy_with_one_image_moved(cls_ckpt, tmp_path / "moved"))
     with pytest.raises(CheckpointError, match="with a classifier"):
         initialise_from(loc, out, {})
     assert not (tmp_path / "x.ckpt").exists()
