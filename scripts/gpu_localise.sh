@@ -108,7 +108,7 @@ CLS_BUDGET=$(( $(left) * 60 / 100 ))
 (
     timeout $((CLS_BUDGET + 60)) "$PY" -m fracture.fit --config configs/fracatlas.yaml "${COMMON[@]}" --run_name classify \
         --trainer.max_epochs $((E1 + E2)) --trainer.max_time "$(hms "$CLS_BUDGET")" > "$RESULTS/classify.log" 2>&1 || echo "classify fit: exit $?"
-    epoch_summary "$RESULTS/classify"
+    epoch_summary "$RESULTS/classify" || true
     for which in best last; do
         ckpt=$(ls "$RESULTS"/classify/"$which"*.ckpt 2>/dev/null | head -1) || true
         timeout 150 "$PY" -m fracture.evaluate --ckpt "$ckpt" --root "$DATA" --out "$RESULTS/reports/classify-$which" "${EVAL[@]}" > "$RESULTS/eval-classify-$which.log" 2>&1 \
