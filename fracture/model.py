@@ -160,7 +160,21 @@ class Pyramid(nn.Module):
         return out
 
 
-class LocaliseNet(nn.Module):
+class FusedLogits(nn.Module):
+    """Two image logits fused as ``fusion * first + (1 - fusion) * second``; ``fusion`` is a buffer chosen on
+    validation (1, 0 or 0.5), so checkpoint and ONNX graph agree. ``logit_names`` names the two."""
+
+    logit_names = ("map", "joint")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("fusion", torch.tensor(0.5))
+
+    def fuse(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self.fusion * first + (1 - self.fusion) * second
+
+
+class LocaliseNet(FusedLogits):
     """Input scaling + backbone + a light FPN decoder: a fracture map at stride 8 and an image logit.
 
     The decoder merges every stride from 8 up (1x1 lateral convs, nearest 2x
@@ -189,7 +203,6 @@ class LocaliseNet(nn.Module):
         nn.init.constant_(self.map_out.bias, -4.0)  # fractures cover ~1 % of cells: start near that prior
         self.joint = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.pyramid.channels[-1], 1))
         self.lse_r = lse_r
-        self.register_buffer("fusion", torch.tensor(0.5))
 
     def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(map-pooled logit, joint logit, map logits ``N x H/8 x W/8``)."""
@@ -201,9 +214,6 @@ class LocaliseNet(nn.Module):
         flat = maps.flatten(1) * self.lse_r
         pooled = (torch.logsumexp(flat, dim=1) - math.log(flat.shape[1])) / self.lse_r
         return pooled, self.joint(feats[-1]).squeeze(1), maps
-
-    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
-        return self.fusion * pooled + (1 - self.fusion) * joint
 
     def forward_logit_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image logit, map logits): what evaluation and export use."""
@@ -241,7 +251,7 @@ class MirrorTTA(nn.Module):
         return self.net.fuse(pooled, joint)
 
 
-class Ensemble(nn.Module):
+class Ensemble(FusedLogits):
     """Several localise networks of one architecture and contract as one: the mean of their logits.
 
     Image logits (map-pooled and joint) and map logits are averaged member by member; the
@@ -254,7 +264,6 @@ class Ensemble(nn.Module):
         if len(members) < 2 or not all(isinstance(m, LocaliseNet) for m in members):
             raise ValueError("an ensemble needs at least two localise networks")
         self.members = nn.ModuleList(members)
-        self.register_buffer("fusion", torch.tensor(0.5))
 
     @property
     def pyramid(self) -> Pyramid:
@@ -264,14 +273,11 @@ class Ensemble(nn.Module):
         outputs = [m.forward_maps(x) for m in self.members]
         return tuple(torch.stack(parts).mean(0) for parts in zip(*outputs))  # type: ignore[return-value]
 
-    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
-        return self.fusion * pooled + (1 - self.fusion) * joint
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(*self.forward_maps(x)[:2])
 
 
-class WithClassifier(nn.Module):
+class WithClassifier(FusedLogits):
     """A localise network (or ensemble) and a classify network on the same input at ``1/factor`` resolution.
 
     The two are complementary: the localiser's image heads learn from crops, the classifier from
@@ -291,7 +297,6 @@ class WithClassifier(nn.Module):
         if not isinstance(localiser, (LocaliseNet, Ensemble)) or not isinstance(classifier, FractureNet):
             raise ValueError("WithClassifier takes a localise network (or ensemble) and a classify network")
         self.localiser, self.classifier, self.factor = localiser, classifier, int(factor)
-        self.register_buffer("fusion", torch.tensor(0.5))
 
     @property
     def pyramid(self) -> Pyramid:
@@ -302,9 +307,6 @@ class WithClassifier(nn.Module):
         pooled, joint, maps = self.localiser.forward_maps(x)
         small = nn.functional.avg_pool2d(x, self.factor) if self.factor > 1 else x
         return self.localiser.fuse(pooled, joint), self.classifier(small), maps
-
-    def fuse(self, localiser: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-        return self.fusion * localiser + (1 - self.fusion) * classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(*self.forward_maps(x)[:2])

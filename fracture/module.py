@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import cv2
@@ -82,7 +82,7 @@ class FractureClassifier(L.LightningModule):
             factor = int(classifier["factor"])
             if factor < 1 or image_size % factor:
                 raise ValueError(f"classifier factor {factor} does not divide image_size {image_size}")
-            small = Contract(image_size=image_size // factor, resize=resize, mean=mean, std=std, reduced_decode=reduced_decode)
+            small = replace(self.contract, image_size=image_size // factor, train_crop=None)
             self.net = WithClassifier(self.net, networks.from_config(classifier["net"]).build(small), factor)
         self.localise = self.spec.head == "localise"
         self.size_multiple = 8 * 2 ** (len(self.net.pyramid.taps) - 1) if self.localise else 1
@@ -248,7 +248,7 @@ class FractureClassifier(L.LightningModule):
         """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
-        best, scores = detection.choose_fusion(labels, logits, getattr(self.net, "logit_names", ("map", "joint")))
+        best, scores = detection.choose_fusion(labels, logits, self.net.logit_names)
         self.net.fusion.fill_(best)
         size = self.contract.image_size
         maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
