@@ -21,8 +21,7 @@ def map_loss(maps: torch.Tensor, mask: torch.Tensor, supervised: torch.Tensor, k
     """
     if not bool(supervised.any()):
         return maps.sum() * 0.0
-    stride = mask.shape[-1] // maps.shape[-1]
-    target = nn.functional.avg_pool2d(mask, stride).squeeze(1)[supervised]
+    target = cell_cover(maps, mask)[supervised]
     logits = maps[supervised].float()
     if kind == "focal":
         return focal_map_loss(logits, target)
@@ -33,6 +32,29 @@ def map_loss(maps: torch.Tensor, mask: torch.Tensor, supervised: torch.Tensor, k
     p, t = torch.sigmoid(logits[positive]).flatten(1), target[positive].flatten(1)
     dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
     return bce + dice.mean()
+
+
+def cell_cover(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The share of each map cell (``N x h x w``) the box mask (``N x 1 x H x W``) covers."""
+    return nn.functional.avg_pool2d(mask, mask.shape[-1] // maps.shape[-1]).squeeze(1)
+
+
+def pointing_loss(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Spatial-softmax loss of where the map peaks: ``-log sum_c softmax(map)_c w_c`` per image with a box in view.
+
+    ``w`` is each cell's box cover relative to the image's best-covered cell. A per-cell loss scores every
+    cell alone, so a distractor (a joint, a plate, a bone edge) costs little as long as it stays below 0.5;
+    the pointing game and the shown boxes rank the cells of one image against each other, and so does this
+    loss: its gradient falls on the out-of-box cells in proportion to how much they outrank the box.
+    Images without a box in view (negatives, crops beside the fracture, unknown boxes) do not count.
+    """
+    cover = cell_cover(maps, mask).flatten(1)
+    top = cover.amax(1)
+    if not bool((top > 0).any()):
+        return maps.sum() * 0.0
+    logits, weight = maps.flatten(1)[top > 0].float(), cover[top > 0] / top[top > 0, None]
+    inside = torch.where(weight > 0, logits + weight.log(), torch.full_like(logits, -torch.inf))
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(inside, 1)).mean()
 
 
 def focal_map_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

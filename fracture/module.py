@@ -24,7 +24,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinaryRecall, BinarySpecificity)
 
 from fracture import __version__, detection, metrics, networks, recipe
-from fracture.losses import MapLoss, image_loss, map_loss
+from fracture.losses import MapLoss, image_loss, map_loss, pointing_loss
 from fracture.model import Ensemble, MirrorTTA, WithClassifier
 from fracture.networks import Network
 from fracture.preprocess import Contract
@@ -55,6 +55,8 @@ class FractureClassifier(L.LightningModule):
         map_weight: weight of the per-cell map loss against the image losses (localise head).
         map_loss: ``bce_dice`` (mean BCE + soft Dice) or ``focal`` (focal BCE summed over cells / fracture
             cells); see :func:`fracture.losses.map_loss`.
+        point_weight: weight of a spatial-softmax loss that ranks the box's cells above the rest of the same image
+            (what the pointing game and the shown boxes measure); 0 = off. See :func:`fracture.losses.pointing_loss`.
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size, resize, train_crop, reduced_decode: the preprocessing contract (linked from ``data.*``).
         mean, std: normalisation of the 0..1-scaled pixels.
@@ -67,7 +69,7 @@ class FractureClassifier(L.LightningModule):
 
     def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
                  pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, map_loss: MapLoss = "bce_dice",
-                 screening_sensitivity: float = 0.95,
+                 point_weight: float = 0.0, screening_sensitivity: float = 0.95,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
                  reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25, members: int = 1,
                  classifier: dict[str, Any] | None = None) -> None:
@@ -172,13 +174,18 @@ class FractureClassifier(L.LightningModule):
         return loss, probs
 
     def _localise_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused logits and loss: BCE of both image logits + ``map_weight`` x map loss; keeps validation maps."""
+        """Fused logits and loss: BCE of both image logits + ``map_weight`` x map loss (+ ``point_weight`` x
+        pointing loss); keeps validation maps."""
         x, y, mask, boxes, has_boxes = batch
         net = self.net if self.training else self.evaluation_net
         pooled, joint, maps = net.forward_maps(x)
         pixel = map_loss(maps, mask, (y == 0) | has_boxes, self.hparams.map_loss)
         loss = image_loss(pooled, y, self.pos_weight) + image_loss(joint, y, self.pos_weight) + self.hparams.map_weight * pixel
         self.log(f"{stage}/map_loss", pixel, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
+        if self.hparams.point_weight:
+            point = pointing_loss(maps, mask)
+            loss = loss + self.hparams.point_weight * point
+            self.log(f"{stage}/point_loss", point, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
         if stage == "val" and self._trainer is not None and not self.trainer.sanity_checking:
             for label, p, j, m, b in zip(y.cpu().numpy(), pooled.float().cpu().numpy(), joint.float().cpu().numpy(), torch.sigmoid(maps.float()).cpu().numpy(), boxes.cpu().numpy()):
                 self.val_maps.append((int(label), (float(p), float(j)), m, b[b[:, 0] >= 0]))

@@ -25,7 +25,7 @@ from fracture.predict import file_sha256
 from fracture.graph import Deployable
 from fracture.quantize import quantize_int8
 from fracture.model import build_network
-from fracture.losses import map_loss
+from fracture.losses import map_loss, pointing_loss
 from fracture.module import FractureClassifier
 from fracture.model import MirrorTTA
 from fracture.networks import ResNet
@@ -244,6 +244,27 @@ def test_focal_map_loss_on_a_hand_computed_case_and_fading_easy_background() -> 
     assert easy.max() / grad[0, 0] < plain.grad[0, 0, 1] / plain.grad[0, 0, 0] / 100  # unlike plain BCE
 
 
+def test_pointing_loss_ranks_the_box_cells_above_the_rest_of_the_image() -> None:
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[0, :, 8:16, 16:24] = 1.0  # one whole cell (row 1, column 2)
+    mask[1, :, 8:16, 0:12] = 1.0  # a cell and half of its neighbour: weights 1 and 1/2
+    # all logits 0: -log(sum of weights / 16); image 2 has no box in view and does not count
+    expected = (np.log(16) + np.log(16 / 1.5)) / 2
+    assert pointing_loss(torch.zeros(3, 4, 4), mask).item() == pytest.approx(expected, rel=1e-5)
+    maps = torch.zeros(3, 4, 4, requires_grad=True)
+    maps.data[0, 3, 3] = 3.0  # a distractor outranking the box
+    maps.data[0, 0, 0] = 1.0  # a weaker one
+    maps.data[2, 0, 0] = 5.0
+    pointing_loss(maps, mask).backward()
+    grad = maps.grad[0]
+    assert grad[1, 2] < 0 and grad[3, 3] > grad[0, 0] > grad[2, 2] > 0  # the higher a distractor, the harder it is pushed down
+    assert maps.grad[2].abs().sum() == 0
+    assert pointing_loss(torch.zeros(3, 4, 4), torch.zeros(3, 1, 32, 32)).item() == 0.0  # no box in view: no loss
+    hit = torch.full((3, 4, 4), -5.0)
+    hit[0, 1, 2] = hit[1, 1, 0] = 5.0
+    assert pointing_loss(hit, mask).item() < 1e-3  # the peak in the box: nothing left to learn
+
+
 def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other_networks(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
     root, ckpt = loc_run
     hparams, _ = upgrade(torch.load(ckpt, map_location="cpu", weights_only=True))
@@ -263,10 +284,14 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other
     with pytest.raises(CheckpointError, match="preprocessing"):
         initialise_from(bigger, ckpt, same)
     # end to end: a 1-epoch fine-tune with the focal map loss; resuming and initialising at once is refused
-    args = loc_fit_args(root, tmp_path, "ft", "--init_from", str(ckpt), "--model.map_loss", "focal", "--test_after_fit", "false", epochs=1)
+    args = loc_fit_args(root, tmp_path, "ft", "--init_from", str(ckpt), "--model.map_loss", "focal", "--model.point_weight", "0.5",
+                        "--test_after_fit", "false", epochs=1)
     assert fit.main(args) == 0
     info = json.loads((tmp_path / "ft" / "run_info.json").read_text())
-    assert info["initialised_from"] == str(ckpt) and load_classifier(next((tmp_path / "ft").glob("best-*.ckpt"))).hparams.map_loss == "focal"
+    tuned = load_classifier(next((tmp_path / "ft").glob("best-*.ckpt"))).hparams
+    assert info["initialised_from"] == str(ckpt) and tuned.map_loss == "focal" and tuned.point_weight == 0.5
+    logged = pd.read_csv(tmp_path / "ft" / "metrics.csv")
+    assert np.isfinite(logged["train/point_loss"].dropna()).all() and len(logged["val/point_loss"].dropna()) == 1
     assert fit.main([*args, "--ckpt_path", str(ckpt)]) == 2
 
 
