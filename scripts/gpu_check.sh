@@ -54,23 +54,7 @@ run() {  # name, then fit arguments
     "$PY" -m fracture.fit "$@" --data.root "$DATA" --output_dir "$OUT" --run_name "$name" --trainer.enable_progress_bar false "${HW[@]}"
     [ -n "$sampler" ] && kill "$sampler" 2>/dev/null || true
     echo "== $name: $((SECONDS - start)) s in all"
-    "$PY" - "$OUT/$name" "$util" <<'EOF'
-import json, sys
-from pathlib import Path
-import pandas as pd
-run, util = Path(sys.argv[1]), Path(sys.argv[2])
-logs = pd.read_csv(run / "metrics.csv")
-perf = logs.dropna(subset=["perf/images_per_s"])
-cols = [c for c in ("epoch", "perf/train_epoch_s", "perf/images_per_s", "perf/peak_gpu_mem_gib") if c in perf]
-print(perf[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-print(f"median epoch {perf['perf/train_epoch_s'].median():.2f} s, {perf['perf/images_per_s'].median():.0f} images/s")
-if util.is_file() and util.stat().st_size:
-    gpu = pd.read_csv(util, header=None, names=["util", "mem"])
-    print(f"GPU utilisation: mean {gpu['util'].mean():.0f} %, peak {gpu['util'].max():.0f} %; memory used peak {gpu['mem'].max():.0f} MiB")
-test = json.loads((run / "test_metrics.json").read_text())
-for name, point in test["operating_points"].items():
-    print(f"test {name:<9} threshold {point['threshold']:.3f}  AUROC {point['auroc']:.3f}  sensitivity {point['sensitivity']:.3f}  specificity {point['specificity']:.3f}")
-EOF
+    "$PY" scripts/epoch_summary.py "$OUT/$name" "$util"
 }
 
 run default-fp32 --config configs/default.yaml --trainer.precision 32

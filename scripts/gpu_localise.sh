@@ -90,19 +90,7 @@ fi
 COMMON=(--data.root "$DATA" --output_dir "$RESULTS" --trainer.precision bf16-mixed --data.augment_on device --model.channels_last true
         --trainer.enable_progress_bar false --test_after_fit false "${HW[@]}")
 hms() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }
-epoch_summary() {  # a run folder's per-epoch time, throughput and memory
-    "$PY" - "$1" <<'EOF'
-import sys
-import pandas as pd
-logs = pd.read_csv(f"{sys.argv[1]}/metrics.csv")
-perf = logs.dropna(subset=["perf/images_per_s"])
-cols = [c for c in ("epoch", "perf/train_epoch_s", "perf/images_per_s", "perf/peak_gpu_mem_gib") if c in perf]
-print(f"{sys.argv[1]}: {len(perf)} epochs, median {perf['perf/train_epoch_s'].median():.2f} s/epoch, "
-      f"{perf['perf/images_per_s'].median():.0f} images/s" + (f", peak {perf['perf/peak_gpu_mem_gib'].max():.2f} GiB" if "perf/peak_gpu_mem_gib" in perf else ""))
-val = logs.dropna(subset=["val/auroc"])
-print(val[[c for c in ("epoch", "val/auroc", "val/froc_mean") if c in val]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-EOF
-}
+epoch_summary() { "$PY" scripts/epoch_summary.py "$1"; }  # a run folder's per-epoch time, throughput, memory and validation
 
 CLS_BUDGET=$(( $(left) * 60 / 100 ))
 (
