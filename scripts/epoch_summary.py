@@ -22,6 +22,9 @@ def main(args: list[str]) -> int:
         print(__doc__)
         return 0 if args else 2
     run = Path(args[0])
+    if not (run / "metrics.csv").is_file():
+        print(f"{run}: no metrics.csv (the run did not finish an epoch)")
+        return 1
     logs = pd.read_csv(run / "metrics.csv")
     logs["epoch"] = logs["epoch"].astype("Int64")
     fmt = {"float_format": lambda v: f"{v:.4f}", "index": False}
