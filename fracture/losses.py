@@ -10,8 +10,8 @@ from torch import nn
 MapLoss = Literal["bce_dice", "focal"]
 
 
-def map_loss(maps: torch.Tensor, mask: torch.Tensor, supervised: torch.Tensor, kind: MapLoss = "bce_dice") -> torch.Tensor:
-    """Per-cell loss of the map logits against the box mask's cover of each cell (0..1).
+def map_loss(maps: torch.Tensor, cover: torch.Tensor, supervised: torch.Tensor, kind: MapLoss = "bce_dice") -> torch.Tensor:
+    """Per-cell loss of the map logits against the box cover of each cell (0..1, :func:`cell_cover`).
 
     Only images whose boxes are known count: negatives (empty map) and fractured images with boxes.
     ``bce_dice``: mean BCE over all cells plus soft Dice on images with a fracture in view.
@@ -21,7 +21,7 @@ def map_loss(maps: torch.Tensor, mask: torch.Tensor, supervised: torch.Tensor, k
     """
     if not bool(supervised.any()):
         return maps.sum() * 0.0
-    target = cell_cover(maps, mask)[supervised]
+    target = cover[supervised]
     logits = maps[supervised].float()
     if kind == "focal":
         return focal_map_loss(logits, target)
@@ -39,22 +39,25 @@ def cell_cover(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return nn.functional.avg_pool2d(mask, mask.shape[-1] // maps.shape[-1]).squeeze(1)
 
 
-def pointing_loss(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pointing_loss(maps: torch.Tensor, cover: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Spatial-softmax loss of where the map peaks: ``-log sum_c softmax(map)_c w_c`` per image with a box in view.
 
     ``w`` is each cell's box cover relative to the image's best-covered cell. A per-cell loss scores every
     cell alone, so a distractor (a joint, a plate, a bone edge) costs little as long as it stays below 0.5;
     the pointing game and the shown boxes rank the cells of one image against each other, and so does this
     loss: its gradient falls on the out-of-box cells in proportion to how much they outrank the box.
-    Images without a box in view (negatives, crops beside the fracture, unknown boxes) do not count.
+    Images without a box in view (negatives, crops beside the fracture, unknown boxes) do not count:
+    returns the mean over those that do and how many they are (none: a zero loss), so that an epoch's
+    logged mean can weigh each batch by its count instead of being diluted by batches without a box.
     """
-    cover = cell_cover(maps, mask).flatten(1)
+    cover = cover.flatten(1)
     top = cover.amax(1)
-    if not bool((top > 0).any()):
-        return maps.sum() * 0.0
+    counted = int((top > 0).sum())
+    if not counted:
+        return maps.sum() * 0.0, 0
     logits, weight = maps.flatten(1)[top > 0].float(), cover[top > 0] / top[top > 0, None]
     inside = torch.where(weight > 0, logits + weight.log(), torch.full_like(logits, -torch.inf))
-    return (torch.logsumexp(logits, 1) - torch.logsumexp(inside, 1)).mean()
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(inside, 1)).mean(), counted
 
 
 def focal_map_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

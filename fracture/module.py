@@ -24,7 +24,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinaryRecall, BinarySpecificity)
 
 from fracture import __version__, detection, metrics, networks, recipe
-from fracture.losses import MapLoss, image_loss, map_loss, pointing_loss
+from fracture.losses import MapLoss, cell_cover, image_loss, map_loss, pointing_loss
 from fracture.model import Ensemble, MirrorTTA, WithClassifier
 from fracture.networks import Network
 from fracture.preprocess import Contract
@@ -179,13 +179,15 @@ class FractureClassifier(L.LightningModule):
         x, y, mask, boxes, has_boxes = batch
         net = self.net if self.training else self.evaluation_net
         pooled, joint, maps = net.forward_maps(x)
-        pixel = map_loss(maps, mask, (y == 0) | has_boxes, self.hparams.map_loss)
+        cover = cell_cover(maps, mask)
+        pixel = map_loss(maps, cover, (y == 0) | has_boxes, self.hparams.map_loss)
         loss = image_loss(pooled, y, self.pos_weight) + image_loss(joint, y, self.pos_weight) + self.hparams.map_weight * pixel
         self.log(f"{stage}/map_loss", pixel, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
         if self.hparams.point_weight:
-            point = pointing_loss(maps, mask)
+            point, counted = pointing_loss(maps, cover)
             loss = loss + self.hparams.point_weight * point
-            self.log(f"{stage}/point_loss", point, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=stage != "train")
+            # weighted by the images it scores, so the epoch mean is theirs (logged on every rank even at 0, for the sync)
+            self.log(f"{stage}/point_loss", point, on_step=False, on_epoch=True, batch_size=counted, sync_dist=stage != "train")
         if stage == "val" and self._trainer is not None and not self.trainer.sanity_checking:
             for label, p, j, m, b in zip(y.cpu().numpy(), pooled.float().cpu().numpy(), joint.float().cpu().numpy(), torch.sigmoid(maps.float()).cpu().numpy(), boxes.cpu().numpy()):
                 self.val_maps.append((int(label), (float(p), float(j)), m, b[b[:, 0] >= 0]))

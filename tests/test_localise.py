@@ -25,7 +25,7 @@ from fracture.predict import file_sha256
 from fracture.graph import Deployable
 from fracture.quantize import quantize_int8
 from fracture.model import build_network
-from fracture.losses import map_loss, pointing_loss
+from fracture.losses import cell_cover, map_loss, pointing_loss
 from fracture.module import FractureClassifier
 from fracture.model import MirrorTTA
 from fracture.networks import ResNet
@@ -219,7 +219,7 @@ def test_map_loss_targets_the_box_cells_and_skips_unknown_images() -> None:
     mask = torch.zeros(2, 1, 32, 32)
     mask[:, :, 8:16, 16:24] = 1.0  # exactly one 8x8 cell
     maps = torch.zeros(2, 4, 4, requires_grad=True)
-    loss = map_loss(maps, mask, torch.tensor([True, False]))
+    loss = map_loss(maps, cell_cover(maps, mask), torch.tensor([True, False]))
     loss.backward()
     assert maps.grad[1].abs().sum() == 0  # the unsupervised image does not pull its map
     assert maps.grad[0, 1, 2] < 0 and (maps.grad[0].flatten()[torch.arange(16) != 6] > 0).all()  # up in the box cell, down elsewhere
@@ -230,17 +230,18 @@ def test_focal_map_loss_on_a_hand_computed_case_and_fading_easy_background() -> 
     mask[:, :, 8:16, 16:24] = 1.0  # one fracture cell of 16
     supervised = torch.tensor([True, False])
     # all logits 0: every cell has p = 0.5, BCE ln 2, weight |0.5 - t|^2 = 1/4; 16 cells / 1 fracture cell
-    assert map_loss(torch.zeros(2, 4, 4), mask, supervised, "focal").item() == pytest.approx(16 * np.log(2) / 4, rel=1e-5)
+    cover = cell_cover(torch.zeros(2, 4, 4), mask)
+    assert map_loss(torch.zeros(2, 4, 4), cover, supervised, "focal").item() == pytest.approx(16 * np.log(2) / 4, rel=1e-5)
     maps = torch.full((2, 4, 4), -6.0, requires_grad=True)  # easy background everywhere
     maps.data[0, 0, 0] = 2.0  # one hard negative
-    map_loss(maps, mask, supervised, "focal").backward()
+    map_loss(maps, cover, supervised, "focal").backward()
     grad = maps.grad[0]
     assert grad[1, 2] < 0 and grad[0, 0] > 0 and maps.grad[1].abs().sum() == 0
     easy = grad.flatten()[[i for i in range(16) if i not in (0, 6)]]
     assert (easy > 0).all() and easy.max() < grad[0, 0] / 1000  # the easy cells nearly drop out
     plain = torch.full((2, 4, 4), -6.0, requires_grad=True)
     plain.data[0, 0, 0] = 2.0
-    map_loss(plain, mask, supervised, "bce_dice").backward()
+    map_loss(plain, cover, supervised, "bce_dice").backward()
     assert easy.max() / grad[0, 0] < plain.grad[0, 0, 1] / plain.grad[0, 0, 0] / 100  # unlike plain BCE
 
 
@@ -250,19 +251,22 @@ def test_pointing_loss_ranks_the_box_cells_above_the_rest_of_the_image() -> None
     mask[1, :, 8:16, 0:12] = 1.0  # a cell and half of its neighbour: weights 1 and 1/2
     # all logits 0: -log(sum of weights / 16); image 2 has no box in view and does not count
     expected = (np.log(16) + np.log(16 / 1.5)) / 2
-    assert pointing_loss(torch.zeros(3, 4, 4), mask).item() == pytest.approx(expected, rel=1e-5)
+    cover = cell_cover(torch.zeros(3, 4, 4), mask)
+    loss, counted = pointing_loss(torch.zeros(3, 4, 4), cover)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and counted == 2
     maps = torch.zeros(3, 4, 4, requires_grad=True)
     maps.data[0, 3, 3] = 3.0  # a distractor outranking the box
     maps.data[0, 0, 0] = 1.0  # a weaker one
     maps.data[2, 0, 0] = 5.0
-    pointing_loss(maps, mask).backward()
+    pointing_loss(maps, cover)[0].backward()
     grad = maps.grad[0]
     assert grad[1, 2] < 0 and grad[3, 3] > grad[0, 0] > grad[2, 2] > 0  # the higher a distractor, the harder it is pushed down
     assert maps.grad[2].abs().sum() == 0
-    assert pointing_loss(torch.zeros(3, 4, 4), torch.zeros(3, 1, 32, 32)).item() == 0.0  # no box in view: no loss
+    nothing, counted = pointing_loss(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4))
+    assert nothing.item() == 0.0 and counted == 0  # no box in view: no loss
     hit = torch.full((3, 4, 4), -5.0)
     hit[0, 1, 2] = hit[1, 1, 0] = 5.0
-    assert pointing_loss(hit, mask).item() < 1e-3  # the peak in the box: nothing left to learn
+    assert pointing_loss(hit, cover)[0].item() < 1e-3  # the peak in the box: nothing left to learn
 
 
 def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other_networks(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
