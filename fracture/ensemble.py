@@ -118,17 +118,24 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
         if not config.is_file():
             raise CheckpointError(f"{config} not found: pass --root DATASET")
         root = Path(yaml.safe_load(config.read_text())["data"]["root"])
-    probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
-    if side is not None:  # the localiser's own choices made above; now the classifier beside it, and the choices again
+    if side is None:
+        probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
+    else:  # one pass over validation gives both levels' choices: the localiser's own, then with the classifier beside it
         combined = FractureClassifier(**{**ensemble.hparams, "classifier": {"net": side.spec.config(), "factor": factor}}).eval()
         combined.net.localiser.load_state_dict(ensemble.net.state_dict())
         combined.net.classifier.load_state_dict(side.net.state_dict())
+        items = validation_items(combined, ckpts[0], root, parts=True)  # logits: (map-pooled, joint, classifier)
+        probs, labels = ensemble.choose_localisation([(y, logits[:2], *rest) for y, logits, *rest in items])
+        own = ensemble.box_params["fusion"]
+        combined.net.localiser.fusion.fill_(own)
+        boxes = ensemble.box_decoding
         combined.train_counts, combined.ensemble_of = ensemble.train_counts, ensemble.ensemble_of
         combined.classifier_of = {"checkpoint": str(classifier), "sha256": file_sha256(classifier), "network": side.spec.name,
                                   "input_size": side.contract.image_size, "factor": factor, "val_metrics": side.val_summary,
-                                  "localiser_fusion": ensemble.box_params["fusion"], "localiser_val_auroc": metrics.auroc(probs, labels)}
+                                  "localiser_fusion": own, "localiser_val_auroc": metrics.auroc(probs, labels)}
         ensemble = combined
-        probs, labels = ensemble.choose_localisation(validation_items(ensemble, ckpts[0], root))
+        probs, labels = ensemble.choose_localisation([(y, (own * logits[0] + (1 - own) * logits[1], logits[2]), *rest) for y, logits, *rest in items],
+                                                     boxes)
     ensemble.choose_operating_points(probs, labels)
     checkpoint = {"hyper_parameters": dict(ensemble.hparams), "state_dict": {f"net.{k}": v for k, v in ensemble.net.state_dict().items()}}
     ensemble.on_save_checkpoint(checkpoint)

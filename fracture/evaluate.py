@@ -335,9 +335,12 @@ def run_columns(run_dir: Path | None) -> Columns | None:
     return Columns(**{k: v for k, v in given.items() if k in Columns.__dataclass_fields__ and v})
 
 
-def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> list[tuple]:
+def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16, parts: bool = False) -> list[tuple]:
     """(label, (map-pooled, joint) logits, map, true boxes in input pixels) per validation image of a localise
-    model's run, as training keeps them (``FractureClassifier.val_maps``), so its choices can be made again."""
+    model's run, as training keeps them (``FractureClassifier.val_maps``), so its choices can be made again.
+
+    ``parts``: the logits are every image logit the network's ``forward_parts`` gives (a localiser with a
+    classifier: map-pooled, joint and the classifier's), so choices at two levels come from one pass."""
     import torch
 
     from fracture.checkpoint import CheckpointError, run_split
@@ -360,10 +363,10 @@ def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16) -> lis
         chunk = paths[i : i + batch]
         x, chunk_sizes = preprocess.load_batch_with_sizes(chunk, model.contract)
         with torch.inference_mode():
-            pooled, joint, maps = net.forward_maps(torch.from_numpy(x))
+            *logits, maps = (net.forward_parts if parts else net.forward_maps)(torch.from_numpy(x))
         for j, (path, (h, w)) in enumerate(zip(chunk, chunk_sizes)):
             truth = detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, model.contract)
-            items.append((int(labels[i + j]), (float(pooled[j]), float(joint[j])), torch.sigmoid(maps[j]).numpy(), truth))
+            items.append((int(labels[i + j]), tuple(float(lg[j]) for lg in logits), torch.sigmoid(maps[j]).numpy(), truth))
     return items
 
 

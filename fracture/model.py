@@ -9,7 +9,7 @@ so the exported ONNX graph carries them too.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -243,9 +243,17 @@ class MirrorTTA(nn.Module):
         return (self.net(x) + self.net(torch.flip(x, dims=[-1]))) / 2
 
     def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pooled, joint, maps = self.net.forward_maps(x)
-        p2, j2, m2 = self.net.forward_maps(torch.flip(x, dims=[-1]))
-        return (pooled + p2) / 2, (joint + j2) / 2, (maps + torch.flip(m2, dims=[-1])) / 2
+        return self._both(self.net.forward_maps, x)  # type: ignore[return-value]
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._both(self.net.forward_parts, x)
+
+    @staticmethod
+    def _both(forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The mean of ``forward``'s outputs (logits..., map) on the image and its mirror, the mirror's map flipped back."""
+        *logits, maps = forward(x)
+        *flipped, m2 = forward(torch.flip(x, dims=[-1]))
+        return *((a + b) / 2 for a, b in zip(logits, flipped)), (maps + torch.flip(m2, dims=[-1])) / 2
 
     def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
         return self.net.fuse(pooled, joint)
@@ -302,11 +310,16 @@ class WithClassifier(FusedLogits):
     def pyramid(self) -> Pyramid:
         return self.localiser.pyramid
 
-    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(localiser's image logit, classifier's image logit, localiser's map logits)."""
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(localiser's map-pooled and joint logits, classifier's logit, localiser's map logits): every choice's inputs at once."""
         pooled, joint, maps = self.localiser.forward_maps(x)
         small = nn.functional.avg_pool2d(x, self.factor) if self.factor > 1 else x
-        return self.localiser.fuse(pooled, joint), self.classifier(small), maps
+        return pooled, joint, self.classifier(small), maps
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(localiser's image logit, classifier's image logit, localiser's map logits)."""
+        pooled, joint, side, maps = self.forward_parts(x)
+        return self.localiser.fuse(pooled, joint), side, maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(*self.forward_maps(x)[:2])

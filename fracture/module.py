@@ -250,21 +250,28 @@ class FractureClassifier(L.LightningModule):
             items = [it for part in gathered for it in part]
         return items
 
-    def choose_localisation(self, items: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    def choose_localisation(self, items: list[tuple], boxes: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The image-logit fusion and the box decoding, chosen on validation items (see ``val_maps``).
 
+        ``boxes``: a box decoding already chosen on these items' maps (``box_decoding``), kept instead of choosing it again.
         Returns the fused probabilities and the labels.
         """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
         best, scores = detection.choose_fusion(labels, logits, self.net.logit_names)
         self.net.fusion.fill_(best)
-        size = self.contract.image_size
-        maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
-        self.box_params = {**detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items]), "fusion": float(best),
-                           **{f"val_auroc_{k}": v for k, v in scores.items()}}
+        if boxes is None:
+            size = self.contract.image_size
+            maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
+            boxes = detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items])
+        self.box_params = {**boxes, "fusion": float(best), **{f"val_auroc_{k}": v for k, v in scores.items()}}
         fused = best * logits[:, 0] + (1 - best) * logits[:, 1]
         return 1 / (1 + np.exp(-fused)), labels
+
+    @property
+    def box_decoding(self) -> dict[str, Any]:
+        """The box decoding ``choose_localisation`` chose (``box_params`` without the image-logit fusion and its scores)."""
+        return {k: v for k, v in self.box_params.items() if k != "fusion" and not k.startswith("val_auroc_")}
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return torch.sigmoid(self(batch[0] if isinstance(batch, (tuple, list)) else batch))

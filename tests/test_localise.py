@@ -27,7 +27,7 @@ from fracture.quantize import quantize_int8
 from fracture.model import build_network
 from fracture.losses import cell_cover, map_loss, pointing_loss
 from fracture.module import FractureClassifier
-from fracture.model import MirrorTTA
+from fracture.model import MirrorTTA, WithClassifier
 from fracture.networks import ResNet
 from fracture.preprocess import Contract
 from fracture.synth import radiograph_and_boxes, write_dataset
@@ -389,8 +389,11 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     assert not (tmp_path / "x.ckpt").exists()
 
 
-def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_is_chosen_on_validation(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_is_chosen_on_validation(loc_run: tuple[Path, Path], tmp_path: Path,
+                                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from fracture import ensemble
+    from fracture.checkpoint import run_split
+    from fracture.model import LocaliseNet
 
     root, ckpt = loc_run
     # a classify run on the localiser's preprocessing at half its size, on the same splits (same root, seed, val fraction)
@@ -398,7 +401,12 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
                                  "--test_after_fit", "false", epochs=2)) == 0
     cls_ckpt = next((tmp_path / "cls").glob("best-*.ckpt"))
     out = tmp_path / "with" / "model.ckpt"
+    seen: list[int] = []
+    forward_maps = LocaliseNet.forward_maps
+    monkeypatch.setattr(LocaliseNet, "forward_maps", lambda net, x: seen.append(len(x)) or forward_maps(net, x))
     assert ensemble.main([str(ckpt), "--classifier", str(cls_ckpt), "--out", str(out), "--root", str(root)]) == 0
+    monkeypatch.undo()
+    assert sum(seen) == len(run_split(ckpt, "val")[0])  # one pass over validation makes the localiser's choices and the combined ones
     model, loc, cls = load_classifier(out), load_classifier(ckpt), load_classifier(cls_ckpt)
     paths = [str(p) for p in sorted((root / "test" / "images").glob("*.png"))[:6]]
     x = torch.from_numpy(preprocess.load_batch(paths, model.contract))
@@ -599,6 +607,16 @@ def test_mirror_tta_map_is_flip_consistent_and_exports() -> None:
     assert maps.shape == (2, 8, 8) and torch.allclose(torch.flip(flipped, dims=[-1]), maps, atol=1e-5)
     module = Deployable(MirrorTTA(net)).eval()
     assert module.output_names == ["probability", "logit", "map"]
+
+    # with a classifier beside it: every part (map-pooled, joint, classifier logits; map) is the mean over both views
+    both = MirrorTTA(WithClassifier(net, build_network(Contract(image_size=32), "seed_cnn"), 2)).eval()
+    with torch.no_grad():
+        parts, plain, mirror = both.forward_parts(x), both.net.forward_parts(x), both.net.forward_parts(torch.flip(x, dims=[-1]))
+        fused = both.forward_maps(x)
+    for k in range(3):
+        assert torch.allclose(parts[k], (plain[k] + mirror[k]) / 2, atol=1e-5)
+    assert torch.allclose(parts[3], (plain[3] + torch.flip(mirror[3], dims=[-1])) / 2, atol=1e-5) and torch.allclose(parts[3], fused[2])
+    assert torch.allclose(fused[0], net.fuse(parts[0], parts[1]), atol=1e-5) and torch.allclose(fused[1], parts[2])
 
 
 def test_int8_localise_is_checked_like_the_classifier(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
