@@ -350,6 +350,11 @@ def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int
     return boxes if candidates or shown is None else [b for b in boxes if b[4] > shown]
 
 
+def fuse(weight: float, logits: np.ndarray) -> np.ndarray:
+    """``weight * first + (1 - weight) * second`` of ``N x 2`` logits: ``FusedLogits.fuse`` on validation arrays."""
+    return weight * logits[:, 0] + (1 - weight) * logits[:, 1]
+
+
 def choose_fusion(labels: np.ndarray, logits: np.ndarray, names: tuple[str, str] = ("map", "joint")) -> tuple[float, dict[str, float]]:
     """The image-logit fusion (1 = the first logit, 0 = the second, 0.5 = their mean) with the best validation AUROC.
 
@@ -358,6 +363,6 @@ def choose_fusion(labels: np.ndarray, logits: np.ndarray, names: tuple[str, str]
     """
     sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     choices = {names[0]: 1.0, names[1]: 0.0, "mean": 0.5}
-    scores = {k: metrics.auroc(sigmoid(w * logits[:, 0] + (1 - w) * logits[:, 1]), labels) for k, w in choices.items()}
+    scores = {k: metrics.auroc(sigmoid(fuse(w, logits)), labels) for k, w in choices.items()}
     best = max(choices, key=lambda k: (np.nan_to_num(scores[k], nan=-1), choices[k]))
     return choices[best], scores

@@ -33,11 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 
-from fracture import metrics, preprocess
+from fracture import detection, metrics, preprocess
 from fracture.annotations import DatasetError
 from fracture.checkpoint import CheckpointError, load_classifier
 from fracture.evaluate import describe_boxes, validation_items
@@ -134,8 +135,8 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
                                   "input_size": side.contract.image_size, "factor": factor, "val_metrics": side.val_summary,
                                   "localiser_fusion": own, "localiser_val_auroc": metrics.auroc(probs, labels)}
         ensemble = combined
-        probs, labels = ensemble.choose_localisation([(y, (own * logits[0] + (1 - own) * logits[1], logits[2]), *rest) for y, logits, *rest in items],
-                                                     boxes)
+        localiser = detection.fuse(own, np.array([logits[:2] for _, logits, *_ in items]))
+        probs, labels = ensemble.choose_localisation([(y, (mine, logits[2]), *rest) for mine, (y, logits, *rest) in zip(localiser, items)], boxes)
     ensemble.choose_operating_points(probs, labels)
     checkpoint = {"hyper_parameters": dict(ensemble.hparams), "state_dict": {f"net.{k}": v for k, v in ensemble.net.state_dict().items()}}
     ensemble.on_save_checkpoint(checkpoint)

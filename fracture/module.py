@@ -265,8 +265,7 @@ class FractureClassifier(L.LightningModule):
             maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
             boxes = detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items])
         self.box_params = {**boxes, "fusion": float(best), **{f"val_auroc_{k}": v for k, v in scores.items()}}
-        fused = best * logits[:, 0] + (1 - best) * logits[:, 1]
-        return 1 / (1 + np.exp(-fused)), labels
+        return 1 / (1 + np.exp(-detection.fuse(best, logits))), labels
 
     @property
     def box_decoding(self) -> dict[str, Any]:
