@@ -62,7 +62,9 @@ def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: 
     """Start ``model`` from the network weights of ``ckpt`` (fine-tuning: a new run, optimiser and schedule).
 
     Refused when the network or the preprocessing differ, or when an image this run validates or tests on
-    was in the checkpoint's training split (that would leak it into the measurement). Returns warnings.
+    was in the checkpoint's training split (that would leak it into the measurement). The input size alone may
+    differ (progressive resizing: fine-tune at a larger size what was trained at a smaller one; the new size is
+    this run's contract) when the weights do not depend on it. Returns warnings.
     """
     source = load_classifier(ckpt)
     if source.hparams.members != 1:
@@ -71,7 +73,8 @@ def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: 
         raise CheckpointError(f"{ckpt}: a localiser with a classifier beside it; start from the localiser's own run")
     if source.spec.config() != model.spec.config():
         raise CheckpointError(f"{ckpt}: its network {source.spec!r} differs from this run's {model.spec!r}")
-    if replace(source.contract, train_crop=None) != replace(model.contract, train_crop=None):  # the crop is a training choice
+    size = model.contract.image_size
+    if replace(source.contract, train_crop=None, image_size=size) != replace(model.contract, train_crop=None):  # the crop is a training choice
         raise CheckpointError(f"{ckpt}: its preprocessing {source.contract} differs from this run's {model.contract}")
     trained = run_split(Path(ckpt), "train")
     if trained is None:
@@ -83,7 +86,13 @@ def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: 
             raise CheckpointError(f"{ckpt}: {len(leaked)} images of this run's validation/test split were in its training split "
                                   f"(e.g. {leaked[0]}); fine-tune on the same split (same data.root, seed and val_fraction)")
         warnings = []
-    model.net.load_state_dict(source.net.state_dict())
+    try:
+        model.net.load_state_dict(source.net.state_dict())
+    except RuntimeError as exc:  # only a size-dependent head (pool: flatten) can fail here: the network config matched
+        raise CheckpointError(f"{ckpt}: its weights fit {source.contract.image_size} px inputs, not this run's {size} px "
+                              f"(a head sized by its input, e.g. pool: flatten): {str(exc).splitlines()[-1].strip()}") from None
+    if source.contract.image_size != size:
+        warnings.append(f"{ckpt}: trained at {source.contract.image_size} px, fine-tuned here at {size} px")
     return warnings
 
 

@@ -118,7 +118,7 @@ class FractureCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from a .ckpt, or 'last' for the latest run's last.ckpt")
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="start a new run from a checkpoint's network weights (same network, preprocessing and split; "
-                                 "fresh optimiser, schedule and epochs)")
+                                 "fresh optimiser, schedule and epochs; the input size may change unless the head depends on it)")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint on the test split")
         parser.add_argument("--best_by", type=Literal["val/auroc", "val/average_precision", "val/froc_mean"], default="val/auroc",
                             help="the validation score that picks best-….ckpt (val/froc_mean: mean FROC sensitivity at 0.5/1/2 FP "

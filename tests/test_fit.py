@@ -93,3 +93,17 @@ def test_print_config_is_valid_yaml_with_the_seed_defaults() -> None:
     net = cfg["model"]["net"]
     assert net["class_path"] == "fracture.networks.SeedCNN" and net["init_args"]["widths"] == [32, 64, 128] and net["init_args"]["pool"] == "flatten"
     assert cfg["data"]["image_size"] == 224
+
+
+def test_init_from_at_another_size_refuses_a_head_sized_by_its_input(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from fracture.checkpoint import CheckpointError, initialise_from, upgrade
+    from fracture.module import FractureClassifier
+
+    hparams, _ = upgrade(torch.load(tiny_ckpt, map_location="cpu", weights_only=True))
+    flat = {**hparams, "net": {**hparams["net"], "init_args": {**hparams["net"]["init_args"], "pool": "flatten"}}}
+    ckpt = tmp_path / "flatten.ckpt"  # the Keras head: its dense layer's width is set by the 64 px input
+    torch.save({"hyper_parameters": flat, "state_dict": FractureClassifier(**flat).state_dict()}, ckpt)
+    splits = {"train": [], "val": [], "test": []}
+    assert initialise_from(FractureClassifier(**flat), ckpt, splits)[0].startswith(f"{ckpt}: no splits.csv")  # same size: loads
+    with pytest.raises(CheckpointError, match="fit 64 px inputs, not this run's 96 px"):
+        initialise_from(FractureClassifier(**{**flat, "image_size": 96}), ckpt, splits)

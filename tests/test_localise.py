@@ -284,9 +284,13 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other
     other = FractureClassifier(**{**hparams, "net": {**hparams["net"], "init_args": {**hparams["net"]["init_args"], "widths": [8, 16, 32]}}})
     with pytest.raises(CheckpointError, match="network"):
         initialise_from(other, ckpt, same)
-    bigger = FractureClassifier(**{**hparams, "image_size": 128})
+    stretched = FractureClassifier(**{**hparams, "resize": "stretch"})
     with pytest.raises(CheckpointError, match="preprocessing"):
-        initialise_from(bigger, ckpt, same)
+        initialise_from(stretched, ckpt, same)
+    # a larger input alone is a fine-tune at a new size (the map head is fully convolutional): the same weights, said so
+    bigger = FractureClassifier(**{**hparams, "image_size": 128})
+    assert initialise_from(bigger, ckpt, same) == [f"{ckpt}: trained at 96 px, fine-tuned here at 128 px"]
+    assert all(torch.equal(v, source[k]) for k, v in bigger.net.state_dict().items()) and bigger.contract.image_size == 128
     # end to end: a 1-epoch fine-tune with the focal map loss; resuming and initialising at once is refused
     args = loc_fit_args(root, tmp_path, "ft", "--init_from", str(ckpt), "--model.map_loss", "focal", "--model.point_weight", "0.5",
                         "--test_after_fit", "false", epochs=1)
