@@ -103,6 +103,8 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[tuple[np.ndarray
         raw, (h, w) = maps[i]
         results.append(localisation.score_image(raw, h, w, contract, truths[i], float(probs[i]), decoding, centre))
     summary = localisation.summarise(results, groups, n_boot, seed, (decoding or {}).get("display_threshold"))
+    summary["subgroups"] = localisation.by_subgroup(results, {c: table[c].to_numpy() for c in subgroup_columns(table)},
+                                                    groups, n_boot, seed)
     summary.update({"method": method, "boxes": decoding or {"box_method": "regions", "box_threshold": localisation.GRAD_CAM_BOX_THRESHOLD, "relative": True},
                     "centre_box_size": list(centre)})
 
@@ -115,13 +117,17 @@ def localise(table: pd.DataFrame, probs: np.ndarray, maps: list[tuple[np.ndarray
     return summary, results
 
 
+def subgroup_columns(table: pd.DataFrame) -> list[str]:
+    """Fracture type and the low-cardinality metadata columns (region, view, hardware, ...) worth splitting by."""
+    skip = {"path", "label", "line", "group", "group_id", "image", "boxes", "study", "study_id"}
+    return [c for c in table.columns if c not in skip and 2 <= table[c].nunique() <= 20]
+
+
 def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Sensitivity/specificity/AUROC per fracture type and per low-cardinality metadata column, with bootstrap CIs."""
     rows = []
     labels = table["label"].to_numpy()
-    skip = {"path", "label", "line", "group", "group_id", "image", "boxes", "study", "study_id"}
-    columns = [c for c in table.columns if c not in skip and 2 <= table[c].nunique() <= 20]
-    for column in columns:
+    for column in subgroup_columns(table):
         for value, idx in table.groupby(column).indices.items():
             if column == "fracture_type" and str(value).lower() in ("", "none"):
                 continue
@@ -321,6 +327,14 @@ def localisation_md(loc: dict[str, Any] | None) -> list[str]:
             continue
         cells = [_fmt(loc[w]["metrics"].get(key, float("nan")), loc[w]["ci95"].get(key)) for w in ("model", "centre")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if loc.get("subgroups"):
+        lines += ["", "### Where the map misses: pointing game by subgroup (fractured images with boxes; lesion size = the smallest "
+                  "true box, sqrt(w x h) in original pixels, in thirds of this split)",
+                  "| column | value | images | pointing game | map mass in boxes |", "|---|---|---|---|---|"]
+        for r in loc["subgroups"]:
+            ci = r["ci95"]
+            lines.append(f"| {r['column']} | {r['value']} | {r['n']} | {_fmt(r['pointing_hit_rate'], ci.get('pointing_hit_rate'))} | "
+                         f"{_fmt(r['mass_in_boxes'], ci.get('mass_in_boxes'))} |")
     return lines
 
 

@@ -127,6 +127,49 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
     return out
 
 
+LESION_SIZE = "lesion size"
+
+
+def lesion_sizes(results: list[ImageResult]) -> np.ndarray:
+    """Each image's smallest true box as sqrt(width x height) in original pixels (NaN without boxes)."""
+    return np.array([min(np.sqrt((b[2] - b[0]) * (b[3] - b[1])) for b in r.truth) if r.truth else np.nan for r in results])
+
+
+def size_thirds(sizes: np.ndarray) -> np.ndarray:
+    """Thirds of the split's lesion sizes, labelled with their pixel ranges ("" without boxes): the same images fall
+    in the same third for every model scored on the split, so two reports compare like with like."""
+    known = ~np.isnan(sizes)
+    out = np.full(len(sizes), "", dtype=object)
+    if not known.any():
+        return out
+    low, high = np.quantile(sizes[known], [1 / 3, 2 / 3])
+    names = (f"small (< {low:.0f} px)", f"medium ({low:.0f}-{high:.0f} px)", f"large (>= {high:.0f} px)")
+    out[known] = [names[int(v >= low) + int(v >= high)] for v in sizes[known]]
+    return out
+
+
+def by_subgroup(results: list[ImageResult], columns: dict[str, np.ndarray], groups: np.ndarray | None = None,
+                n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Pointing game and map mass in boxes per value of each column, and per third of lesion size, among the
+    fractured images with boxes (whole groups resampled within each subgroup): where the map misses."""
+    hits = np.array([r.pointing.get("hit", np.nan) for r in results])
+    mass = np.array([r.pointing.get("mass_in_boxes", np.nan) for r in results])
+    boxed = ~np.isnan(hits)
+    rows = []
+    for column, labels in {**columns, LESION_SIZE: size_thirds(lesion_sizes(results))}.items():
+        labels = np.asarray(labels).astype(str)
+        for value in sorted(set(labels[boxed])):
+            idx = np.flatnonzero(boxed & (labels == value))
+            members = metrics.group_members(len(idx), None if groups is None else groups[idx])
+            rng = np.random.default_rng(seed)
+            draws = [metrics.resample(members, rng) for _ in range(n_boot)]
+            rows.append({"column": column, "value": value, "n": int(len(idx)),
+                         **{name: float(np.nanmean(v[idx])) for name, v in (("pointing_hit_rate", hits), ("mass_in_boxes", mass))},
+                         "ci95": {name: metrics.interval([np.nanmean(v[idx][d]) for d in draws]) for name, v
+                                  in (("pointing_hit_rate", hits), ("mass_in_boxes", mass))} if n_boot else {}})
+    return rows
+
+
 def plots(out: Path, summary: dict[str, Any], results: list[ImageResult], paths: list[str], probs: np.ndarray,
           redo_map: Any, label: str, n: int = 4) -> list[str]:
     """FROC curves and a grid of the best / worst fractured images (by map mass in boxes), true boxes green,

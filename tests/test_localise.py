@@ -65,6 +65,28 @@ def test_froc_ap_and_pointing_on_a_hand_computed_case() -> None:
     assert heatmap.pointing(cam, mask) == {"hit": 1.0, "mass_in_boxes": 1.0}
 
 
+def test_pointing_by_subgroup_and_lesion_size_on_a_hand_computed_case() -> None:
+    from fracture.localisation import LESION_SIZE, ImageResult, by_subgroup
+
+    def image(side: float | None, hit: float = np.nan, mass: float = np.nan) -> ImageResult:
+        truth = [(0.0, 0.0, side, side), (0.0, 0.0, 2 * side, 2 * side)] if side else []  # the smaller box sets the size
+        return ImageResult(truth, [], [], {"hit": hit, "mass_in_boxes": mass} if side else {})
+
+    results = [image(10, 1, 0.5), image(12, 0, 0.1), image(30, 1, 0.3), image(32, 1, 0.3), image(60, 0, 0.2), image(64, 0, 0.0), image(None)]
+    region = np.array(["hand", "hand", "leg", "hand", "leg", "leg", "hand"])
+    groups = np.array(["a", "a", "b", "c", "d", "e", "f"])
+    rows = {(r["column"], r["value"]): r for r in by_subgroup(results, {"region": region}, groups, n_boot=200)}
+    hand, leg = rows[("region", "hand")], rows[("region", "leg")]
+    assert (hand["n"], hand["pointing_hit_rate"], hand["mass_in_boxes"]) == (3, pytest.approx(2 / 3), pytest.approx(0.3))  # not the unboxed one
+    assert (leg["n"], leg["pointing_hit_rate"], leg["mass_in_boxes"]) == (3, pytest.approx(1 / 3), pytest.approx(0.5 / 3))
+    sizes = sorted((r for r in rows.values() if r["column"] == LESION_SIZE), key=lambda r: r["pointing_hit_rate"])
+    assert [r["n"] for r in sizes] == [2, 2, 2] and [r["pointing_hit_rate"] for r in sizes] == [0.0, 0.5, 1.0]
+    assert [r["value"].split()[0] for r in sizes] == ["large", "small", "medium"]
+    # hand's images a, a (one group, drawn together), c: every draw is {a, a}, {c} or a mix: rates 0.5, 1 or between
+    lo, hi = hand["ci95"]["pointing_hit_rate"]
+    assert 0.5 <= lo <= hand["pointing_hit_rate"] <= hi <= 1.0
+
+
 def test_map_to_boxes_and_threshold_choice() -> None:
     m = np.zeros((40, 40), np.float32)
     m[5:10, 5:15] = 0.9  # the fracture
@@ -528,8 +550,11 @@ def test_localise_fit_points_at_fractures_better_than_the_centre(loc_run: tuple[
         assert model["display_sensitivity"] <= model["froc_centre_sensitivity_at_2_fp"] + 1e-9
     assert {"froc.png", "localisation_examples.png"} <= set(result["plots"])
     assert result["operating_points"]["default"]["metrics"]["auroc"] > 0.8
+    thirds = [r for r in loc["subgroups"] if r["column"] == "lesion size"]
+    assert sum(r["n"] for r in thirds) == loc["fractured_with_boxes"]  # every fractured image with boxes in one third
+    assert sum(r["n"] * r["pointing_hit_rate"] for r in thirds) / loc["fractured_with_boxes"] == pytest.approx(model["pointing_hit_rate"])
     report = (tmp_path / "report.md").read_text()
-    assert "## Where: localisation" in report and "shown to a reader" in report
+    assert "## Where: localisation" in report and "shown to a reader" in report and "| lesion size | small (<" in report
 
 
 def test_fusion_and_box_threshold_are_chosen_on_validation_and_stored(loc_run: tuple[Path, Path]) -> None:
