@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Localisation's long schedule on one GPU, against the classifier at the same budget (issue #10's next step):
 #   1. the localiser of configs/fracatlas_localise.yaml from scratch (bce_dice map loss, lr 1e-3 cosine), E1 epochs;
-#   2. its fine-tune with the focal map loss, map weight 3, lr 3e-4, E2 epochs (the README's best recipe on the CPU);
+#   2. its fine-tune with the focal map loss, map weight 3, pointing loss 5, lr 1e-3, E2 epochs (the README's best
+#      recipe on the CPU: 20 + 20 epochs);
 #   3. beside them on the same GPU, configs/fracatlas.yaml (resnet18 classify, 224 px) for E1 + E2 epochs;
 # then `fracture.evaluate` of the localiser's last epoch and of the classifier's best and last epochs on the test split.
 # The epochs are sized to the wall-clock budget from a measured training step, and every stage has a time guard,
@@ -69,10 +70,10 @@ s = (time.perf_counter() - t) / 20
 steps = int(len(pd.read_csv(f"{data}/train/annotations.csv")) * 0.85) // 32
 epoch = 2.5 * steps * s + 1.5          # loader, augmentation, logging, last.ckpt: measured 2-3x a bare step elsewhere
 val = 15.0                             # the box decoding chosen on 407 validation maps: 13 s on a 2-core EPYC
-stage1 = 0.55 * budget                 # the rest: fine-tune, evaluation, bundle
+stage1 = 0.4 * budget                  # the rest: fine-tune, evaluation, bundle
 v1 = min(max(1, int((stage1 / 2 - val) / epoch)), 100)  # validated twice: half-way and at the end
 e1 = 2 * v1
-e2 = max(2, 2 * int(min((0.18 * budget - 2 * val) / epoch, 0.27 * e1) / 2))  # at most the CPU recipe's 30 + 8, in proportion
+e2 = max(2, 2 * int(min((0.33 * budget - 2 * val) / epoch, e1) / 2))  # at most the CPU recipe's 20 + 20, in proportion
 print(f"localise step {s * 1000:.1f} ms at batch 32, 256 px crops; {steps} steps/epoch: ~{epoch:.1f} s/epoch "
       f"-> {e1} + {e2} epochs", file=sys.stderr)
 print(e1, v1, e2, e2 // 2)
@@ -105,13 +106,13 @@ CLS_BUDGET=$(( $(left) * 60 / 100 ))
 ) > "$RESULTS/classify-summary.log" 2>&1 &
 CLASSIFY=$!
 
-S1=$(( $(left) * 60 / 100 ))
+S1=$(( $(left) * 50 / 100 ))
 timeout $((S1 + 60)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise \
     --trainer.max_epochs "$E1" --trainer.check_val_every_n_epoch "$V1" --trainer.max_time "$(hms "$S1")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise" || true
 S2=$(( $(left) - 90 ))
 timeout $((S2 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise-ft \
-    --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.recipe.lr 0.0003 \
+    --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 --model.recipe.lr 0.001 \
     --trainer.max_epochs "$E2" --trainer.check_val_every_n_epoch "$V2" --trainer.max_time "$(hms "$S2")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise-ft" || true
 timeout 120 "$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft-last" "${EVAL[@]}" \
