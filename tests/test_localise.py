@@ -458,6 +458,19 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
     meta = export(out, tmp_path / "with.onnx")  # one input, one contract; parity of probability and map at batch 1 and N
     assert meta["outputs"] == ["probability", "logit", "map"] and meta["contract"]["image_size"] == 96 and meta["classifier"]["factor"] == 2
 
+    # with --tta too, the localiser and the classifier both see the image and its mirror (the mirror's map flipped back)
+    mirrored = tmp_path / "with-tta" / "model.ckpt"
+    assert ensemble.main([str(ckpt), "--tta", "--classifier", str(cls_ckpt), "--out", str(mirrored), "--root", str(root)]) == 0
+    both = load_classifier(mirrored)
+    with torch.no_grad():
+        plain, flipped = both.net.forward_maps(x), both.net.forward_maps(torch.flip(x, dims=[-1]))
+        tta_probs, tta_maps = both.probabilities_and_maps(x)
+    fusion = both.deployment_info()["localisation"]["fusion"]
+    assert both.deployment_info()["tta"] and both.deployment_info()["classifier"]["factor"] == 2
+    assert torch.allclose(tta_maps, torch.sigmoid((plain[2] + torch.flip(flipped[2], dims=[-1])) / 2), atol=1e-5)
+    assert torch.allclose(tta_probs, torch.sigmoid((fusion * (plain[0] + flipped[0]) + (1 - fusion) * (plain[1] + flipped[1])) / 2), atol=1e-5)
+    assert export(mirrored, tmp_path / "with-tta.onnx")["tta"]  # parity of probability and map, batch 1 and N
+
     # refusals: a classifier whose input one pooling cannot make, a localiser as classifier, other splits, fine-tuning from it
     for other in (FractureClassifier(image_size=64, resize="letterbox"), FractureClassifier(image_size=48, resize="stretch")):
         with pytest.raises(CheckpointError, match="integer fraction"):
