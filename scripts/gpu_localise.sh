@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Localisation's long schedule on one GPU, against the classifier at the same budget (issue #10's next step):
 #   1. the localiser of configs/fracatlas_localise.yaml from scratch (bce_dice map loss, lr 1e-3 cosine), E1 epochs;
-#   2. its fine-tune with the focal map loss, map weight 3, pointing loss 5, lr 1e-3, E2 epochs (the README's best
-#      recipe on the CPU: 20 + 20 epochs);
-#   3. beside them on the same GPU, configs/fracatlas.yaml (resnet18 classify, 224 px) for E1 + E2 epochs;
+#   2. its fine-tune with the focal map loss, map weight 3, pointing loss 5, lr 1e-3, E2 epochs;
+#   3. a second cosine cycle of that fine-tune at lr 5e-4, E3 epochs (the README's best recipe on the CPU: 20 + 20 + 16);
+#   4. beside them on the same GPU, configs/fracatlas.yaml (resnet18 classify, 224 px) for E1 + E2 + E3 epochs;
 # then `fracture.evaluate` of the localiser's last epoch and of the classifier's best and last epochs on the test split.
 # The epochs are sized to the wall-clock budget from a measured training step, and every stage has a time guard,
 # so the reports are written inside the budget. Prints per-epoch time, images/s and peak GPU memory.
@@ -15,7 +15,7 @@
 # Results land in RESULTS (default checkpoints/gpu-localise); with OUT set (a results folder that is fetched
 # back), a bundle of the run folders without optimiser state and the reports is split there in 15 MiB parts:
 #   cat OUT/bundle.tgz.part-* | tar xz
-# DRY_RUN=1 runs the same path on the CPU, 2 + 2 epochs of 3 batches (how it is checked without a GPU).
+# DRY_RUN=1 runs the same path on the CPU, 2 + 2 + 2 epochs of 3 batches (how it is checked without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: bash scripts/gpu_localise.sh DATA_DIR SECONDS [WHEELS_DIR]}
@@ -32,8 +32,8 @@ if ! "$PY" -c "import jsonargparse, docstring_parser" 2>/dev/null; then
 fi
 mkdir -p "$RESULTS"
 
-# E1, E2 (and the validation intervals) from one measured training step of the localiser
-read -r E1 V1 E2 V2 < <("$PY" - "$DATA" "$BUDGET" "${DRY_RUN:-0}" <<'EOF'
+# E1, E2, E3 (and the validation intervals) from one measured training step of the localiser
+read -r E1 V1 E2 V2 E3 V3 < <("$PY" - "$DATA" "$BUDGET" "${DRY_RUN:-0}" <<'EOF'
 import sys, time
 import pandas as pd, torch, lightning
 from fracture.losses import image_loss, map_loss
@@ -45,7 +45,7 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 name = torch.cuda.get_device_name() if dev == "cuda" else "none"
 print(f"torch {torch.__version__}, lightning {lightning.__version__}, GPU: {name}", file=sys.stderr)
 if dry:
-    print(2, 2, 2, 2)
+    print(2, 2, 2, 2, 2, 2)
     sys.exit()
 net = ResNet(18, "localise").build(Contract(image_size=448, resize="letterbox")).to(dev).to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(net.parameters(), 1e-3)
@@ -70,16 +70,17 @@ s = (time.perf_counter() - t) / 20
 steps = int(len(pd.read_csv(f"{data}/train/annotations.csv")) * 0.85) // 32
 epoch = 2.5 * steps * s + 1.5          # loader, augmentation, logging, last.ckpt: measured 2-3x a bare step elsewhere
 val = 15.0                             # the box decoding chosen on 407 validation maps: 13 s on a 2-core EPYC
-stage1 = 0.4 * budget                  # the rest: fine-tune, evaluation, bundle
+stage1 = 0.32 * budget                 # the rest: two fine-tune cycles, evaluation, bundle
 v1 = min(max(1, int((stage1 / 2 - val) / epoch)), 100)  # validated twice: half-way and at the end
 e1 = 2 * v1
-e2 = max(2, 2 * int(min((0.33 * budget - 2 * val) / epoch, e1) / 2))  # at most the CPU recipe's 20 + 20, in proportion
+e2 = max(2, 2 * int(min((0.26 * budget - 2 * val) / epoch, e1) / 2))  # at most the CPU recipe's 20 + 20 + 16, in proportion
+e3 = max(2, 2 * int(0.4 * e2))
 print(f"localise step {s * 1000:.1f} ms at batch 32, 256 px crops; {steps} steps/epoch: ~{epoch:.1f} s/epoch "
-      f"-> {e1} + {e2} epochs", file=sys.stderr)
-print(e1, v1, e2, e2 // 2)
+      f"-> {e1} + {e2} + {e3} epochs", file=sys.stderr)
+print(e1, v1, e2, e2 // 2, e3, e3 // 2)
 EOF
 )
-echo "== epochs: localise $E1 (validated every $V1) + fine-tune $E2 (every $V2); classify $((E1 + E2)); $(left) s left"
+echo "== epochs: localise $E1 (validated every $V1) + fine-tune $E2 (every $V2) + $E3 (every $V3); classify $((E1 + E2 + E3)); $(left) s left"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
     HW=(--trainer.accelerator cpu --trainer.devices 1 --trainer.limit_train_batches 3 --trainer.limit_val_batches 3 --data.num_workers 0)
@@ -96,7 +97,7 @@ epoch_summary() { "$PY" scripts/epoch_summary.py "$1"; }  # a run folder's per-e
 CLS_BUDGET=$(( $(left) * 60 / 100 ))
 (
     timeout $((CLS_BUDGET + 60)) "$PY" -m fracture.fit --config configs/fracatlas.yaml "${COMMON[@]}" --run_name classify \
-        --trainer.max_epochs $((E1 + E2)) --trainer.max_time "$(hms "$CLS_BUDGET")" > "$RESULTS/classify.log" 2>&1 || echo "classify fit: exit $?"
+        --trainer.max_epochs $((E1 + E2 + E3)) --trainer.max_time "$(hms "$CLS_BUDGET")" > "$RESULTS/classify.log" 2>&1 || echo "classify fit: exit $?"
     epoch_summary "$RESULTS/classify" || true
     for which in best last; do
         ckpt=$(ls "$RESULTS"/classify/"$which"*.ckpt 2>/dev/null | head -1) || true
@@ -110,12 +111,17 @@ S1=$(( $(left) * 50 / 100 ))
 timeout $((S1 + 60)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise \
     --trainer.max_epochs "$E1" --trainer.check_val_every_n_epoch "$V1" --trainer.max_time "$(hms "$S1")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise" || true
-S2=$(( $(left) - 90 ))
+S2=$(( ($(left) - 90) * 55 / 100 ))
 timeout $((S2 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise-ft \
     --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 --model.recipe.lr 0.001 \
     --trainer.max_epochs "$E2" --trainer.check_val_every_n_epoch "$V2" --trainer.max_time "$(hms "$S2")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise-ft" || true
-timeout 120 "$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft-last" "${EVAL[@]}" \
+S3=$(( $(left) - 90 ))
+timeout $((S3 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise-ft2 \
+    --init_from "$RESULTS/localise-ft/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 --model.recipe.lr 0.0005 \
+    --trainer.max_epochs "$E3" --trainer.check_val_every_n_epoch "$V3" --trainer.max_time "$(hms "$S3")" 2>&1 | grep -E "^epoch|rror" || true
+epoch_summary "$RESULTS/localise-ft2" || true
+timeout 120 "$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft2/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft2-last" "${EVAL[@]}" \
     > "$RESULTS/eval-localise.log" 2>&1 || echo "evaluate localise: exit $?"
 wait "$CLASSIFY" || true
 cat "$RESULTS/classify-summary.log"
@@ -138,12 +144,12 @@ if [ -n "${OUT:-}" ]; then  # the run folders without optimiser state (the weigh
     "$PY" - "$RESULTS" <<'EOF'
 import sys, torch
 from pathlib import Path
-for ckpt in Path(sys.argv[1]).glob("localise-ft/last.ckpt"):
+for ckpt in Path(sys.argv[1]).glob("localise-ft*/last.ckpt"):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     for key in ("optimizer_states", "lr_schedulers"):
         state.pop(key, None)
     torch.save(state, ckpt)
 EOF
-    tar czf - --exclude='*/tensorboard' --exclude='classify/*.ckpt' --exclude='localise/*.ckpt' --exclude='localise-ft/best-*.ckpt' "$RESULTS" | split -b 15m - "$OUT/bundle.tgz.part-"
+    tar czf - --exclude='*/tensorboard' --exclude='classify/*.ckpt' --exclude='localise/*.ckpt' --exclude='localise-ft*/best-*.ckpt' "$RESULTS" | split -b 15m - "$OUT/bundle.tgz.part-"
     ls -la "$OUT"
 fi
