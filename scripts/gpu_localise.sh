@@ -111,14 +111,13 @@ S1=$(( $(left) * 50 / 100 ))
 timeout $((S1 + 60)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise \
     --trainer.max_epochs "$E1" --trainer.check_val_every_n_epoch "$V1" --trainer.max_time "$(hms "$S1")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise" || true
+FINE_TUNE=(--config configs/fracatlas_localise.yaml "${COMMON[@]}" --model.map_loss focal --model.map_weight 3 --model.point_weight 5)
 S2=$(( ($(left) - 90) * 55 / 100 ))
-timeout $((S2 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise-ft \
-    --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 --model.recipe.lr 0.001 \
+timeout $((S2 + 30)) "$PY" -m fracture.fit "${FINE_TUNE[@]}" --run_name localise-ft --init_from "$RESULTS/localise/last.ckpt" --model.recipe.lr 0.001 \
     --trainer.max_epochs "$E2" --trainer.check_val_every_n_epoch "$V2" --trainer.max_time "$(hms "$S2")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise-ft" || true
 S3=$(( $(left) - 90 ))
-timeout $((S3 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" --run_name localise-ft2 \
-    --init_from "$RESULTS/localise-ft/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 --model.recipe.lr 0.0005 \
+timeout $((S3 + 30)) "$PY" -m fracture.fit "${FINE_TUNE[@]}" --run_name localise-ft2 --init_from "$RESULTS/localise-ft/last.ckpt" --model.recipe.lr 0.0005 \
     --trainer.max_epochs "$E3" --trainer.check_val_every_n_epoch "$V3" --trainer.max_time "$(hms "$S3")" 2>&1 | grep -E "^epoch|rror" || true
 epoch_summary "$RESULTS/localise-ft2" || true
 timeout 120 "$PY" -m fracture.evaluate --ckpt "$RESULTS/localise-ft2/last.ckpt" --root "$DATA" --out "$RESULTS/reports/localise-ft2-last" "${EVAL[@]}" \

@@ -465,8 +465,9 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
     with torch.no_grad():
         plain, flipped = both.net.forward_maps(x), both.net.forward_maps(torch.flip(x, dims=[-1]))
         tta_probs, tta_maps = both.probabilities_and_maps(x)
-    fusion = both.deployment_info()["localisation"]["fusion"]
-    assert both.deployment_info()["tta"] and both.deployment_info()["classifier"]["factor"] == 2
+    both_info = both.deployment_info()
+    fusion = both_info["localisation"]["fusion"]
+    assert both_info["tta"] and both_info["classifier"]["factor"] == 2
     assert torch.allclose(tta_maps, torch.sigmoid((plain[2] + torch.flip(flipped[2], dims=[-1])) / 2), atol=1e-5)
     assert torch.allclose(tta_probs, torch.sigmoid((fusion * (plain[0] + flipped[0]) + (1 - fusion) * (plain[1] + flipped[1])) / 2), atol=1e-5)
     assert export(mirrored, tmp_path / "with-tta.onnx")["tta"]  # parity of probability and map, batch 1 and N
