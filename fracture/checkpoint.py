@@ -117,3 +117,40 @@ def run_split(ckpt: Path, split: str, with_study: bool = False) -> tuple | None:
         return None
     found = (rows["path"].tolist(), rows["label"].to_numpy().astype(int))
     return (*found, rows["study"].to_numpy() if "study" in rows.columns else np.full(len(rows), "")) if with_study else found
+
+
+def narrow(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
+    """A copy of a checkpoint to carry off a machine with a transfer cap: no optimiser or scheduler state, and
+    conv/linear weights (tensors of 2+ dimensions) in fp16; normalisation statistics and biases stay fp32.
+    ``load_classifier`` casts the weights back to fp32. Returns bytes before and after."""
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    for key in ("optimizer_states", "lr_schedulers"):
+        checkpoint.pop(key, None)
+    checkpoint["state_dict"] = {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in checkpoint["state_dict"].items()}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, dst)
+    return {"before": os.path.getsize(src), "after": os.path.getsize(dst)}
+
+
+def main(args: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m fracture.checkpoint", description="Checkpoint housekeeping.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    small = sub.add_parser("narrow", help=narrow.__doc__.split(".")[0])
+    small.add_argument("src")
+    small.add_argument("dst")
+    ns = parser.parse_args(args)
+    try:
+        sizes = narrow(ns.src, ns.dst)
+        load_classifier(ns.dst)  # still loads
+    except (OSError, CheckpointError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{ns.dst}: {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

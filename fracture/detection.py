@@ -124,12 +124,33 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def hits(pred: Sequence[float], truth: Sequence[float], criterion: str) -> bool:
-    """``centre``: the predicted box's centre lies in the true box; ``iou``: IoU >= 0.25."""
+MAX_AREA_RATIO = 4.0  # a centre hit needs a box at most this many times the true box's area
+
+
+def area(box: Sequence[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def hits(pred: Sequence[float], truth: Sequence[float], criterion: str, min_iou: float = 0.25) -> bool:
+    """``centre``: the predicted box's centre lies in the true box and the box is at most ``MAX_AREA_RATIO`` times
+    its area (a box over half the image would otherwise "find" everything); ``iou``: IoU >= ``min_iou``."""
     if criterion == "centre":
         cx, cy = (pred[0] + pred[2]) / 2, (pred[1] + pred[3]) / 2
-        return truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3]
-    return iou(pred, truth) >= 0.25
+        return truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3] and area(pred) <= MAX_AREA_RATIO * area(truth)
+    return iou(pred, truth) >= min_iou
+
+
+def match(preds: Sequence[Sequence[float]], truths: Sequence[Sequence[float]], criterion: str, min_iou: float = 0.25) -> list[int]:
+    """One-to-one matching by descending score: each box takes the free true box it hits best (by IoU), or none
+    (-1). A box over two lesions finds one; a second box on a found lesion is a false positive, as in AP."""
+    taken: set[int] = set()
+    out = [-1] * len(preds)
+    for i in sorted(range(len(preds)), key=lambda k: -preds[k][4]):
+        free = [j for j, t in enumerate(truths) if j not in taken and hits(preds[i], t, criterion, min_iou)]
+        if free:
+            out[i] = max(free, key=lambda j: (iou(preds[i], truths[j]), -j))
+            taken.add(out[i])
+    return out
 
 
 class ImageScores:
@@ -139,28 +160,15 @@ class ImageScores:
         self.n_truth = len(truths)
         lesion = np.full(len(truths), -np.inf)
         fps = []
-        for p in preds:
-            found = [j for j, t in enumerate(truths) if hits(p, t, criterion)]
-            if found:
-                for j in found:
-                    lesion[j] = max(lesion[j], p[4])
+        for p, j in zip(preds, match(preds, truths, criterion)):
+            if j >= 0:
+                lesion[j] = p[4]
             else:
                 fps.append(p[4])
         self.lesion_scores = lesion
         self.fp_scores = np.asarray(fps, float)
-        # AP: greedy matching by descending score (preds are sorted that way by map_to_boxes; sort anyway)
-        used: set[int] = set()
-        ap = []
-        for p in sorted(preds, key=lambda b: -b[4]):
-            best, best_iou = -1, ap_iou if ap_iou is not None else 0.25
-            for j, t in enumerate(truths):
-                v = iou(p, t)
-                if j not in used and v >= best_iou:
-                    best, best_iou = j, v
-            if best >= 0:
-                used.add(best)
-            ap.append((p[4], best >= 0))
-        self.ap_pairs = np.asarray(ap, float).reshape(-1, 2)
+        matched = match(preds, truths, "iou", 0.25 if ap_iou is None else ap_iou)  # AP: the same matching at its own IoU
+        self.ap_pairs = np.asarray([(p[4], j >= 0) for p, j in zip(preds, matched)], float).reshape(-1, 2)
 
 
 def froc(images: Sequence[ImageScores], rates: Sequence[float] = FP_RATES) -> dict[str, float]:

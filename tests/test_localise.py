@@ -65,6 +65,25 @@ def test_froc_ap_and_pointing_on_a_hand_computed_case() -> None:
     assert heatmap.pointing(cam, mask) == {"hit": 1.0, "mass_in_boxes": 1.0}
 
 
+
+def test_one_box_finds_one_lesion_and_a_huge_box_finds_none() -> None:
+    # two lesions side by side, one box over both: IoU 0.5 with each and its centre (20, 15) inside the second
+    two = [(10, 10, 20, 20), (20, 10, 30, 20)]
+    for crit in ("centre", "iou"):
+        scores = detection.ImageScores([(10, 10, 30, 20, 0.9)], two, crit)
+        assert int(np.isfinite(scores.lesion_scores).sum()) == 1 and scores.fp_scores.size == 0, crit
+    # the same lesions, a box on each: both found; a second box on a found lesion is a false positive
+    scores = detection.ImageScores([(10, 10, 20, 20, 0.9), (20, 10, 30, 20, 0.8), (11, 11, 19, 19, 0.7)], two, "centre")
+    assert scores.lesion_scores.tolist() == [0.9, 0.8] and scores.fp_scores.tolist() == [0.7]
+    # the higher-scoring box claims first; a lower one over the same lesion cannot take it away
+    assert detection.match([(12, 12, 18, 18, 0.4), (10, 10, 20, 20, 0.9)], [(10, 10, 20, 20)], "centre") == [-1, 0]
+    # centre hit needs a bounded box: 4x the true area (20x20 on a 10x10 lesion) hits, just over it does not
+    truth = [(10, 10, 20, 20)]
+    assert detection.hits((5, 5, 25, 25, 1.0), truth[0], "centre")
+    assert not detection.hits((4.9, 4.9, 25.1, 25.1, 1.0), truth[0], "centre")
+    huge = detection.detection_metrics(detection.score_detections([[(0, 0, 100, 100, 0.9)]], [truth]))
+    assert huge["froc_centre_sensitivity_at_2_fp"] == 0.0 and huge["froc_iou_sensitivity_at_2_fp"] == 0.0
+
 def test_pointing_by_subgroup_and_lesion_size_on_a_hand_computed_case() -> None:
     from fracture.localisation import LESION_SIZE, ImageResult, by_subgroup
 
