@@ -138,7 +138,8 @@ def subgroups(table: pd.DataFrame, probs: np.ndarray, threshold: float, n_boot: 
             m = metrics.binary_metrics(p, y, threshold)
             pos, neg = int(y.sum()), int((y == 0).sum())
             small = pos < SUBGROUP_MIN or neg < SUBGROUP_MIN
-            cis = metrics.bootstrap(p, y, threshold, None, n_boot, seed) if n_boot else {}
+            groups = table["group"].to_numpy()[idx] if "group" in table.columns else None  # resampled like the main table
+            cis = metrics.bootstrap(p, y, threshold, groups, n_boot, seed) if n_boot else {}
             rows.append({
                 "column": column, "value": str(value), "n": int(len(idx)), "fractured": pos, "not_fractured": neg,
                 "sensitivity": m["sensitivity"], "specificity": m["specificity"] if column != "fracture_type" else float("nan"),
@@ -170,14 +171,19 @@ def audit_summary(root: Path) -> list[str]:
     return lines
 
 
-def study_level(probs: np.ndarray, labels: np.ndarray, studies: np.ndarray, info: dict[str, Any], n_boot: int, seed: int) -> dict[str, Any]:
-    """Metrics per study (images with a study key), their probabilities combined as the model says, at every operating point."""
+def study_level(probs: np.ndarray, labels: np.ndarray, studies: np.ndarray, groups: np.ndarray, info: dict[str, Any], n_boot: int,
+                seed: int) -> dict[str, Any]:
+    """Metrics per study (images with a study key), their probabilities combined as the model says, at every operating
+    point; intervals resample whole patient/duplicate groups (a study's group: that of its first image)."""
     method = info.get("study_aggregation", {}).get("method", "max")
     keyed = studies != ""
-    _, p, y = metrics.aggregate_studies(probs[keyed], studies[keyed], method, labels[keyed])
+    keys, p, y = metrics.aggregate_studies(probs[keyed], studies[keyed], method, labels[keyed])
+    first = dict(zip(studies[keyed][::-1], groups[keyed][::-1]))
+    study_groups = np.array([first[k] for k in keys])
     out: dict[str, Any] = {"aggregation": method, "studies": int(len(y)), "fractured_studies": int(y.sum()), "images": int(keyed.sum()), "operating_points": {}}
     for name, t in info["thresholds"].items():
-        out["operating_points"][name] = {"threshold": t, "metrics": metrics.all_metrics(p, y, t), "ci95": metrics.bootstrap(p, y, t, None, n_boot, seed)}
+        out["operating_points"][name] = {"threshold": t, "metrics": metrics.all_metrics(p, y, t),
+                                         "ci95": metrics.bootstrap(p, y, t, study_groups, n_boot, seed)}
     return out
 
 
@@ -213,7 +219,7 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
         keys = study_keys([], table["path"].tolist())
         studies = np.array([keys.get(p, "") for p in table["path"]])
     if (studies != "").any() and len(np.unique(studies[studies != ""])) < (studies != "").sum():
-        result["study_level"] = study_level(probs, labels, studies, info, n_boot, seed)
+        result["study_level"] = study_level(probs, labels, studies, np.asarray(groups).astype(str), info, n_boot, seed)
     split_dir = os.path.abspath(root / split)  # the pairing key: the same split read from another copy of the dataset still pairs
     per_image = pd.DataFrame({"image": [os.path.relpath(os.path.abspath(p), split_dir) for p in table["path"]], "path": table["path"],
                               "label": labels, "group": groups, "probability": probs})

@@ -163,10 +163,12 @@ def by_subgroup(results: list[ImageResult], columns: dict[str, np.ndarray], grou
             members = metrics.group_members(len(idx), None if groups is None else groups[idx])
             rng = np.random.default_rng(seed)
             draws = [metrics.resample(members, rng) for _ in range(n_boot)]
+            ci = {name: metrics.interval([np.nanmean(v[idx][d]) for d in draws]) for name, v in (("pointing_hit_rate", hits), ("mass_in_boxes", mass))} if n_boot else {}
+            if ci:  # 3 of 3 hit: Wilson's interval, not a zero-width one
+                ci["pointing_hit_rate"] = metrics.proportion_interval(ci["pointing_hit_rate"], float(np.nansum(hits[idx])), len(idx))
             rows.append({"column": column, "value": value, "n": int(len(idx)),
                          **{name: float(np.nanmean(v[idx])) for name, v in (("pointing_hit_rate", hits), ("mass_in_boxes", mass))},
-                         "ci95": {name: metrics.interval([np.nanmean(v[idx][d]) for d in draws]) for name, v
-                                  in (("pointing_hit_rate", hits), ("mass_in_boxes", mass))} if n_boot else {}})
+                         "ci95": ci})
     return rows
 
 

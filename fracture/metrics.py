@@ -166,7 +166,9 @@ def bootstrap(probs: np.ndarray, labels: np.ndarray, threshold: float, groups: n
               n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of ``all_metrics``; resamples whole groups when ``groups`` is given.
 
-    Resamples where a metric is undefined (a class missing) are skipped for that metric.
+    Resamples where a metric is undefined (a class missing) are skipped for that metric. A proportion whose
+    draws all agree (0 of 12 missed: every resample says sensitivity 1.0) gets its Wilson interval instead
+    of a zero-width one.
     """
     probs, labels = _check(probs, labels)
     rng = np.random.default_rng(seed)
@@ -177,7 +179,33 @@ def bootstrap(probs: np.ndarray, labels: np.ndarray, threshold: float, groups: n
         for name, value in all_metrics(probs[idx], labels[idx], threshold).items():
             if not np.isnan(value):
                 draws.setdefault(name, []).append(value)
-    return {name: interval(v, level) for name, v in draws.items()}
+    out = {name: interval(v, level) for name, v in draws.items()}
+    for name, (k, total) in proportions(confusion(probs, labels, threshold)).items():
+        if name in out:
+            out[name] = proportion_interval(out[name], k, total, level)
+    return out
+
+
+def proportion_interval(ci: tuple[float, float], k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """A bootstrap interval of the proportion ``k / n``, or its Wilson interval where every draw agreed (zero width)."""
+    return wilson(k, n, level) if ci[0] == ci[1] and n else ci
+
+
+def proportions(c: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(successes, trials) of each metric that is a proportion of images."""
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    return {"accuracy": (tp + tn, tp + fp + tn + fn), "precision": (tp, tp + fp), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp)}
+
+
+def wilson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n``: never of zero width, inside [0, 1] (also at 0/n and n/n)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (0.0 if k == 0 else float(centre - half)), (1.0 if k == n else float(centre + half))  # exact ends: no rounding below 1
 
 
 def interval(draws: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:

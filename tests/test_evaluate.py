@@ -126,3 +126,17 @@ def test_a_patient_in_two_supplied_splits_is_refused_by_fit_and_audit(synth_root
         load_splits(root)
     assert audit.main([str(root), "--out", str(tmp_path / "a.json")]) == 1
     assert len(json.loads((tmp_path / "a.json").read_text())["shared_patient_groups"]) == 1
+
+
+def test_subgroup_intervals_resample_whole_groups_like_the_main_table() -> None:
+    # each radiograph four times (duplicates of one patient): counted as 4x the evidence, the interval would shrink by half
+    rng = np.random.default_rng(0)
+    y = np.repeat(rng.integers(0, 2, 60), 4)
+    p = np.clip(y * 0.3 + np.repeat(rng.random(60), 4) * 0.7, 0, 1)
+    table = pd.DataFrame({"label": y, "region": np.where(np.arange(240) < 200, "hand", "leg")})
+    naive = next(r for r in evaluate.subgroups(table, p, 0.5, n_boot=400) if r["value"] == "hand")
+    table["group"] = np.repeat(np.arange(60), 4).astype(str)
+    grouped = next(r for r in evaluate.subgroups(table, p, 0.5, n_boot=400) if r["value"] == "hand")
+    width = lambda r, k: r["ci95"][k][1] - r["ci95"][k][0]  # noqa: E731
+    assert width(grouped, "auroc") > 1.5 * width(naive, "auroc")
+    assert width(grouped, "sensitivity") > 1.5 * width(naive, "sensitivity")

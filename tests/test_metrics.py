@@ -56,3 +56,17 @@ def test_operating_points_meet_their_definitions() -> None:
     youden = lambda t: (lambda m: m["sensitivity"] + m["specificity"])(metrics.binary_metrics(probs, labels, t))  # noqa: E731
     best = max(youden(t) for t in np.r_[np.unique(probs), 0.0] - 1e-9)
     assert youden(points["balanced"]) == pytest.approx(best)
+
+
+def test_a_proportion_at_zero_or_one_gets_a_wilson_interval_not_a_zero_width_one() -> None:
+    # Wilson 95 % for 0/10: (0, z^2/(n+z^2)) = (0, 0.2775); for 10/10 its mirror
+    assert metrics.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert metrics.wilson(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    lo, hi = metrics.wilson(5, 10)
+    assert lo == pytest.approx(0.23659, abs=1e-4) and hi == pytest.approx(0.76341, abs=1e-4)
+    # every fractured image above the threshold: the bootstrap's draws all say 1.0; the interval says how sure 12 images make us
+    probs = np.r_[np.full(12, 0.9), np.linspace(0.0, 0.8, 30)]
+    labels = np.r_[np.ones(12), np.zeros(30)].astype(int)
+    ci = metrics.bootstrap(probs, labels, 0.5, n=200)
+    assert ci["sensitivity"] == pytest.approx(metrics.wilson(12, 12)) and ci["sensitivity"][0] < 0.8
+    assert ci["specificity"][0] < ci["specificity"][1]  # a proportion strictly inside (0, 1) keeps its bootstrap interval
