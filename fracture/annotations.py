@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fracture.detection import format_boxes, parse_boxes
+from fracture.duplicates import duplicate_groups, inspect_all, same_radiograph
 from fracture.labels import BOX_COLUMNS, GROUP_COLUMNS, STUDY_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
 
 SPLITS = ("train", "val", "test")
@@ -166,22 +167,56 @@ def shared_groups(tables: dict[str, pd.DataFrame]) -> list[str]:
     return shared
 
 
-def group_duplicates(tables: dict[str, pd.DataFrame]) -> None:
-    """Splits without a patient/group column: exact and near-duplicate images (``fracture.audit``) form the
-    groups, so copies of one radiograph stay on one side of the validation carve-out and resample together."""
-    missing = [s for s, t in tables.items() if not t.attrs.get("group_column") and len(t)]
-    if not missing:
-        return
-    from fracture.audit import duplicate_groups, inspect_all  # audit reads annotations: imported here, not at the top
-
-    paths = [p for s in missing for p in tables[s]["path"]]
+def find_duplicates(tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Exact and near-duplicate images (``fracture.duplicates``) over every split: their group goes into a
+    ``duplicate_group`` column, and into ``group`` where no patient/group column was given, so copies of one
+    radiograph stay on one side of the validation carve-out and resample together.
+    Returns empty files and the pairs found as (path, path, "exact" | "near")."""
+    paths = [p for t in tables.values() for p in t["path"]]
     facts, thumbs = inspect_all(paths, desc="duplicates")
-    groups, _ = duplicate_groups([f.sha256 for f in facts], thumbs)
+    groups, pairs = duplicate_groups([f.sha256 for f in facts], thumbs)
     start = 0
-    for split in missing:
-        n = len(tables[split])
-        tables[split]["group"] = [f"dup{g:06d}" for g in groups[start : start + n]]
+    for table in tables.values():
+        n = len(table)
+        table["duplicate_group"] = [f"dup{g:06d}" for g in groups[start : start + n]]
+        if not table.attrs.get("group_column"):
+            table["group"] = table["duplicate_group"]
         start += n
+    empty = [f"{f.path}: zero-size file" for f in facts if f.problem == "zero-size file"]
+    return empty, [(paths[i], paths[j], kind) for i, j, kind, _ in pairs]
+
+
+def merge_groups(table: pd.DataFrame) -> pd.Series:
+    """``group`` joined with ``duplicate_group``: images linked by a patient id or by being copies of one radiograph
+    form one group (named by its first patient/group id), so a carve-out cannot put two copies on two sides."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for g, d in zip(table["group"], table["duplicate_group"]):
+        a, b = find("g:" + g), find("d:" + d)
+        if a != b:
+            parent[b if a.startswith("g:") else a] = a if a.startswith("g:") else b
+    return pd.Series([find("g:" + g)[2:] for g in table["group"]], index=table.index)
+
+
+def straddling_copies(tables: dict[str, pd.DataFrame], pairs: list[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
+    """Pairs of one radiograph's copies in two splits, each named with its files, splits and CSV lines: (copies,
+    similar). Exact copies and near ones that ``fracture.duplicates.same_radiograph`` confirms are copies (a copy
+    in train of a test image is memorised, not generalised from); near pairs it does not confirm (two exposures
+    of one limb, perhaps one patient) are only reported."""
+    where = {p: (s, line) for s, t in tables.items() for p, line in zip(t["path"], t["line"])}
+    copies, similar = [], []
+    for a, b, kind in pairs:
+        if where[a][0] == where[b][0]:
+            continue
+        text = " ~ ".join(f"{Path(p).name} ({where[p][0]}, line {where[p][1]})" for p in (a, b))
+        (copies if kind == "exact" or same_radiograph(a, b) else similar).append(text)
+    return copies, similar
 
 
 def require_both_classes(table: pd.DataFrame, where: str) -> None:
@@ -218,23 +253,62 @@ def split_by_group(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.
     return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)
 
 
-def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fraction: float = 0.15, seed: int = 42) -> dict[str, pd.DataFrame]:
-    """Validated ``train``/``val``/``test`` tables; ``val`` carved from train when absent."""
+def fold_split(table: pd.DataFrame, folds: int, fold: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fold ``fold`` of ``folds`` grouped, label-stratified folds of ``table``: (the other folds, this one).
+    Each class's groups, in a seeded order, go one by one to the fold holding the fewest of that class's images,
+    so every fold gets about 1/K of each class and no group is cut. Reproducible from ``seed``."""
+    if not 2 <= folds or not 0 <= fold < folds:
+        raise DatasetError(f"--data.folds {folds} --data.fold {fold}: need folds >= 2 and 0 <= fold < folds")
+    rng = np.random.default_rng(seed)
+    group_label = table.groupby("group", sort=True)["label"].mean().round().astype(int)
+    group_size = table.groupby("group", sort=True).size()
+    owner: dict[str, int] = {}
+    for label in (0, 1):
+        groups = group_label.index[group_label == label].to_numpy()
+        filled = np.zeros(folds)
+        for g in groups[rng.permutation(len(groups))]:
+            owner[g] = int(np.argmin(filled))
+            filled[owner[g]] += group_size[g]
+    mask = table["group"].map(owner).to_numpy() == fold
+    return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)
+
+
+def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fraction: float = 0.15, seed: int = 42,
+                allow_leakage: bool = False, folds: int | None = None, fold: int = 0) -> dict[str, pd.DataFrame]:
+    """Validated ``train``/``val``/``test`` tables; ``val`` carved from train when absent, or with ``folds``, fold
+    ``fold`` of train's grouped folds (test untouched; a ``val/`` folder is then refused). Refuses empty files and
+    exact or near duplicates across splits unless ``allow_leakage`` (then listed in ``tables["train"].attrs["leakage"]``)."""
     root = Path(root)
     tables = {}
     for split in SPLITS:
         if (root / split / "annotations.csv").is_file() or split != "val":
             tables[split] = read_split(root / split, columns)
-    group_duplicates(tables)
+    empty, pairs = find_duplicates(tables)
     shared = shared_groups(tables)
     if shared:
         raise DatasetError(f"{len(shared)} patient/group id(s) appear in two splits of {root} (the same patient on both sides leaks): {_rows(shared)}")
+    if folds and "val" in tables:
+        raise DatasetError(f"{root / 'val'} exists: cross-validation folds are cut from train; move val/ into train or drop --data.folds")
     if "val" not in tables:
         require_both_classes(tables["train"], f"{root / 'train'}")
-        tables["train"], tables["val"] = split_by_group(tables["train"], val_fraction, seed)
+        tables["train"]["group"] = merge_groups(tables["train"])
+        if folds:
+            tables["train"], tables["val"] = fold_split(tables["train"], folds, fold, seed)
+        else:
+            tables["train"], tables["val"] = split_by_group(tables["train"], val_fraction, seed)
     require_both_classes(tables["train"], f"{root / 'train'}")
     require_both_classes(tables["val"], f"validation split of {root}")
     overlap = set(tables["train"]["path"]) & set(tables["test"]["path"])
     if overlap:
         raise DatasetError(f"{len(overlap)} image file(s) are in both train and test, e.g. {sorted(overlap)[0]}")
+    copies, similar = straddling_copies(tables, pairs)
+    problems = empty + [f"duplicates across splits: {d}" for d in copies]
+    if problems and not allow_leakage:
+        shown = "\n  ".join(problems[:10]) + (f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DatasetError(f"{len(problems)} problem(s) in {root} before training:\n  {shown}\nFix: keep every copy of a radiograph in one split "
+                           f"(remove the listed rows from all but one split, or re-split with `python -m fracture.datasets import …`, "
+                           f"which keeps duplicate groups together; `python -m fracture.audit {root}` shows them all). "
+                           f"To train anyway, --data.allow_leakage true (recorded in the run's config and run_info.json).")
+    tables["train"].attrs["leakage"] = problems
+    tables["train"].attrs["similar_across_splits"] = similar
     return tables

@@ -20,143 +20,18 @@ duplicate groups carry conflicting labels, unless ``--allow``. Torch-free.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from fracture import metrics, preprocess
+from fracture import metrics
 from fracture.annotations import SPLITS, read_split, shared_groups
-from fracture.progress import progress
-
-THUMB = 32
-NEAR_DEFAULT = 0.97
-
-
-@dataclass
-class FileFacts:
-    """What one read of a file tells: identity, health and geometry."""
-
-    path: str
-    size_bytes: int
-    sha256: str
-    problem: str = ""  # empty when the file is healthy
-    height: int = 0
-    width: int = 0
-    bit_depth: int = 0
-    decoder_messages: str = ""  # what the decoder printed (libjpeg warnings), recorded instead of shown
-
-
-def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
-    """Hash, health check and a normalised thumbnail (None when undecodable)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return FileFacts(path, 0, "", f"unreadable ({exc.strerror or exc})"), None
-    facts = FileFacts(path, len(data), hashlib.sha256(data).hexdigest())
-    if not data:
-        facts.problem = "zero-size file"
-        return facts, None
-    truncated = preprocess.is_truncated_jpeg(data)
-    if preprocess.is_dicom(path, data):
-        try:
-            img = preprocess.read_image(path)
-        except preprocess.ImageError as exc:
-            facts.problem = str(exc).split(": ", 1)[-1]
-            return facts, None
-    else:
-        # libjpeg prints "Premature end of JPEG file" for truncated files: keep it as the file's reason, off the terminal
-        with preprocess.capture_stderr() if truncated else contextlib.nullcontext(list) as said:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if img is None and truncated:
-                img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
-        facts.decoder_messages = "; ".join(dict.fromkeys(line.strip() for line in said() if line.strip() and "\r" not in line))
-    if img is None:
-        facts.problem = "truncated JPEG (no end-of-image marker), does not decode" if truncated else "not a decodable image"
-        if facts.decoder_messages:
-            facts.problem += f" (decoder: {facts.decoder_messages})"
-        return facts, None
-    facts.bit_depth = img.dtype.itemsize * 8
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
-    facts.height, facts.width = img.shape[:2]
-    if truncated:
-        band = _uniform_bottom_rows(img)
-        partly = f"; decodes only partly (uniform band over the bottom {band} rows)" if band >= 2 else ""
-        said = f" (decoder: {facts.decoder_messages})" if facts.decoder_messages else ""
-        facts.problem = "truncated JPEG (no end-of-image marker)" + partly + said
-    thumb = cv2.resize(img.astype(np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
-    thumb -= thumb.mean()
-    norm = float(np.linalg.norm(thumb))
-    return facts, (thumb / norm if norm > 0 else thumb)
-
-
-def _uniform_bottom_rows(img: np.ndarray) -> int:
-    """How many bottom rows are one single value (what a decoder fills in after premature end)."""
-    value = img[-1, 0]
-    rows = 0
-    for row in img[::-1]:
-        if not (row == value).all():
-            break
-        rows += 1
-    return rows if rows < img.shape[0] else 0
-
-
-def duplicate_groups(hashes: list[str], thumbs: np.ndarray, near: float = NEAR_DEFAULT, block: int = 1024) -> tuple[np.ndarray, list[tuple[int, int, str, float]]]:
-    """Union-find over exact (same sha256) and near (thumbnail r >= near) pairs.
-
-    Returns a group id per image (the smallest member index) and the pairs found.
-    """
-    n = len(hashes)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return int(i)
-
-    def union(i: int, j: int) -> None:
-        a, b = find(i), find(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-
-    pairs: list[tuple[int, int, str, float]] = []
-    first: dict[str, int] = {}
-    for i, h in enumerate(hashes):
-        if h and h in first:
-            pairs.append((first[h], i, "exact", 1.0))
-            union(first[h], i)
-        elif h:
-            first[h] = i
-    valid = np.linalg.norm(thumbs, axis=1) > 0
-    for start in range(0, n, block):
-        sims = thumbs[start : start + block] @ thumbs.T
-        for a, b in zip(*np.nonzero(sims >= near)):
-            i, j = start + int(a), int(b)
-            if i < j and valid[i] and valid[j] and hashes[i] != hashes[j]:
-                pairs.append((i, j, "near", float(sims[a, b])))
-                union(i, j)
-    return np.array([find(i) for i in range(n)]), pairs
-
-
-def inspect_all(paths: list[str], desc: str = "audit") -> tuple[list[FileFacts], np.ndarray]:
-    thumbs = np.zeros((len(paths), THUMB * THUMB), np.float32)
-    facts: list[FileFacts] = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, (f, t) in enumerate(progress(pool.map(inspect, paths), total=len(paths), desc=desc)):
-            facts.append(f)
-            if t is not None:
-                thumbs[i] = t
-    return facts, thumbs
+from fracture.duplicates import NEAR_DEFAULT, duplicate_groups, inspect_all
 
 
 def _rate_table(labels: np.ndarray, keys: pd.Series, min_count: int = 10) -> list[dict]:
@@ -231,23 +106,6 @@ def audit(root: str | os.PathLike, near: float = NEAR_DEFAULT) -> dict:
     report["shortcuts"] = shortcut_warnings(table, facts)
     report["shared_patient_groups"] = shared_groups(tables)
     return report
-
-
-def exact_leaks(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """The cheap audit run before training: byte-identical images in two splits, and empty files."""
-    owner: dict[str, tuple[str, str]] = {}
-    problems = []
-    for split, table in tables.items():
-        for path in table["path"]:
-            data = Path(path).read_bytes()
-            if not data:
-                problems.append(f"{path}: zero-size file")
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in owner and owner[digest][0] != split:
-                problems.append(f"{path} ({split}) is byte-identical to {owner[digest][1]} ({owner[digest][0]})")
-            owner.setdefault(digest, (split, path))
-    return problems
 
 
 def summary(report: dict) -> str:

@@ -28,7 +28,6 @@ from torchvision.transforms import v2
 from fracture import detection, preprocess
 from fracture.annotations import Columns, DatasetError, load_splits
 from fracture.augment import device_augment
-from fracture.audit import exact_leaks
 from fracture.progress import progress
 
 
@@ -245,7 +244,10 @@ class FractureDataModule(L.LightningDataModule):
         sampler: ``shuffle``, or ``balanced`` (draw each class equally often; an alternative to ``pos_weight``).
         num_workers: loader worker processes.
         val_fraction: share of train carved off for validation when there is no ``val/``.
-        split_seed: seed of that carve-out.
+        split_seed: seed of that carve-out (and of the folds).
+        folds: cross-validation: cut train into this many grouped, label-stratified folds and validate on
+            fold ``fold`` (the test split is untouched); compare recipes with ``python -m fracture.folds``.
+        fold: which fold validates (0 .. folds-1).
         cache: ``memory`` (decode once per run), ``disk`` (decode once, memory-map after) or ``none``. With
             several processes (DDP) ``memory`` is built once, by the first process of each machine, into
             ``cache_dir`` and memory-mapped by all of them (one copy, in the page cache).
@@ -256,7 +258,8 @@ class FractureDataModule(L.LightningDataModule):
         reduced_decode: decode large JPEGs at 1/2-1/8 scale when that stays at or above ``image_size``
             (recorded in the contract, so deployment decodes the same way).
         max_pixels: images whose header claims more pixels are refused before decoding.
-        allow_leakage: train even when an image file is byte-identical across splits.
+        allow_leakage: train even when copies of one radiograph (exact or near duplicates) are in two splits,
+            or a file is empty; the problems are recorded in ``run_info.json``.
         columns: annotation column names (auto-detected when unset).
         augmentation: train-only augmentation.
         augment_on: ``cpu`` (in the loader workers) or ``device``: the loader hands uint8 batches (pinned on a
@@ -273,6 +276,8 @@ class FractureDataModule(L.LightningDataModule):
         num_workers: int = 2,
         val_fraction: float = 0.15,
         split_seed: int = 42,
+        folds: int | None = None,
+        fold: int = 0,
         cache: Literal["memory", "disk", "none"] = "memory",
         cache_dir: str = "data/.cache",
         crop: int | None = None,
@@ -292,6 +297,7 @@ class FractureDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.folds, self.fold = folds, fold
         self.cache = cache
         self.cache_dir = cache_dir
         self.crop, self.crop_on_box = crop, crop_on_box
@@ -309,13 +315,8 @@ class FractureDataModule(L.LightningDataModule):
             train_csv = Path(self.root) / "train" / "annotations.csv"
             if not train_csv.is_file():
                 raise DatasetError(missing_dataset_message(self.root))
-            tables = load_splits(self.root, self.columns, self.val_fraction, self.split_seed)
-            leaks = exact_leaks(tables)
-            if leaks and not self.allow_leakage:
-                shown = "\n  ".join(leaks[:10])
-                raise DatasetError(f"{len(leaks)} problem(s) found before training (run `python -m fracture.audit {self.root}` for the full audit; "
-                                   f"--data.allow_leakage true to train anyway):\n  {shown}")
-            self.tables = tables
+            self.tables = load_splits(self.root, self.columns, self.val_fraction, self.split_seed, self.allow_leakage,
+                                      self.folds, self.fold)
         return self.tables
 
     @property

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from fracture.annotations import split_by_group
-from fracture.audit import NEAR_DEFAULT, duplicate_groups, inspect_all
+from fracture.duplicates import NEAR_DEFAULT, duplicate_groups, inspect_all
 from fracture.detection import format_boxes, yolo_to_boxes
 from fracture.labels import IMAGE_COLUMNS, find_column, parse_label
 from fracture.preprocess import ImageError, is_image_file, read_image

@@ -200,7 +200,7 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     grouped = len(np.unique(groups)) < len(groups)
     thresholds = info["thresholds"]
     result: dict[str, Any] = {
-        "source": info["source"], "split": split, "root": str(root), "n": int(len(labels)), "fractured": int(labels.sum()),
+        "source": info["source"], "split": split, "test_split_consulted": split == "test", "root": str(root), "n": int(len(labels)), "fractured": int(labels.sum()),
         "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95, "unit": "group" if grouped else "image"},
         "thresholds_chosen_on": "this split: figures at the operating points are optimistic" if split == "val" else "validation split",
         "operating_points": {},
@@ -390,13 +390,33 @@ def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16, parts:
     return items
 
 
+def split_table(root: Path, split: str, columns: Columns | None, splits: Path | None) -> pd.DataFrame:
+    """The annotations of ``root/split``; a split with no folder (validation carved from train) is read from
+    train's (and val's) annotations, restricted to the rows ``splits`` (a run's splits.csv) lists for it."""
+    if (root / split / "annotations.csv").is_file() or splits is None or not splits.is_file():
+        return read_split(root / split, columns)
+    listed = pd.read_csv(splits, keep_default_na=False)
+    wanted = listed.loc[listed["split"] == split, "path"].map(os.path.abspath).tolist()
+    tables = [read_split(root / s, columns) for s in ("train", "val") if (root / s / "annotations.csv").is_file()]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["path"])
+    table = table.set_index(table["path"].map(os.path.abspath))
+    missing = [p for p in wanted if p not in table.index]
+    if not wanted or missing:
+        raise DatasetError(f"{splits}: {len(missing) if wanted else 'no'} {split} image(s) not in {root}'s annotations"
+                           + (f" (e.g. {missing[0]})" if missing else ""))
+    return table.loc[wanted].reset_index(drop=True)
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fracture.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", type=Path, help="checkpoint to evaluate (torch)")
     src.add_argument("--onnx", type=Path, help="exported ONNX file to evaluate (onnxruntime)")
     parser.add_argument("--root", type=Path, help="dataset root (default for --ckpt: data.root of the run's config.yaml)")
-    parser.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test, which a recipe should not be chosen on: "
+                                                        "a warning says so and metrics.json records it)")
+    parser.add_argument("--splits", type=Path, help="a run's splits.csv: evaluate its rows of --split (e.g. --split val: the "
+                                                     "validation images a run carved from train); default for --ckpt: the run's own")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/<run or file name>)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -410,8 +430,11 @@ def main(args: list[str] | None = None) -> int:
         root = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["root"])
     if root is None:
         parser.error("--root is needed (no run config to read it from)")
+    if ns.split == "test":
+        print("warning: scoring the test split. It is for a release's final figure, scored once; compare recipes on validation "
+              "(--split val) or folds (python -m fracture.folds). metrics.json records that test was consulted.", file=sys.stderr)
     try:
-        table = read_split(root / ns.split, run_columns(run_dir))
+        table = split_table(root, ns.split, run_columns(run_dir), ns.splits or (run_dir / "splits.csv" if run_dir else None))
         paths = table["path"].tolist()
         want_maps = has_boxes(table)
         probs, info, maps = predict_checkpoint(ns.ckpt, paths, maps=want_maps) if ns.ckpt else predict_onnx(ns.onnx, paths, maps=want_maps)

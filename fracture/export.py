@@ -110,6 +110,8 @@ def main(args: list[str] | None = None) -> int:
             print(
                 f"INT8 vs FP32 on {report['n']} labelled images: max |Δp| {report['max_abs_prob_diff']:.4f}, "
                 f"AUROC {report['auroc_fp32']:.4f} → {report['auroc_int8']:.4f} (drop {report['auroc_drop']:+.4f})"
+                + (f"; pointing on {report['pointing_images']} with boxes {report['pointing_fp32']:.3f} → {report['pointing_int8']:.3f}"
+                   if "pointing_drop" in report else "")
             )
             print(f"{'operating point':<16}{'FP32 t':>9}{'sens/spec':>15}{'INT8 same t':>15}{'INT8 t':>9}{'sens/spec':>15}")
             for name, pt in report["operating_points"].items():

@@ -1,4 +1,4 @@
-"""Train a fracture classifier, checkpoint it, then test the best checkpoint.
+"""Train a fracture classifier and checkpoint it; the test split is scored only when asked (``--test_after_fit true``).
 
     python -m fracture.fit --config configs/default.yaml [--trainer.max_epochs 5] [--data.batch_size 64]
     python -m fracture.fit --config configs/default.yaml --ckpt_path last      # resume the latest run
@@ -6,8 +6,8 @@
 
 Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
 (by validation AUROC, or ``--best_by``), ``last.ckpt``, ``config.yaml`` (the resolved config),
-``metrics.csv`` (per-epoch logs), ``splits.csv``, ``run_info.json`` and
-``test_metrics.json``.
+``metrics.csv`` (per-epoch logs), ``splits.csv``, ``run_info.json`` (seed, versions, commit, any leakage
+allowed, whether test was scored) and, with ``--test_after_fit true``, ``test_metrics.json``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ class FractureCLI(LightningCLI):
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="start a new run from a checkpoint's network weights (same network, preprocessing and split; "
                                  "fresh optimiser, schedule and epochs; the input size may change unless the head depends on it)")
-        parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint on the test split")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="score the best checkpoint on the test split after training (default off: the test split is for a "
+                                 "release's final figure, scored once; compare recipes on validation or --data.folds)")
         parser.add_argument("--best_by", type=Literal["val/auroc", "val/average_precision", "val/froc_mean"], default="val/auroc",
                             help="the validation score that picks best-….ckpt (val/froc_mean: mean FROC sensitivity at 0.5/1/2 FP "
                                  "per image, localise models only)")
@@ -177,8 +179,8 @@ class FractureCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def run_info(cli: FractureCLI) -> dict[str, Any]:
-    """Seed, versions and commit: what it takes to reproduce this run."""
+def run_info(cli: FractureCLI, tables: dict[str, Any]) -> dict[str, Any]:
+    """Seed, versions and commit: what it takes to reproduce this run; leakage it was told to allow; whether it scored test."""
     return {
         "run_name": cli.run_name,
         "seed": cli.config.get("seed_everything"),
@@ -193,6 +195,8 @@ def run_info(cli: FractureCLI) -> dict[str, Any]:
         },
         "resumed_from": cli.resume,
         "initialised_from": cli.config.get("init_from"),
+        "leakage_allowed": tables["train"].attrs.get("leakage", []),
+        "test_split_scored": bool(cli.config["test_after_fit"]),
     }
 
 
@@ -255,7 +259,7 @@ def main(args: list[str] | None = None) -> int:
         if trainer.is_global_zero:
             cli.run_dir.mkdir(parents=True, exist_ok=True)
             write_splits(tables, cli.run_dir / "splits.csv")
-            (cli.run_dir / "run_info.json").write_text(json.dumps(run_info(cli), indent=2))
+            (cli.run_dir / "run_info.json").write_text(json.dumps(run_info(cli, tables), indent=2))
             if resume:
                 if not Path(resume).is_file():
                     raise DatasetError(f"--ckpt_path: {resume} not found")

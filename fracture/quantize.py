@@ -7,14 +7,16 @@ drops by at most 0.01 and no operating point loses more than ``MAX_SENSITIVITY_L
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import pandas as pd
 
-from fracture import metrics, preprocess
+from fracture import detection, heatmap, metrics, preprocess
 from fracture.checkpoint import run_split
 from fracture.graph import METADATA_KEY, ExportError, install, predict_probabilities, session, write_metadata
 
@@ -63,6 +65,40 @@ def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract:
         )
 
 
+MAX_POINTING_DROP = 0.02  # a localise model's pointing game on the same labelled images
+
+
+def labelled_boxes(paths: list[str], ckpt: Path, eval_split: Path | None) -> list[list]:
+    """The true boxes (normalised) of ``paths``: from ``eval_split``'s annotations, else from the checkpoint run's
+    dataset (its config's ``data.root``: train and val annotations, where validation images come from)."""
+    import yaml
+
+    from fracture.annotations import read_split
+    from fracture.detection import parse_boxes
+
+    if eval_split is not None:
+        dirs = [eval_split]
+    else:
+        root = Path(yaml.safe_load((ckpt.parent / "config.yaml").read_text())["data"]["root"])
+        dirs = [root / s for s in ("train", "val") if (root / s / "annotations.csv").is_file()]
+    table = pd.concat([read_split(d) for d in dirs]).set_index("path")
+    if "boxes" not in table.columns:
+        raise ExportError(f"{', '.join(map(str, dirs))}: no boxes column: the INT8 map cannot be checked against the true boxes")
+    return [parse_boxes(table.loc[p, "boxes"]) if p in table.index else [] for p in paths]
+
+
+def pointing_rate(path: Path, paths: list[str], truths: list[list], contract: preprocess.Contract) -> float:
+    """Share of images (with boxes) whose map maximum, on the original image, lies in a true box."""
+    from fracture.predict import Predictor
+
+    hits = []
+    for row, truth in zip(Predictor(path).predict(paths, keep_maps=True), truths):
+        h, w = row.size
+        mask = heatmap.box_mask([tuple(int(round(v)) for v in b) for b in detection.to_pixels(truth, h, w)], h, w)
+        hits.append(heatmap.pointing(heatmap.to_original(row.raw_map, h, w, contract), mask)["hit"])
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_split: Path | None = None, max_calibration: int = 256, max_auroc_drop: float = 0.01) -> dict[str, Any]:
     """INT8 calibrated on training images, installed only if it keeps its promises on a labelled split.
 
@@ -70,16 +106,26 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
     INT8 model on that split and stored in its metadata), sensitivity stays within ``MAX_SENSITIVITY_LOSS``
     of FP32's.
 
-    Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
-    root, else every image under ``calibration``. Evaluation: ``eval_split`` (a
-    split folder with annotations.csv), else the checkpoint run's validation split.
+    A localise model is also kept only when its pointing game on the same images' boxes drops by at most
+    ``MAX_POINTING_DROP``. Calibration images: ``calibration/train/annotations.csv`` when it is a dataset
+    root (less the run's validation images), else every image under ``calibration``. Evaluation: ``eval_split`` (a split folder with
+    annotations.csv, never one named ``test``: that split is a release's, scored once), else the checkpoint
+    run's validation split.
     """
     from fracture.annotations import read_split
 
+    if eval_split is not None and Path(eval_split).name == "test":
+        raise ExportError(f"--int8-eval {eval_split}: the test split is scored once, for a release's final figure; check INT8 on "
+                          "validation (the default: the run's validation split) or another labelled split")
+
     meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
     contract = preprocess.Contract.from_dict(meta["contract"])
-    if (calibration / "train" / "annotations.csv").is_file():
+    trained = run_split(ckpt, "train")
+    if (calibration / "train" / "annotations.csv").is_file():  # its train split, less the run's validation images (the check's)
         calib = read_split(calibration / "train")["path"].tolist()
+        if trained is not None:
+            kept = {os.path.abspath(p) for p in trained[0]}
+            calib = [p for p in calib if os.path.abspath(p) in kept] or calib
     else:
         calib = image_files(calibration)
     if not calib:
@@ -105,11 +151,20 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
             "auroc_int8": metrics.auroc(p8, labelled[1]),
         }
         report["auroc_drop"] = report["auroc_fp32"] - report["auroc_int8"]
+        if "map" in meta:
+            truths = labelled_boxes(labelled[0], ckpt, eval_split)
+            boxed = [i for i, t in enumerate(truths) if t]
+            args = ([labelled[0][i] for i in boxed], [truths[i] for i in boxed], contract)
+            report.update({"pointing_images": len(boxed), "pointing_fp32": pointing_rate(fp32, *args), "pointing_int8": pointing_rate(tmp, *args)})
+            report["pointing_drop"] = report["pointing_fp32"] - report["pointing_int8"]
         points, rechosen = int8_operating_points(p32, p8, labelled[1], meta["thresholds"], float(meta.get("screening_sensitivity", 0.95)))
         report["operating_points"] = points
         lost = [n for n, pt in points.items() if pt["int8"]["sensitivity"] < pt["fp32"]["sensitivity"] - MAX_SENSITIVITY_LOSS]
-        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop and not lost)
-        if lost:
+        pointing_lost = report.get("pointing_drop", 0.0) > MAX_POINTING_DROP
+        report["kept"] = bool(report["auroc_drop"] <= max_auroc_drop and not lost and not pointing_lost)
+        if pointing_lost:
+            report["reason"] = f"the pointing game fell by {report['pointing_drop']:.3f} (more than {MAX_POINTING_DROP})"
+        elif lost:
             report["reason"] = f"INT8 sensitivity at {', '.join(lost)} fell more than {MAX_SENSITIVITY_LOSS} below FP32's"
         elif not report["kept"]:
             report["reason"] = f"AUROC dropped by more than {max_auroc_drop}"

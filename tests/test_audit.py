@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture import audit
+from fracture import audit, duplicates
 from fracture.annotations import DatasetError
 from fracture.data import FractureDataModule
 from fracture.synth import write_dataset
@@ -70,13 +70,27 @@ def test_shortcut_column_is_flagged(tmp_path: Path) -> None:
     assert any("hardware" in w for w in report["shortcuts"]["warnings"])
 
 
-def test_fit_refuses_byte_identical_images_across_splits(planted: Path) -> None:
+def test_fit_refuses_exact_and_near_copies_across_splits_even_with_a_patient_column(planted: Path) -> None:
     (planted / "train" / "images" / "truncated.jpg").unlink()
     table = pd.read_csv(planted / "train" / "annotations.csv", dtype=str)
     table[table["image"] != "truncated.jpg"].to_csv(planted / "train" / "annotations.csv", index=False)
-    with pytest.raises(DatasetError, match="byte-identical"):
+    # every row has its own patient_id, so the patient check alone passes: the copies are found from the pixels
+    with pytest.raises(DatasetError, match=r"duplicates across splits: .*exact_copy\.png \(test, line \d+\)") as err:
         FractureDataModule(root=str(planted)).check()
-    assert len(FractureDataModule(root=str(planted), allow_leakage=True).check()["test"]) > 0
+    assert "allow_leakage" in str(err.value) and "fracture.datasets import" in str(err.value)
+    allowed = FractureDataModule(root=str(planted), allow_leakage=True).check()
+    assert any("exact_copy.png" in p for p in allowed["train"].attrs["leakage"])
+    # a re-encoded, brightened copy of a train image moved into test (not byte-identical) is refused too
+    test = pd.read_csv(planted / "test" / "annotations.csv", dtype=str)
+    test[test["image"] != "exact_copy.png"].to_csv(planted / "test" / "annotations.csv", index=False)
+    (planted / "test" / "images" / "exact_copy.png").unlink()
+    FractureDataModule(root=str(planted)).check()  # clean again: unrelated synthetic radiographs never fire
+    train = pd.read_csv(planted / "train" / "annotations.csv", dtype=str)
+    img = cv2.imread(str(planted / "train" / "images" / train["image"][5]), cv2.IMREAD_GRAYSCALE)
+    copy = cv2.imencode(".jpg", np.clip(img.astype(int) * 1.05 + 4, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 70])[1].tobytes()
+    _add(planted, "test", "re_encoded.jpg", int(train["fracture"][5] == "yes"), copy)
+    with pytest.raises(DatasetError, match=r"re_encoded\.jpg \(test"):
+        FractureDataModule(root=str(planted)).check()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="FracAtlas copy not present")
@@ -99,7 +113,23 @@ def test_libjpeg_warnings_become_the_files_reason_not_terminal_noise(tmp_path: P
     ok, buf = cv2.imencode(".jpg", img)
     (tmp_path / "cut.jpg").write_bytes(buf.tobytes()[: len(buf) * 2 // 3])
     capfd.readouterr()
-    facts, _ = audit.inspect(str(tmp_path / "cut.jpg"))
+    facts, _ = duplicates.inspect(str(tmp_path / "cut.jpg"))
     out, err = capfd.readouterr()
     assert "Premature end of JPEG file" not in err + out
     assert facts.problem.startswith("truncated JPEG") and "decoder: Premature end of JPEG file" in facts.problem
+
+
+def test_a_second_exposure_of_one_limb_is_not_called_a_copy_but_a_re_encoded_one_is(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    write_dataset(root, n=4, seed=5)
+    src = sorted((root / "train" / "images").iterdir())[0]
+    img = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    h, w = img.shape
+    copy = cv2.resize(img, (w * 3 // 4, h * 3 // 4), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(tmp_path / "copy.jpg"), np.clip(copy * 1.1 - 6, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    # the same limb placed again: shifted by 6 % and turned 4 degrees, as a second exposure would be
+    moved = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), 4, 1.0) + np.array([[0, 0, 0.06 * w], [0, 0, 0]]), (w, h),
+                           borderMode=cv2.BORDER_REPLICATE)
+    cv2.imwrite(str(tmp_path / "again.png"), moved)
+    assert duplicates.same_radiograph(str(src), str(tmp_path / "copy.jpg"))
+    assert not duplicates.same_radiograph(str(src), str(tmp_path / "again.png"))

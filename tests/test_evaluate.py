@@ -140,3 +140,16 @@ def test_subgroup_intervals_resample_whole_groups_like_the_main_table() -> None:
     width = lambda r, k: r["ci95"][k][1] - r["ci95"][k][0]  # noqa: E731
     assert width(grouped, "auroc") > 1.5 * width(naive, "auroc")
     assert width(grouped, "sensitivity") > 1.5 * width(naive, "sensitivity")
+
+
+def test_scoring_test_warns_and_is_recorded_while_a_carved_validation_split_needs_no_folder(synth_root: Path, tiny_ckpt: Path, tmp_path: Path,
+                                                                                           capsys: pytest.CaptureFixture) -> None:
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--root", str(synth_root), "--out", str(tmp_path / "t"), "--bootstrap", "20"]) == 0
+    assert "scoring the test split" in capsys.readouterr().err
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["test_split_consulted"] is True
+    assert not (synth_root / "val").exists()  # validation was carved from train: its rows come from the run's splits.csv
+    assert evaluate.main(["--ckpt", str(tiny_ckpt), "--root", str(synth_root), "--split", "val", "--out", str(tmp_path / "v"), "--bootstrap", "20"]) == 0
+    assert "scoring the test split" not in capsys.readouterr().err
+    result = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    splits = pd.read_csv(tiny_ckpt.parent / "splits.csv")
+    assert result["test_split_consulted"] is False and result["n"] == int((splits["split"] == "val").sum())

@@ -68,7 +68,9 @@ def test_export_cli_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.
 
 def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny.int8.onnx"
-    report = quantize_int8(tiny_onnx, out, tiny_ckpt, synth_root, eval_split=synth_root / "test")
+    with pytest.raises(ExportError, match="test split is scored once"):
+        quantize_int8(tiny_onnx, out, tiny_ckpt, synth_root, eval_split=synth_root / "test")
+    report = quantize_int8(tiny_onnx, out, tiny_ckpt, synth_root)  # checked on the run's validation split
     assert report["n"] > 0 and report["calibration_images"] > 0
     assert 0.0 <= report["max_abs_prob_diff"] < 1.0
     points = report["operating_points"]
