@@ -161,7 +161,9 @@ class FractureCLI(LightningCLI):
             save_top_k=1,
         )
         # Lightning's save_last only refreshes last.ckpt when the best one changed; a run killed later would lose epochs
-        latest = ModelCheckpoint(dirpath=self.run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        # and with check_val_every_n_epoch > 1 it would only be written at validation: saved at every epoch's end instead
+        latest = ModelCheckpoint(dirpath=self.run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                                 save_on_train_epoch_end=True)
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, Throughput(), EpochSummary()]
         if trainer_cfg.get("precision") is None:
             kwargs["precision"] = default_precision(str(trainer_cfg.get("accelerator") or "auto"))

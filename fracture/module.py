@@ -224,6 +224,8 @@ class FractureClassifier(L.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         collection = getattr(self, f"{stage}_metrics")
+        if not any(m.update_count for m in collection.values()):  # resumed from a save at validation: the epoch's batches ran before it
+            return
         self.log_dict(collection.compute())
         collection.reset()
 

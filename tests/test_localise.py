@@ -204,6 +204,26 @@ def test_box_text_round_trip_and_refusals() -> None:
 
 # --- geometry: boxes move with the pixels ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_boxes_are_in_the_frame_a_viewer_shows_an_exif_rotated_image(tmp_path: Path, orientation: int) -> None:
+    # FracAtlas's two boxed images with EXIF orientation (IMG0002628: 8, IMG0002588: 3) were boxed as a viewer shows
+    # them (the box lands on the clavicle only in that frame): pixels and boxes both live in the EXIF-applied frame
+    from test_preprocess import _with_exif_orientation
+
+    viewer = np.full((120, 80), 20, np.uint8)
+    box = (0.125, 0.5, 0.3125, 0.6667)  # x 10-25, y 60-80 in the viewer's frame
+    viewer[60:80, 10:25] = 250
+    raw = next(c for c in (np.rot90(viewer, k) for k in range(4)) if np.array_equal(preprocess.apply_orientation(c, orientation), viewer))
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(_with_exif_orientation(cv2.imencode(".jpg", np.ascontiguousarray(raw), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), orientation))
+    contract = Contract(image_size=64, resize="letterbox")
+    x, [(h, w)] = preprocess.load_batch_with_sizes([str(path)], contract)
+    assert (h, w) == (120, 80)  # the size a viewer shows, which normalised boxes refer to
+    bx0, by0, bx1, by1 = detection.to_input([box], h, w, contract)[0]
+    inside = x[0, 0, int(np.ceil(by0)) : int(by1), int(np.ceil(bx0)) : int(bx1)]
+    assert inside.size and inside.mean() > 200
+
+
 @pytest.mark.parametrize("resize", ["stretch", "letterbox"])
 def test_boxes_land_on_the_fracture_after_resizing_and_come_back(resize: str) -> None:
     original = np.zeros((90, 140), np.uint8)

@@ -162,3 +162,17 @@ def test_ddp_two_processes_count_every_validation_image_once(synth_root: Path, t
     assert logged == pytest.approx(metrics.auroc(probs, val["label"].to_numpy()), abs=1e-6)
     ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["fracture"]["val_metrics"]["n"] == len(val)
+
+
+def test_last_checkpoint_follows_every_epoch_even_between_validations(synth_root: Path, tmp_path: Path) -> None:
+    # validated at epoch 1 only: a run killed after epoch 2 must still find epoch 2 in last.ckpt (a lent GPU's run lost three)
+    assert fit.main(tiny_fit_args(synth_root, tmp_path, "--test_after_fit", "false", "--trainer.check_val_every_n_epoch", "2", epochs=3)) == 0
+    assert torch.load(tmp_path / "tiny" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_resumes_from_a_checkpoint_written_at_validation(synth_root: Path, tmp_path: Path) -> None:
+    # best-….ckpt is written when validation ends, before the epoch does: resuming it re-enters an epoch with no batches left
+    assert fit.main(tiny_fit_args(synth_root, tmp_path, "--test_after_fit", "false", epochs=2)) == 0
+    best = next((tmp_path / "tiny").glob("best-*.ckpt"))
+    assert fit.main(tiny_fit_args(synth_root, tmp_path, "--test_after_fit", "false", "--ckpt_path", str(best), epochs=3)) == 0
+    assert torch.load(tmp_path / "tiny" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
