@@ -138,25 +138,6 @@ def capture_stderr() -> Iterator[Callable[[], list[str]]]:
             lines.extend(tmp.read().decode(errors="replace").splitlines())
 
 
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first IFD of a TIFF (tags 256/257)."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or len(data) < 8:
-        return None
-    ifd = struct.unpack(order + "I", data[4:8])[0]
-    if ifd + 2 > len(data):
-        return None
-    found: dict[int, int] = {}
-    for k in range(struct.unpack(order + "H", data[ifd : ifd + 2])[0]):
-        at = ifd + 2 + 12 * k
-        if at + 12 > len(data):
-            break
-        tag, kind = struct.unpack(order + "HH", data[at : at + 4])
-        if tag in (256, 257):
-            found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), data[at + 8 : at + (10 if kind == 3 else 12)])[0]
-    return (found[256], found[257]) if len(found) == 2 else None
-
-
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1..8) of a JPEG, 1 when absent or unreadable."""
     i = 2
@@ -189,31 +170,30 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding pixels."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:4] in (b"II*\0", b"MM\0*"):
-        return _tiff_size(data)
-    if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
-        return abs(w), abs(h)
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                i += 1 if marker == 0xFF else 2
-                continue
-            length = struct.unpack(">H", data[i + 2 : i + 4])[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-                return w, h
-            i += 2 + length
-    return None
+def image_header(data: bytes, path: Path) -> tuple[int, int, int]:
+    """(width, height, frames) as the file's header declares them, read by Pillow without decoding a pixel.
+
+    Pillow knows the headers of every format OpenCV decodes here (PNG and APNG, JPEG, BMP, TIFF, WebP, JPEG
+    2000, GIF, PNM) and guards its own reading (PNG text chunks over 1 MB are refused); what it cannot
+    identify is refused, so no file reaches a decoder before its size is known.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours: checked below
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                frames = int(getattr(img, "n_frames", 1) or 1)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: header claims over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels, over the pixel limit") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a decodable image (not a recognised format: PNG, JPEG, TIFF, BMP, WebP, JPEG 2000 or DICOM)") from None
+    except Exception:  # noqa: BLE001 - a header that breaks its reader: no size, so no decoding
+        raise ImageError(f"{path}: unreadable image header") from None
+    return width, height, frames
 
 
 def is_dicom(path: str | os.PathLike, data: bytes) -> bool:
@@ -285,6 +265,20 @@ def dicom_study_key(path: str | os.PathLike) -> str:
     return str(ds.get("StudyInstanceUID", "") or ds.get("PatientID", "") or "")
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def transfer_syntax(data: bytes) -> str:
+    """The Transfer Syntax UID (0002,0010) from a DICOM file's meta group (always explicit VR little endian),
+    read from the bytes before pydicom parses, and inflates, anything; "" when not found."""
+    start = 132 if data[128:132] == b"DICM" else 0
+    at = data.find(b"\x02\x00\x10\x00UI", start, start + 8192)
+    if at < 0:
+        return ""
+    length = struct.unpack("<H", data[at + 6 : at + 8])[0]
+    return data[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode("ascii", "replace")
+
+
 def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
     """DICOM as a viewer shows it: modality LUT, then the VOI LUT or first window, then MONOCHROME1 inversion.
 
@@ -294,14 +288,20 @@ def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
     """
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
     except ImportError as exc:
         raise ImageError(f"{path}: DICOM needs pydicom; install it with `pip install 'fracture[dicom]'`") from exc
+    if transfer_syntax(data) == DEFLATED:  # inflating it first is how a 195 KB file reached a 449 MB peak
+        raise ImageError(f"{path}: DICOM with the Deflated transfer syntax is not read (its size is only known after "
+                         "inflating it); re-export it uncompressed or JPEG-compressed")
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except pydicom.errors.InvalidDicomError:  # no 128-byte preamble and "DICM": many PACS exports; the suffix said DICOM
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as exc:  # pydicom raises many types for broken files
-        raise ImageError(f"{path}: unreadable DICOM ({exc})") from exc
+        raise ImageError(f"{path}: unreadable DICOM ({type(exc).__name__})") from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * cols * frames > max_pixels:
         raise ImageError(f"{path}: DICOM header claims {frames} x {cols}x{rows} pixels, over the {max_pixels / 1e6:.0f} MP limit")
@@ -312,9 +312,14 @@ def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
-        raise ImageError(f"{path}: cannot decode the DICOM pixels ({name}: {str(exc).splitlines()[0][:160]}); "
+        raise ImageError(f"{path}: cannot decode the DICOM pixels ({name}); "
                          f"`pip install 'fracture[dicom]'` installs the decoders for compressed files") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":  # indices into a colour table: the table's colours, then gray
+        try:
+            pixels = apply_color_lut(pixels, ds)
+        except Exception as exc:  # noqa: BLE001 - a table that does not fit its indices
+            raise ImageError(f"{path}: PALETTE COLOR DICOM whose colour table cannot be applied ({type(exc).__name__})") from None
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or pixels.ndim == 3:
         return cv2.cvtColor(_to_uint8(pixels), cv2.COLOR_RGB2GRAY)  # pydicom returns RGB (YBR converted)
     padding = None
@@ -384,17 +389,18 @@ def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DE
         if min(img.shape) < MIN_SIDE:
             raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
         return img, img.shape
-    size = _header_size(data)
-    if size is not None:
-        w, h = size
-        if w * h > max_pixels:
-            raise ImageError(f"{path}: header claims {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit")
-        if w == 0 or h == 0:
-            raise ImageError(f"{path}: header claims an empty {w}x{h} image")
     if is_truncated_jpeg(data):
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+    w, h, frames = image_header(data, path)
+    if w * h > max_pixels:
+        raise ImageError(f"{path}: header claims {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit")
+    if w == 0 or h == 0:
+        raise ImageError(f"{path}: header claims an empty {w}x{h} image")
+    if frames > 1:
+        raise ImageError(f"{path}: {frames} frames or pages in one file; save the one view to predict as a single image")
+    size = (w, h)
     orientation = exif_orientation(data)
-    factor = jpeg_reduction(*size, contract) if contract is not None and contract.reduced_decode and size and data[:2] == b"\xff\xd8" else 1
+    factor = jpeg_reduction(*size, contract) if contract is not None and contract.reduced_decode and data[:2] == b"\xff\xd8" else 1
     if factor > 1:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is not None and img.size:
