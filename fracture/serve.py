@@ -56,8 +56,10 @@ class Limits:
     max_files: int = 16  # per request
     max_megapixels: float = 50.0  # per image, checked from the header before decoding where the format allows
     timeout_s: float = 30.0  # receiving, waiting and predicting, together
+    receive_timeout_s: float = 10.0  # the whole body must arrive within this (uvicorn has no body timeout)
     workers: int = 2  # requests predicted at once
-    queue: int = 8  # requests that may wait for a worker; more get 503
+    queue: int = 8  # requests whose body has arrived that may wait for a worker; more get 503
+    max_bodies: int = 12  # request bodies held at once (arriving, waiting or predicting); more get 503
     display_side: int = 1024  # longest side of the PNGs sent back
 
     @property
@@ -79,66 +81,100 @@ class Upload:
     data: bytes
 
 
+class MultipartReader:
+    """A multipart/form-data body parsed as its chunks arrive: the request is held once, as its parts."""
+
+    def __init__(self, content_type: str, max_files: int) -> None:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        kind, params = parse_options_header(content_type or "")
+        if kind != b"multipart/form-data":
+            raise RequestError(415, f"send multipart/form-data with one or more '{FIELD}' fields (got {kind.decode(errors='replace') or 'no Content-Type'})")
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise RequestError(400, "multipart/form-data without a boundary")
+        self.max_files = max_files
+        self.parts: list[tuple[dict, bytes]] = []
+        self.part: dict | None = None
+        self.field, self.value, self.ended = b"", b"", False
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: setattr(self, "field", self.field + d[s:e]),
+            "on_header_value": lambda d, s, e: setattr(self, "value", self.value + d[s:e]),
+            "on_header_end": self._header_end,
+            "on_part_data": lambda d, s, e: self.part["data"].extend(d[s:e]),
+            "on_part_end": self._part_end,
+            "on_end": lambda: setattr(self, "ended", True),
+        })
+
+    def _begin(self) -> None:
+        self.part = {"headers": {}, "data": bytearray()}
+
+    def _header_end(self) -> None:
+        self.part["headers"][self.field.lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def _part_end(self) -> None:
+        if len(self.parts) >= self.max_files + 8:  # a flood of tiny parts
+            raise RequestError(413, f"too many parts in one request; at most {self.max_files} files")
+        data = bytes(self.part["data"])  # one copy, then the growing buffer goes
+        self.part["data"] = None
+        self.parts.append((self.part["headers"], data))
+        self.part = None
+
+    def feed(self, chunk: bytes) -> None:
+        from python_multipart.multipart import MultipartParseError
+
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as exc:
+            raise RequestError(400, f"malformed multipart body ({type(exc).__name__})") from None
+
+    def uploads(self) -> list[Upload]:
+        """The ``file`` parts, once the body has ended; errors say what was wrong with the request."""
+        from python_multipart.multipart import parse_options_header
+
+        self.parser.finalize()
+        if self.part is not None or not self.ended:
+            raise RequestError(400, "the multipart body ends before its closing boundary (truncated upload?)")
+        uploads, other = [], []
+        for headers, data in self.parts:
+            _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+            name = disposition.get(b"name", b"").decode(errors="replace")
+            if name == FIELD:
+                filename = disposition.get(b"filename", b"").decode(errors="replace").replace("\\", "/")
+                uploads.append(Upload(Path(filename).name or "upload", data))  # a name, never a client's path
+            else:
+                other.append(name)
+        if not uploads:
+            got = f"; got {', '.join(repr(n) for n in other)}" if other else ""
+            raise RequestError(400, f"no '{FIELD}' field in the form{got}")
+        if len(uploads) > self.max_files:
+            raise RequestError(413, f"{len(uploads)} files in one request; at most {self.max_files}")
+        return uploads
+
+
 def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[Upload]:
-    """A multipart/form-data body → its ``file`` parts, in memory; errors say what was wrong with the request."""
-    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
-
-    kind, params = parse_options_header(content_type or "")
-    if kind != b"multipart/form-data":
-        raise RequestError(415, f"send multipart/form-data with one or more '{FIELD}' fields (got {kind.decode(errors='replace') or 'no Content-Type'})")
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise RequestError(400, "multipart/form-data without a boundary")
-    parts: list[dict] = []
-    state: dict = {"part": None, "field": b"", "value": b"", "ended": False}
-
-    def begin() -> None:
-        state["part"] = {"headers": {}, "data": bytearray()}
-
-    def header_end() -> None:
-        state["part"]["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def part_end() -> None:
-        parts.append(state["part"])
-        state["part"] = None
-
-    callbacks = {
-        "on_part_begin": begin,
-        "on_header_field": lambda d, s, e: state.__setitem__("field", state["field"] + d[s:e]),
-        "on_header_value": lambda d, s, e: state.__setitem__("value", state["value"] + d[s:e]),
-        "on_header_end": header_end,
-        "on_part_data": lambda d, s, e: state["part"]["data"].extend(d[s:e]),
-        "on_part_end": part_end,
-        "on_end": lambda: state.__setitem__("ended", True),
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise RequestError(400, f"malformed multipart body ({exc})") from None
-    if state["part"] is not None or not state["ended"]:
-        raise RequestError(400, "the multipart body ends before its closing boundary (truncated upload?)")
-    uploads, other = [], []
-    for part in parts:
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        name = disposition.get(b"name", b"").decode(errors="replace")
-        if name == FIELD:
-            uploads.append(Upload(disposition.get(b"filename", b"").decode(errors="replace") or "upload", bytes(part["data"])))
-        else:
-            other.append(name)
-    if not uploads:
-        got = f"; got {', '.join(repr(n) for n in other)}" if other else ""
-        raise RequestError(400, f"no '{FIELD}' field in the form{got}")
-    if len(uploads) > max_files:
-        raise RequestError(413, f"{len(uploads)} files in one request; at most {max_files}")
-    return uploads
+    """A whole multipart/form-data body → its ``file`` parts (``MultipartReader`` fed once)."""
+    reader = MultipartReader(content_type, max_files)
+    reader.feed(body)
+    return reader.uploads()
 
 
 def png_data_url(image: np.ndarray) -> str:
     ok, encoded = cv2.imencode(".png", image)
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def names_only(value):
+    """Metadata with every path-like string cut to its file name: /model shows no directories of the exporting machine."""
+    if isinstance(value, dict):
+        return {k: names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [names_only(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value) and " " not in value:
+        return value.replace("\\", "/").rsplit("/", 1)[-1]
+    return value
 
 
 class Service:
@@ -150,7 +186,7 @@ class Service:
     def model_info(self) -> dict:
         p = self.predictor
         return {"model": self.model_name, "sha256": p.sha256, "notice": NOTICE, "boxes": p.has_map, "heatmap": p.has_heatmap,
-                "operating_points": p.thresholds, "metadata": p.metadata,
+                "operating_points": p.thresholds, "metadata": names_only(p.metadata),
                 "limits": {"max_upload_mb": self.limits.max_upload_mb, "max_files": self.limits.max_files,
                            "max_megapixels": self.limits.max_megapixels, "timeout_s": self.limits.timeout_s}}
 
@@ -161,8 +197,8 @@ class Service:
             return preprocess.load_bytes(upload.data, name, self.predictor.contract, int(self.limits.max_megapixels * 1e6))
         except preprocess.ImageError as exc:
             return str(exc).removeprefix(f"{name}: ")
-        except Exception as exc:  # noqa: BLE001 - a decoder crash on one upload must not fail the others
-            return f"cannot read ({type(exc).__name__}: {exc})"
+        except Exception:  # noqa: BLE001 - a decoder crash on one upload must not fail the others; its text stays here
+            return "cannot read this file"
 
     def predict(self, uploads: list[Upload], images: bool = True) -> list[dict]:
         """One result per upload, in order: probability and decisions, boxes, PNGs, or the error."""
@@ -232,43 +268,71 @@ def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None):
     return JSONResponse(body, status, headers={"Cache-Control": "no-store", **(headers or {})})
 
 
-async def _read_body(request, limit: int, deadline: float) -> bytes:
+async def receive_uploads(request, limits: Limits, deadline: float) -> tuple[list[Upload], int]:
+    """The body, parsed as it arrives, within the size limit and the receive timeout: (uploads, bytes)."""
     from starlette.requests import ClientDisconnect
 
+    limit = limits.max_upload_bytes
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise RequestError(400, f"bad Content-Length {length!r}")
         if int(length) > limit:
             raise RequestError(413, f"upload of {int(length) / 1e6:.1f} MB is over the {limit / 1e6:.0f} MB limit")
-    body = bytearray()
+    reader = MultipartReader(request.headers.get("content-type", ""), limits.max_files)
+    size = 0
 
     async def receive() -> None:
+        nonlocal size
         async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
+            size += len(chunk)
+            if size > limit:
                 raise RequestError(413, f"upload is over the {limit / 1e6:.0f} MB limit")
+            reader.feed(chunk)
 
     try:
-        await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        await asyncio.wait_for(receive(), max(0.0, min(deadline, time.monotonic() + limits.receive_timeout_s) - time.monotonic()))
     except asyncio.TimeoutError:
         raise RequestError(408, "the upload did not arrive within the request timeout") from None
     except ClientDisconnect:
         raise RequestError(400, "the client disconnected during the upload") from None
-    if not body:
+    if not size:
         raise RequestError(400, f"empty request; send multipart/form-data with one or more '{FIELD}' fields")
-    return bytes(body)
+    return reader.uploads(), size
 
 
-def create_app(service: Service):
-    """The ASGI app: routes, admission and the worker pool around one :class:`Service`."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def origin_allowed(origin: str | None, hosts: list[str]) -> bool:
+    """A POST's Origin: none (curl, scripts) or one of the allowed hosts; ``null`` and other sites are refused."""
+    if origin is None:
+        return True
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return origin != "null" and host is not None and any(host == h.strip("[]") or (h.startswith("*.") and host.endswith(h[1:])) for h in hosts)
+
+
+def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LOOPBACK_NAMES):
+    """The ASGI app: routes, Host and Origin checks, admission and the worker pool around one :class:`Service`.
+
+    ``allowed_hosts``: the names clients reach the server by (the Host header; anything else, as a DNS-rebinding
+    page would send, gets 400). A POST from a page of another origin gets 403."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
     limits = service.limits
+    hosts = list(allowed_hosts)
     gate = Gate(limits.workers, limits.queue)
+    bodies = Gate(limits.max_bodies, 0)  # bodies held: arriving, waiting or predicting
     pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="fracture-predict")
     page = resources.files("fracture").joinpath("static/index.html").read_text(encoding="utf-8")
     page_headers = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
@@ -278,20 +342,24 @@ def create_app(service: Service):
         start = time.monotonic()
         deadline = start + limits.timeout_s
         status, files, size, outcome = 500, 0, 0, ""
-        if not gate.enter():
-            log.info("POST /predict 503 over capacity (%d in flight)", gate.active)
-            return _json({"error": f"busy: {gate.active} requests in flight; retry later"}, 503, {"Retry-After": gate.retry_after()})
-        handed = False
+        if not origin_allowed(request.headers.get("origin"), hosts):
+            log.info("POST /predict 403 foreign origin")
+            return _json({"error": "requests from pages of other sites are refused"}, 403)
+        if not bodies.enter():
+            log.info("POST /predict 503 over capacity (%d bodies held)", bodies.active)
+            return _json({"error": f"busy: {bodies.active} uploads held; retry later"}, 503, {"Retry-After": gate.retry_after()})
+        admitted = handed = False
         try:
-            body = await _read_body(request, limits.max_upload_bytes, deadline)
-            size = len(body)
-            uploads = parse_multipart(body, request.headers.get("content-type", ""), limits.max_files)
+            uploads, size = await receive_uploads(request, limits, deadline)  # no worker slot is taken while a body arrives
             files = len(uploads)
+            if not gate.enter():
+                raise RequestError(503, f"busy: {gate.active} requests in flight; retry later", {"Retry-After": gate.retry_after()})
+            admitted = True
             images = request.query_params.get("images", "1").lower() not in ("0", "false", "no")
             loop = asyncio.get_running_loop()
             work = loop.run_in_executor(pool, service.predict, uploads, images)
             began = time.monotonic()
-            work.add_done_callback(lambda _: gate.leave(time.monotonic() - began))  # the slot is held until the work really ends
+            work.add_done_callback(lambda _: (gate.leave(time.monotonic() - began), bodies.leave()))  # held until the work really ends
             handed = True
             try:
                 results = await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - time.monotonic()))
@@ -305,14 +373,17 @@ def create_app(service: Service):
             return _json({"error": exc.reason}, exc.status, exc.headers)
         finally:
             if not handed:
-                gate.leave()
+                bodies.leave()
+                if admitted:
+                    gate.leave()
             log.info("POST /predict %d files=%d bytes=%d %s %.0f ms", status, files, size, outcome, 1000 * (time.monotonic() - start))
 
     async def model(request):
         return _json(service.model_info())
 
     async def healthz(request):
-        return _json({"status": "ok", "model_sha256": service.predictor.sha256, "in_flight": gate.active, "capacity": gate.limit})
+        return _json({"status": "ok", "model_sha256": service.predictor.sha256, "in_flight": gate.active, "capacity": gate.limit,
+                      "bodies_held": bodies.active})
 
     async def index(request):
         return HTMLResponse(page, headers=page_headers)
@@ -325,7 +396,8 @@ def create_app(service: Service):
         return _json({"error": f"internal error ({type(exc).__name__})"}, 500)
 
     routes = [Route("/", index), Route("/predict", predict, methods=["POST"]), Route("/model", model), Route("/healthz", healthz)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash},
+                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
 
 
 def is_loopback(host: str) -> bool:
@@ -352,6 +424,9 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("model", help="ONNX file from python -m fracture.export")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else is reachable by others, unauthenticated)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name clients reach the server by, besides the loopback names (repeat; '*.example.org' "
+                             "matches subdomains); needed to bind beyond loopback, behind a proxy or in a container")
     defaults = Limits()
     parser.add_argument("--workers", type=int, default=defaults.workers, help="requests predicted at once")
     parser.add_argument("--queue", type=int, default=defaults.queue, help="requests that may wait; more are answered 503 with Retry-After")
@@ -368,7 +443,12 @@ def main(args: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    limits = Limits(ns.max_upload_mb, ns.max_files, ns.max_megapixels, ns.timeout, ns.workers, ns.queue, ns.display_side)
+    limits = Limits(ns.max_upload_mb, ns.max_files, ns.max_megapixels, ns.timeout, min(10.0, ns.timeout), ns.workers, ns.queue,
+                    max(12, 2 * (ns.workers + ns.queue)), ns.display_side)
+    if not is_loopback(ns.host) and not ns.allow_host:
+        print(f"error: --host {ns.host} serves other machines: name the host names they use with --allow-host NAME (requests "
+              "with any other Host header are refused, which is what stops DNS rebinding)", file=sys.stderr)
+        return 2
     if min(limits.workers, limits.max_files) < 1 or limits.queue < 0 or min(limits.timeout_s, limits.max_upload_mb, limits.max_megapixels) <= 0:
         print("error: --workers and --max-files must be at least 1, --queue at least 0, limits positive", file=sys.stderr)
         return 2
@@ -378,7 +458,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    app = create_app(Service(predictor, limits, Path(ns.model).name))
+    app = create_app(Service(predictor, limits, Path(ns.model).name), [*LOOPBACK_NAMES, *ns.allow_host])
     try:
         family = socket.getaddrinfo(ns.host, ns.port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((ns.host, ns.port), family=family)

@@ -216,7 +216,7 @@ def test_uploads_leave_no_files_and_no_names_in_the_log(loc_server: Server, loc_
 def _slow_upload(server: Server, total: int) -> socket.socket:
     """A request whose body arrives in part only: it holds a slot until it is finished or times out."""
     s = socket.create_connection((server.host, server.port))
-    s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {total}\r\n\r\n".encode() + b"--b\r\n")
+    s.sendall(f"POST /predict HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {total}\r\n\r\n".encode() + b"--b\r\n")
     return s
 
 
@@ -227,20 +227,29 @@ def _wait_until(predicate, seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_over_capacity_is_503_with_retry_after_and_slow_uploads_time_out(loc_onnx: Path, loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_slow_uploaders_do_not_starve_others_and_time_out_and_held_bodies_are_capped(loc_onnx: Path, loc_run: tuple[Path, Path],
+                                                                                     tmp_path: Path) -> None:
     good = sorted((loc_run[0] / "test" / "images").glob("*.png"))[0].read_bytes()
     with serving(loc_onnx, tmp_path, "--workers", "1", "--queue", "0", "--timeout", "3") as server:
-        held = _slow_upload(server, 100_000)
-        _wait_until(lambda: server.request("GET", "/healthz")[2]["in_flight"] == 1)
+        slow = [_slow_upload(server, 100_000) for _ in range(4)]  # four clients trickling bodies, one worker
+        _wait_until(lambda: server.request("GET", "/healthz")[2]["bodies_held"] == 4)
+        assert server.request("GET", "/healthz")[2]["in_flight"] == 0  # no worker slot is taken while a body arrives
+        assert server.post([("a.png", good)])[0] == 200  # so a normal client is served meanwhile
+        for held in slow:
+            held.settimeout(20)
+            reply = b""
+            while not reply.endswith(b"}") and (chunk := held.recv(65536)):
+                reply += chunk
+            assert reply.decode().startswith("HTTP/1.1 408") and "did not arrive within the request timeout" in reply.decode()
+            held.close()
+        # bodies held at once are capped (12 here): the next upload is told to come back, not left hanging
+        slow = [_slow_upload(server, 100_000) for _ in range(12)]
+        _wait_until(lambda: server.request("GET", "/healthz")[2]["bodies_held"] == 12)
         status, headers, body = server.post([("a.png", good)])
         assert status == 503 and int(headers["retry-after"]) >= 1 and "busy" in body["error"]
-        held.settimeout(20)
-        reply = b""
-        while not reply.endswith(b"}") and (chunk := held.recv(65536)):
-            reply += chunk
-        reply = reply.decode()
-        assert reply.startswith("HTTP/1.1 408") and "did not arrive within the request timeout" in reply
-        held.close()
+        for held in slow:
+            held.close()
+        _wait_until(lambda: server.request("GET", "/healthz")[2]["bodies_held"] == 0)
         # a flood: every request is answered (200 or 503), none is dropped, and the server stays up
         answers: list[int] = []
 
@@ -256,8 +265,34 @@ def test_over_capacity_is_503_with_retry_after_and_slow_uploads_time_out(loc_onn
         assert server.post([("a.png", good)])[0] == 200 and server.proc.poll() is None
 
 
-def test_binding_beyond_loopback_warns_loudly(tiny_onnx: Path, tmp_path: Path) -> None:
-    with serving(tiny_onnx, tmp_path / "a", "--host", "0.0.0.0") as server:
+def test_wrong_host_and_foreign_origin_are_refused_and_answers_carry_no_paths(loc_server: Server, loc_run: tuple[Path, Path]) -> None:
+    good = sorted((loc_run[0] / "test" / "images").glob("*.png"))[0].read_bytes()
+    body, ctype = multipart([("file", "../../home/doe/scan.png", good), ("file", "C:\\Users\\doe\\junk.png", b"not an image")])
+    # a DNS-rebinding page reaches the loopback server under its own name: refused by Host
+    assert loc_server.request("GET", "/model", headers={"Host": f"attacker.example:{loc_server.port}"})[0] == 400
+    assert loc_server.request("POST", "/predict", body, {"Content-Type": ctype, "Host": "attacker.example"})[0] == 400
+    # another site's page posting to us: refused by Origin; "null" (sandboxed frames, files) too
+    for origin in ("http://attacker.example", "null", f"http://attacker.example:{loc_server.port}"):
+        status, _, answer = loc_server.request("POST", "/predict", body, {"Content-Type": ctype, "Origin": origin})
+        assert status == 403 and "other sites" in answer["error"], origin
+    # our own page (same origin) and scripts without an Origin are served
+    status, _, answer = loc_server.request("POST", "/predict", body, {"Content-Type": ctype, "Origin": f"http://{loc_server.host}:{loc_server.port}"})
+    assert status == 200 and [r["file"] for r in answer["results"]] == ["scan.png", "junk.png"]  # names, never the client's paths
+    assert "/" not in answer["results"][1]["error"] and "doe" not in answer["results"][1]["error"]
+
+    def strings(v):
+        return [x for k in v for x in strings(v[k])] if isinstance(v, dict) else [x for i in v for x in strings(i)] if isinstance(v, list) else [v]
+
+    shown = [x for x in strings(loc_server.request("GET", "/model")[2]) if isinstance(x, str)]
+    assert not any(x.startswith(("/", "~")) or "/tmp/" in x or "\\" in x for x in shown)
+
+
+def test_binding_beyond_loopback_needs_allowed_host_names_and_warns_loudly(tiny_onnx: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    refused = subprocess.run([sys.executable, "-c", SERVE, str(tiny_onnx), "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert refused.returncode == 2 and "--allow-host" in refused.stderr
+    with serving(tiny_onnx, tmp_path / "a", "--host", "0.0.0.0", "--allow-host", "0.0.0.0") as server:
         assert server.request("GET", "/healthz")[0] == 200
     assert "NO authentication" in (tmp_path / "a" / "server.log").read_text()
     with serving(tiny_onnx, tmp_path / "b") as server:
