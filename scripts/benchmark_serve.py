@@ -1,6 +1,7 @@
 """Bounded load test of fracture.serve on loopback, beside fracture.predict on the same files (torch-free).
 
     python scripts/benchmark_serve.py MODEL.onnx [--images DIR] [--clients 8] [--requests 200]
+    python scripts/benchmark_serve.py MODEL.onnx --hostile [--repeats 3] [--slow 4]   # normal load beside a hostile mix
 
 Starts ``python -m fracture.serve MODEL`` on a free loopback port, warms it up, then
 ``--clients`` threads each send ``--requests`` single-image POSTs over a kept-alive
@@ -10,6 +11,11 @@ memory after warm-up and after the load, the predictor's images/s on the same fi
 this process, and whether batching would pay (ONNX Runtime at batch 1 vs 8). The load
 generator shares the CPU with the server: the figures are a floor, and name the CPU.
 Without ``--images``, synthetic 454x373 JPEGs (FracAtlas's common size) are written.
+
+``--hostile``: the normal load is run ``--repeats`` times alone and as often beside a hostile mix: ``--slow``
+clients trickling bodies (reconnecting after each 408) and one client posting the small bombs of
+``scripts/hostile_inputs.py`` in turn. Prints each bomb's answer, the normal clients' p95 and errors alone
+and beside the mix (median and range over the repeats: two shared cores are noisy) and the server's peak RSS.
 """
 
 from __future__ import annotations
@@ -92,6 +98,59 @@ def load(host: str, port: int, bodies: list[tuple[bytes, str]], clients: int, re
             "p99": float(np.percentile(ms, 99)), "errors": errors[0]}
 
 
+def rss_peak_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) from /proc (Linux); NaN elsewhere."""
+    try:
+        return next(int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def hostile_mix(host: str, port: int, bombs: dict[str, Path], slow: int, stop: threading.Event, answers: dict[str, str]) -> list[threading.Thread]:
+    """Start ``slow`` trickling uploaders and one bomb poster; they run until ``stop`` is set."""
+    import json
+    import socket
+
+    def trickle() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection((host, port), timeout=30) as s:
+                    s.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                              f"Content-Length: 1000000\r\n\r\n--b\r\n".encode())
+                    while not stop.is_set():
+                        s.sendall(b"x")
+                        s.settimeout(1.0)
+                        try:
+                            if s.recv(1024):
+                                break  # answered (408): come back
+                        except socket.timeout:
+                            pass
+            except OSError:
+                time.sleep(0.2)
+
+    def poster() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        while not stop.is_set():
+            for name, path in bombs.items():
+                body, ctype = form(path.name, path.read_bytes())
+                try:
+                    conn.request("POST", "/predict?images=0", body=body, headers={"Content-Type": ctype})
+                    r = conn.getresponse()
+                    reply = json.loads(r.read() or b"{}")
+                    why = reply.get("results", [{}])[0].get("error") or reply.get("error", "")
+                    answers[name] = f"{r.status}: {why}"
+                except (OSError, ValueError):
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, port, timeout=60)
+                if stop.is_set():
+                    break
+
+    threads = [threading.Thread(target=trickle, daemon=True) for _ in range(slow)] + [threading.Thread(target=poster, daemon=True)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def batching(model: str, paths: list[str], threads: int) -> dict[int, float]:
     """ONNX Runtime images/s at batch 1 and 8 on real inputs: does batching concurrent requests pay?"""
     predictor = Predictor(model, threads)
@@ -108,6 +167,37 @@ def batching(model: str, paths: list[str], threads: int) -> dict[int, float]:
     return out
 
 
+def hostile_report(ns: argparse.Namespace, host: str, port: int, bodies: list, server: subprocess.Popen, work: Path) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hostile_inputs", Path(__file__).with_name("hostile_inputs.py"))
+    hostile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hostile)
+    bombs = {name: path for name, (path, _) in hostile.write_bombs(work / "bombs").items()}
+    alone, beside, answers = [], [], {}
+    for _ in range(ns.repeats):
+        alone.append(load(host, port, bodies, ns.clients, ns.requests, "?images=0"))
+        stop = threading.Event()
+        threads = hostile_mix(host, port, bombs, ns.slow, stop, answers)
+        beside.append(load(host, port, bodies, ns.clients, ns.requests, "?images=0"))
+        stop.set()
+        for t in threads:
+            t.join(40)
+    peak = rss_peak_mb(server.pid)
+    print(f"{ns.clients} normal clients x {ns.requests} single-image requests (?images=0), {ns.repeats} runs each; hostile mix: "
+          f"{ns.slow} trickling uploaders and one client posting {len(bombs)} bombs in turn; load generator on the same cores\n")
+    print("| bomb | bytes | answer |\n|---|---|---|")
+    for name, path in bombs.items():
+        print(f"| {name} | {path.stat().st_size:,} | {answers.get(name, 'not sent')} |")
+    print("\n| normal clients | p95 ms, median (range) | requests/s, median | errors |\n|---|---|---|---|")
+    for label, runs in (("alone", alone), ("beside the hostile mix", beside)):
+        p95 = [r["p95"] for r in runs]
+        print(f"| {label} | {np.median(p95):.0f} ({min(p95):.0f}-{max(p95):.0f}) | {np.median([r['rps'] for r in runs]):.1f} | "
+              f"{sum(r['errors'] for r in runs)} of {sum(r['requests'] for r in runs)} |")
+    print(f"\nserver peak resident memory (VmHWM) over everything: {peak:.0f} MB")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="ONNX file from python -m fracture.export")
@@ -117,6 +207,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="per client")
     parser.add_argument("--workers", type=int, default=2, help="the server's --workers")
     parser.add_argument("--warmup", type=int, default=16, help="requests per client before the first memory reading")
+    parser.add_argument("--hostile", action="store_true", help="also run the normal load beside slow uploaders and bombs")
+    parser.add_argument("--repeats", type=int, default=3, help="with --hostile: runs of each kind (median and range are printed)")
+    parser.add_argument("--slow", type=int, default=4, help="with --hostile: trickling uploaders")
     ns = parser.parse_args()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="fracture-serve-bench-"))
@@ -138,6 +231,8 @@ def main() -> int:
         warm = load(host, int(port), bodies, ns.clients, ns.warmup, "")  # at full concurrency: onnxruntime grows its arenas once
         assert warm["errors"] == 0, "warm-up requests failed"
         rss = {"after warm-up": rss_mb(server.pid)}
+        if ns.hostile:
+            return hostile_report(ns, host, int(port), bodies, server, work)
         runs = {}
         for label, query in (("with PNGs (the page)", ""), ("numbers only (?images=0)", "?images=0")):
             runs[label] = load(host, int(port), bodies, ns.clients, ns.requests, query)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,62 +18,9 @@ from conftest import REPO
 from fracture import preprocess
 
 PEAK_BOUND_MB = 60  # over a child process that imported the same modules and decoded nothing
-SIDE = 16000  # a 256-megapixel claim: about 256 MB as 8-bit gray, 768 MB as BGR, if it were decoded
-
-
-def _patch_webp(data: bytes, side: int) -> bytes:
-    """A lossless WebP whose VP8L header declares ``side`` x ``side``."""
-    at = data.index(b"VP8L") + 8
-    assert data[at] == 0x2F
-    bits = (side - 1) | ((side - 1) << 14) | (struct.unpack("<I", data[at + 1 : at + 5])[0] & ~((1 << 28) - 1))
-    return data[: at + 1] + struct.pack("<I", bits) + data[at + 5 :]
-
-
-def _patch_jp2(data: bytes, side: int) -> bytes:
-    """A JPEG 2000 file whose ihdr box and SIZ marker declare ``side`` x ``side``."""
-    out = bytearray(data)
-    at = data.index(b"ihdr") + 4
-    out[at : at + 8] = struct.pack(">II", side, side)
-    siz = data.index(b"\xff\x51") + 6  # marker, Lsiz, Rsiz, then Xsiz, Ysiz
-    out[siz : siz + 8] = struct.pack(">II", side, side)
-    return bytes(out)
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    import zlib
-
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def bombs(tmp: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (file, the reason it must be refused with)."""
-    import zlib
-
-    small = np.full((64, 64), 90, np.uint8)
-    made = {}
-    webp = cv2.imencode(".webp", small, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
-    made["webp"] = (_patch_webp(webp, SIDE), "megapixels")
-    made["jp2"] = (_patch_jp2(cv2.imencode(".jp2", small)[1].tobytes(), SIDE), "megapixels")
-    png = cv2.imencode(".png", small)[1].tobytes()
-    ihdr = struct.pack(">II", SIDE, SIDE) + png[24:29]  # width, height, then depth, colour, compression, filter, interlace
-    made["png-size"] = (png[:8] + _png_chunk(b"IHDR", ihdr) + png[33:], "megapixels")
-    # a 64 MB zTXt text chunk that deflates to about 64 KB, before the pixels
-    text = _png_chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"\x00" * (64 << 20), 9))
-    made["png-text"] = (png[:33] + text + png[33:], "header")
-    # an animated PNG: acTL declares 1000 frames
-    made["apng"] = (png[:33] + _png_chunk(b"acTL", struct.pack(">II", 1000, 0)) + png[33:], "frames")
-    tiff = cv2.imencode(".tiff", small)[1].tobytes()
-    ok, pages = cv2.imencodemulti(".tiff", [small, small, small])
-    made["tiff-pages"] = (pages.tobytes() if ok else tiff, "frames")
-    made["pnm"] = (b"P5\n16000 16000\n255\n" + bytes(1000), "megapixels")
-    # Radiance HDR: OpenCV decodes it, no size reader here knows it: refused unread
-    made["unknown"] = (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 16000 +X 16000\n" + bytes(1000), "not a recognised format")
-    paths = {}
-    for name, (data, reason) in made.items():
-        path = tmp / f"{name}.img"
-        path.write_bytes(data)
-        paths[name] = (path, reason)
-    return paths
+spec = importlib.util.spec_from_file_location("hostile_inputs", REPO / "scripts" / "hostile_inputs.py")
+hostile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hostile)
 
 
 CHILD = """
@@ -91,10 +37,10 @@ print(json.dumps({"said": said, "peak_mb": (resource.getrusage(resource.RUSAGE_S
 """
 
 
-@pytest.mark.parametrize("name", ["webp", "jp2", "png-size", "png-text", "apng", "tiff-pages", "pnm", "unknown"])
+@pytest.mark.parametrize("name", ["webp", "jp2", "png-size", "png-text", "apng", "tiff-pages", "pnm", "unknown", "dicom-deflate"])
 def test_small_bombs_are_refused_before_decoding_within_a_memory_bound(name: str, tmp_path: Path) -> None:
-    path, reason = bombs(tmp_path)[name]
-    assert path.stat().st_size < 200_000
+    path, reason = hostile.write_bombs(tmp_path)[name]
+    assert path.stat().st_size < 600_000  # each claims hundreds of MB to GB
     done = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
