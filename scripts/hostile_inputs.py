@@ -67,6 +67,7 @@ def write_bombs(tmp: Path) -> dict[str, tuple[Path, str]]:
     # Radiance HDR: OpenCV decodes it, no size reader here knows it: refused unread
     made["dicom-deflate"] = (deflated_dicom_bomb(), "Deflated")
     made["unknown"] = (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 16000 +X 16000\n" + bytes(1000), "not a recognised format")
+    tmp.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, (data, reason) in made.items():
         path = tmp / f"{name}.{'dcm' if name == 'dicom-deflate' else 'img'}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -34,19 +35,21 @@ def _val_rows(run: Path) -> pd.DataFrame:
 
 def test_sigkill_mid_epoch_then_resume_finishes_the_plan(synth_root: Path, tmp_path: Path) -> None:
     args = tiny_fit_args(synth_root, tmp_path, "--test_after_fit", "false", "--data.batch_size", "8", epochs=6)
-    proc = subprocess.Popen(_fit_cmd(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flag = tmp_path / "paused"
+    pause = json.dumps([{"class_path": "hooks.PauseAt", "init_args": {"epoch": 2, "batch": 3, "flag": str(flag)}}])
+    env = {**ENV, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    proc = subprocess.Popen(_fit_cmd(*args, "--trainer.callbacks", pause), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "tiny" / "last.ckpt"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 1:
-            break
+    while not flag.exists():  # the run says where it is: mid-epoch 2, epochs 0 and 1 checkpointed
+        assert time.time() < deadline and proc.poll() is None, "the run never reached the pause"
         time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=True)
-    assert killed_at["epoch"] < 5, "the run finished before it could be killed"
-    done = subprocess.run(_fit_cmd(*args, "--ckpt_path", "last"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert killed_at["epoch"] == 1
+    args = [*args, "--trainer.callbacks", pause]
+    done = subprocess.run(_fit_cmd(*args, "--ckpt_path", "last"), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["epoch"] == 5
