@@ -87,19 +87,43 @@ def test_checkpoints_load_without_unpickling_code(tmp_path: Path) -> None:
         AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
 
 
-def test_killed_export_leaves_old_file_or_a_complete_new_one(tiny_ckpt: Path, tmp_path: Path) -> None:
-    out = tmp_path / "model.onnx"
-    for delay in (0.5, 1.5, 3.0):
-        out.write_bytes(b"old")
-        proc = subprocess.Popen([sys.executable, "-m", "fracture.export", "--ckpt", str(tiny_ckpt), "--out", str(out)], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        data = out.read_bytes()
-        if data != b"old":
-            onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".export-")] == ["model.onnx"]
+EXPORT_PAUSED = """
+import sys, time
+from pathlib import Path
+import fracture.export as export
+stage, flag = sys.argv.pop(1), Path(sys.argv.pop(1))
+def pause():
+    flag.write_text(stage)
+    time.sleep(3600)
+if stage == "written":  # the new file complete in its temporary folder, not yet moved over the old one
+    install = export.install
+    export.install = lambda tmp, out: (pause(), install(tmp, out))
+elif stage == "checking":  # the graph written, its parity check under way
+    check = export.check_parity
+    export.check_parity = lambda *a, **k: (pause(), check(*a, **k))[1]
+sys.exit(export.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["checking", "written"])
+def test_killed_export_leaves_the_old_file_and_no_debris(tiny_ckpt: Path, tmp_path: Path, stage: str) -> None:
+    out, flag = tmp_path / "model.onnx", tmp_path / "paused"
+    out.write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT_PAUSED, stage, str(flag), "--ckpt", str(tiny_ckpt), "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not flag.exists():  # killed exactly where the export says it is
+        assert time.time() < deadline and proc.poll() is None, "the export never reached the pause"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes() == b"old"
+    # a killed export's temporary folder is left for the next run to ignore; no other file appears beside the model
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".export-") and p != flag] == ["model.onnx"]
+    # and the next export replaces it with a complete, checked file
+    assert subprocess.run([sys.executable, "-m", "fracture.export", "--ckpt", str(tiny_ckpt), "--out", str(out)], env=ENV,
+                          capture_output=True, timeout=300).returncode == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
 def test_nan_loss_stops_with_epoch_and_batch_and_keeps_last_good_checkpoint(synth_root: Path, tmp_path: Path,
