@@ -5,7 +5,7 @@
 Reads ``metrics.csv`` (the ``perf/*`` figures of ``fracture.fit.Throughput`` and the validation curve) and,
 when there, ``test_metrics.json``; GPU_UTIL_CSV is ``nvidia-smi --query-gpu=utilization.gpu,memory.used
 --format=csv,noheader,nounits -l 1`` sampled during the run. Used by the GPU scripts (``gpu_check.sh``,
-``gpu_localise.sh``) so their reports read alike.
+``train_release.sh``) so their reports read alike.
 """
 
 from __future__ import annotations
