@@ -167,7 +167,7 @@ class FractureCLI(LightningCLI):
         kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, latest, Throughput(), EpochSummary()]
         if trainer_cfg.get("precision") is None:
             kwargs["precision"] = default_precision(str(trainer_cfg.get("accelerator") or "auto"))
-            if os.environ.get("LOCAL_RANK", "0") == "0":
+            if trainer_is_first():
                 print(f"trainer.precision unset: {kwargs['precision']} (the fastest measured for this hardware; set it to choose)", file=sys.stderr)
         plugins = trainer_cfg.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
@@ -179,6 +179,10 @@ class FractureCLI(LightningCLI):
                 loggers.append(TensorBoardLogger(save_dir=self.config["output_dir"], name=self.run_name, version="tensorboard"))
             kwargs["logger"] = loggers
         return super().instantiate_trainer(**kwargs)
+
+
+def trainer_is_first() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def run_info(cli: FractureCLI, tables: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +253,10 @@ def main(args: list[str] | None = None) -> int:
         )
         dm: FractureDataModule = cli.datamodule
         tables = dm.check()
+        similar = tables["train"].attrs.get("similar_across_splits", [])
+        if similar and trainer_is_first():
+            print(f"warning: {len(similar)} look-alike pair(s) across splits (thumbnails alike, outlines not: another exposure, "
+                  f"perhaps of one patient; not refused), e.g. {similar[0]}", file=sys.stderr)
         trainer = cli.trainer
         resume = cli.resume
         if resume == "last":

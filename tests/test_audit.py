@@ -133,3 +133,19 @@ def test_a_second_exposure_of_one_limb_is_not_called_a_copy_but_a_re_encoded_one
     cv2.imwrite(str(tmp_path / "again.png"), moved)
     assert duplicates.same_radiograph(str(src), str(tmp_path / "copy.jpg"))
     assert not duplicates.same_radiograph(str(src), str(tmp_path / "again.png"))
+
+
+def test_a_look_alike_exposure_across_splits_is_reported_not_refused(planted: Path) -> None:
+    for split, name in (("train", "truncated.jpg"), ("test", "exact_copy.png")):
+        (planted / split / "images" / name).unlink()
+        table = pd.read_csv(planted / split / "annotations.csv", dtype=str)
+        table[table["image"] != name].to_csv(planted / split / "annotations.csv", index=False)
+    train = pd.read_csv(planted / "train" / "annotations.csv", dtype=str)
+    img = cv2.imread(str(planted / "train" / "images" / train["image"][3]), cv2.IMREAD_GRAYSCALE)
+    h, w = img.shape  # the limb placed again, 1 % across and turned 1 degree: thumbnails alike (r 0.97), outlines not
+    again = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), 1, 1.0) + np.array([[0, 0, 0.01 * w], [0, 0, 0]]), (w, h),
+                           borderMode=cv2.BORDER_REPLICATE)
+    _add(planted, "test", "again.png", int(train["fracture"][3] == "yes"), cv2.imencode(".png", again)[1].tobytes())
+    tables = FractureDataModule(root=str(planted)).check()
+    assert any("again.png (test" in pair for pair in tables["train"].attrs["similar_across_splits"])
+    assert tables["train"].attrs["leakage"] == []
