@@ -16,5 +16,5 @@ import cv2, lightning, numpy, onnxruntime, torch, torchmetrics
 print(f"floors: torch {torch.__version__}, lightning {lightning.__version__}, torchmetrics {torchmetrics.__version__}, "
       f"onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, opencv {cv2.__version__}")
 EOF
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_backbones.py tests/test_training_path.py tests/test_export.py \
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_architecture.py tests/test_backbones.py tests/test_training_path.py tests/test_export.py \
     tests/test_predict.py tests/test_serve.py tests/test_fit.py "$@"
