@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 import os as _os
 
 # OpenCV's own decoder limit (default 2^30 pixels), set before any module imports cv2: a second guard behind
-# fracture.preprocess's header check, at twice its default limit so that check always speaks first
+# fracture.imaging.preprocess's header check, at twice its default limit so that check always speaks first
 _os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(200_000_000))

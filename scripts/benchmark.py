@@ -27,13 +27,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fracture.checkpoint import load_classifier
-from fracture.export import export_model
-from fracture.quantize import quantize_static_qdq
-from fracture.module import FractureClassifier
-from fracture.networks import SeedCNN
-from fracture.predict import Predictor
-from fracture.synth import radiograph, write_jpegs
+from fracture.data.synth import radiograph, write_jpegs
+from fracture.deploy.predictor import Predictor
+from fracture.export.export import export_model
+from fracture.export.quantize import quantize_static_qdq
+from fracture.train.checkpoint import load_classifier
+from fracture.train.module import FractureClassifier
+from fracture.train.networks import SeedCNN
 
 
 def timed(fn, repeats: int) -> list[float]:

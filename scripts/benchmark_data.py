@@ -17,11 +17,11 @@ import tempfile
 import time
 
 import torch
-
 from benchmark_train import cpu_name, train_step_rate
-from fracture.data import FractureDataModule
-from fracture.networks import ResNet, SeedCNN
-from fracture.synth import write_dataset
+
+from fracture.data.synth import write_dataset
+from fracture.train.data import FractureDataModule
+from fracture.train.networks import ResNet, SeedCNN
 
 
 def loader_rate(dm: FractureDataModule, batches: int, device: str) -> float:

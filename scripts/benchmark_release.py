@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fracture import preprocess
-from fracture.predict import Predictor
-from fracture.synth import write_jpegs
+from fracture.data.synth import write_jpegs
+from fracture.deploy.predictor import Predictor
+from fracture.imaging import preprocess
 
 
 def cpu_name() -> str:

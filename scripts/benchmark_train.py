@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from fracture.losses import image_loss
-from fracture.module import FractureClassifier
-from fracture.networks import Network, ResNet, SeedCNN
-from fracture.recipe import Recipe, configure
+from fracture.train.losses import image_loss
+from fracture.train.module import FractureClassifier
+from fracture.train.networks import Network, ResNet, SeedCNN
+from fracture.train.recipe import Recipe, configure
 
 
 def cpu_name() -> str:

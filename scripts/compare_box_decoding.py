@@ -3,7 +3,7 @@
     python scripts/compare_box_decoding.py checkpoints/RUN/best-….ckpt [--root DATA] [--store NEW.ckpt]
 
 Prints the best ``regions`` decoding, the best ``peaks`` decoding and the one training would store
-(``fracture.detection.choose_box_decoding``), each with its mean FROC sensitivity (centre hit) at
+(``fracture.selection.choose_box_decoding``), each with its mean FROC sensitivity (centre hit) at
 0.5 / 1 / 2 false positives per image. Validation only: the test split is never looked at.
 ``--store`` writes a copy of the checkpoint carrying the chosen decoding (for checkpoints trained
 before ``peaks`` existed); the original is left as it was.
@@ -17,10 +17,11 @@ from pathlib import Path
 import cv2
 import yaml
 
-from fracture import detection
-from fracture.annotations import DatasetError
-from fracture.checkpoint import CheckpointError, load_classifier
-from fracture.evaluate import validation_items
+from fracture.boxes import detection
+from fracture.data.annotations import DatasetError
+from fracture.report.sources import validation_items
+from fracture.scoring import selection
+from fracture.train.checkpoint import CheckpointError, load_classifier
 
 
 def main() -> None:
@@ -40,9 +41,9 @@ def main() -> None:
     size = model.contract.image_size
     inputs = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
     truths = [it[3] for it in items]
-    regions = detection.choose_box_decoding(inputs, truths, peak_thresholds=())
-    stored = detection.choose_box_decoding(inputs, truths)
-    peaks = detection.choose_box_decoding(inputs, truths, thresholds=(), min_areas=())
+    regions = selection.choose_box_decoding(inputs, truths, peak_thresholds=())
+    stored = selection.choose_box_decoding(inputs, truths)
+    peaks = selection.choose_box_decoding(inputs, truths, thresholds=(), min_areas=())
     print(f"validation: {len(items)} images, {sum(map(bool, truths))} with boxes ({sum(map(len, truths))} boxes)")
     for name, chosen in (("regions", regions), ("peaks", peaks), ("chosen", stored)):
         print(f"{name:8s} mean FROC {chosen['froc_mean']:.3f}  {chosen}")

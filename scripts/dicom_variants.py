@@ -100,13 +100,14 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("image", nargs="?", type=Path, help="an 8-bit radiograph (default: a synthetic one)")
     parser.add_argument("--out", type=Path, default=Path("reports/dicom_variants"))
     ns = parser.parse_args(args)
-    from fracture import preprocess
-    from fracture.predict import Predictor, expand_inputs
+    from fracture.deploy.predict import expand_inputs
+    from fracture.deploy.predictor import Predictor
+    from fracture.imaging import preprocess
 
     if ns.image:
         picture = preprocess.read_image(ns.image)
     else:
-        from fracture.synth import radiograph
+        from fracture.data.synth import radiograph
 
         picture = np.rint(radiograph(np.random.default_rng(0), True, "oblique") * 255).astype(np.uint8)
     files = write_variants(picture, ns.out / "dicom")

@@ -2,7 +2,7 @@
 
 import sys
 
-from fracture.export import main
+from fracture.export.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from fracture.predict import main
+from fracture.deploy.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@
 # SECONDS caps each stage's wall time (trainer.max_time), so the run ends inside it whatever the hardware;
 # a capped stage says so and the card must. WHEELS_DIR: wheels of jsonargparse and its needs for a machine
 # without an index. With OUT set (a folder fetched back from a lent GPU), the two checkpoints the release
-# needs are written there without optimiser state, conv/linear weights in fp16 (`python -m fracture.checkpoint
+# needs are written there without optimiser state, conv/linear weights in fp16 (`python -m fracture.train.checkpoint
 # narrow`: the device tool returns at most 64 MiB; loading casts them back to fp32), with every stage's logs,
 # in 15 MiB parts (`cat NAME.ckpt.part-* > NAME.ckpt`).
 # DRY_RUN=1: the same path on the CPU, 2 epochs of 3 batches per stage (how it is checked without a GPU).
@@ -72,8 +72,8 @@ done
 echo "== done in $((SECONDS - START)) s"
 
 if [ -n "${OUT:-}" ]; then
-    "$PY" -m fracture.checkpoint narrow "$(ls "$RESULTS"/classify/best-*.ckpt | head -1)" "$OUT/classify-best.ckpt"
-    "$PY" -m fracture.checkpoint narrow "$RESULTS/localise-ft2/last.ckpt" "$OUT/localise-ft2-last.ckpt"
+    "$PY" -m fracture.train.checkpoint narrow "$(ls "$RESULTS"/classify/best-*.ckpt | head -1)" "$OUT/classify-best.ckpt"
+    "$PY" -m fracture.train.checkpoint narrow "$RESULTS/localise-ft2/last.ckpt" "$OUT/localise-ft2-last.ckpt"
     for f in "$OUT"/*.ckpt; do split -b 15m "$f" "$f.part-" && rm "$f"; done  # 16 MiB a file comes back
     tar czf "$OUT/logs.tgz" --exclude='*.ckpt' --exclude='*/tensorboard' "$RESULTS"
     ls -la "$OUT"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fracture.synth import write_dataset
+from fracture.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -42,7 +42,7 @@ def tiny_fit_args(root: Path, out: Path, *extra: str, epochs: int = 2) -> list[s
 @pytest.fixture(scope="session")
 def tiny_ckpt(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The best checkpoint of a 2-epoch, 64 px run on the tiny synthetic set."""
-    from fracture import fit
+    from fracture.train import fit
 
     out = tmp_path_factory.mktemp("run")
     assert fit.main(tiny_fit_args(synth_root, out, "--test_after_fit", "false", epochs=2)) == 0
@@ -51,7 +51,7 @@ def tiny_ckpt(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fracture.export import export
+    from fracture.export.export import export
 
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     export(tiny_ckpt, out)
@@ -64,7 +64,7 @@ def loc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("locsynth")
     write_dataset(root, n=320, seed=7)
     out = tmp_path_factory.mktemp("locrun")
-    from fracture import fit
+    from fracture.train import fit
 
     assert fit.main(loc_fit_args(root, out, "loc")) == 0
     return root, next((out / "loc").glob("best-*.ckpt"))
@@ -80,7 +80,7 @@ def loc_fit_args(root: Path, out: Path, name: str, *extra: str, epochs: int = 8)
 
 @pytest.fixture(scope="session")
 def loc_onnx(loc_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fracture.export import export
+    from fracture.export.export import export
 
     out = tmp_path_factory.mktemp("locexport") / "loc.onnx"
     export(loc_run[1], out)
@@ -92,9 +92,9 @@ def val_auroc_of(ckpt: Path, root: Path, image_size: int = 64) -> float:
     import numpy as np
     import torch
 
-    from fracture.checkpoint import load_classifier
-    from fracture.data import FractureDataModule
-    from fracture.metrics import auroc
+    from fracture.scoring.metrics import auroc
+    from fracture.train.checkpoint import load_classifier
+    from fracture.train.data import FractureDataModule
 
     model = load_classifier(ckpt)
     dm = FractureDataModule(root=str(root), image_size=image_size, num_workers=0)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture.annotations import Columns, DatasetError, load_splits, read_split, split_by_group
-from fracture.labels import parse_label
+from fracture.data.annotations import Columns, DatasetError, load_splits, read_split, split_by_group
+from fracture.data.labels import parse_label
 
 
 def make_split(root: Path, rows: list[dict], header: list[str] | None = None, files: bool = True) -> Path:

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture import audit, duplicates
-from fracture.annotations import DatasetError
-from fracture.data import FractureDataModule
-from fracture.synth import write_dataset
+from fracture.data.annotations import DatasetError
+from fracture.data.synth import write_dataset
+from fracture.data import audit, duplicates
+from fracture.train.data import FractureDataModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas-dev"
 
@@ -95,7 +95,7 @@ def test_fit_refuses_exact_and_near_copies_across_splits_even_with_a_patient_col
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="FracAtlas copy not present")
 def test_fracatlas_copy_defects_are_found(tmp_path: Path) -> None:
-    from fracture.datasets import import_dataset
+    from fracture.data.datasets import import_dataset
 
     report = import_dataset("fracatlas", SHARED, tmp_path / "fa")
     assert any("IMG0003298" in note for note in report["label_disagreements"])

@@ -11,19 +11,19 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-
 from conftest import tiny_fit_args, val_auroc_of
-from fracture import fit, preprocess
-from fracture.data import FractureDataModule
-from fracture.checkpoint import load_classifier
-from fracture.export import export, export_model
-from fracture.model import build_network
-from fracture.module import FractureClassifier
-from fracture.networks import ResNet, SeedCNN, Torchvision
-from fracture.recipe import lr_factor
-from fracture.predict import Predictor
-from fracture.preprocess import Contract
 
+from fracture.deploy.predictor import Predictor
+from fracture.export.export import export, export_model
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract
+from fracture.train import fit
+from fracture.train.checkpoint import load_classifier
+from fracture.train.data import FractureDataModule
+from fracture.train.model import build_network
+from fracture.train.module import FractureClassifier
+from fracture.train.networks import ResNet, SeedCNN, Torchvision
+from fracture.train.recipe import lr_factor
 
 NETWORKS = [SeedCNN(), ResNet(18), ResNet(34), ResNet(50), Torchvision("densenet121"), Torchvision("efficientnet_b0"), Torchvision("convnext_tiny")]
 
@@ -80,7 +80,7 @@ def test_schedule_and_ema_in_a_real_run(synth_root: Path, tmp_path: Path) -> Non
 
 
 def test_optimizer_holds_exactly_the_network_and_norms_and_biases_never_decay() -> None:
-    from fracture.recipe import Recipe, configure
+    from fracture.train.recipe import Recipe, configure
 
     model = FractureClassifier(net=ResNet(18), image_size=64, recipe=Recipe(optimizer="adamw", weight_decay=0.05))
     optimizer = configure(model.recipe, model.net, total_steps=10, max_epochs=1)

@@ -11,11 +11,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_fit_args
-from fracture import evaluate, fit, predict, preprocess
-from fracture.annotations import DatasetError
-from fracture.data import FractureDataModule
+
+from fracture.data.annotations import DatasetError
+from fracture.deploy import predict
+from fracture.imaging import preprocess
+from fracture.report import evaluate
+from fracture.train import fit
+from fracture.train.data import FractureDataModule
 
 
 def _png_header_only(width: int, height: int) -> bytes:

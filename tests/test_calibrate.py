@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from conftest import REPO
-from fracture import metrics
-from fracture.calibrate import list_sha256, main
-from fracture.predict import Predictor, _csv_images, file_sha256, read_labels
 from test_predict import BLOCKER
 
-BLOCKED_CALIBRATE = BLOCKER + "from fracture.calibrate import main\nsys.exit(main(sys.argv[1:]))\n"
+from fracture.deploy.calibrate import list_sha256, main
+from fracture.deploy.predict import _csv_images, read_labels
+from fracture.deploy.predictor import Predictor, file_sha256
+from fracture.scoring import metrics
+
+BLOCKED_CALIBRATE = BLOCKER + "from fracture.deploy.calibrate import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def test_calibrate_rechooses_thresholds_into_a_new_file_with_lineage(synth_root: Path, tiny_onnx: Path, tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_calibrate_refuses_to_overwrite_its_input_or_use_too_few_images(synth_ro
 
 
 def test_calibration_figures_are_cross_fitted_so_no_image_judges_its_own_threshold() -> None:
-    from fracture.calibrate import cross_fitted
+    from fracture.deploy.calibrate import cross_fitted
 
     rng = np.random.default_rng(4)
     labels = (rng.random(200) < 0.3).astype(int)
@@ -76,7 +77,7 @@ def test_calibration_figures_are_cross_fitted_so_no_image_judges_its_own_thresho
         fold[idx[rng_fold.permutation(len(idx))]] = np.arange(len(idx)) % 5
     assert all(fold[i] != fold[7] or i == 7 for name in changed for i in changed[name])
     # the screening point reaches its target in sample by construction; out of sample it need not
-    from fracture import metrics
+    from fracture.scoring import metrics
     t = metrics.operating_points(probs, labels, 0.95)["screening"]
     assert metrics.binary_metrics(probs, labels, t)["sensitivity"] >= 0.95
     assert base["screening"][labels == 1].mean() < 1.0

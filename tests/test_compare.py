@@ -1,4 +1,4 @@
-"""fracture.compare: paired bootstrap of two reports' per-image predictions."""
+"""fracture.scoring.compare: paired bootstrap of two reports' per-image predictions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture import compare, metrics
+from fracture.scoring import compare, metrics
 
 
 def _report(folder: Path, probs: np.ndarray, labels: np.ndarray, boxes: list[list] | None = None, truth: list[list] | None = None,

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fracture import preprocess
-from fracture.annotations import DatasetError
-from fracture.data import Augmentation, FractureDataModule, build_cache
+from fracture.data.annotations import DatasetError
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract
+from fracture.train.data import FractureDataModule
+from fracture.train.dataset import Augmentation, build_cache
 
 
 def test_eval_inputs_equal_a_direct_preprocess_call(synth_root: Path) -> None:
@@ -20,7 +22,7 @@ def test_eval_inputs_equal_a_direct_preprocess_call(synth_root: Path) -> None:
         ds = dm.datasets[split]
         for i in (0, len(ds) - 1):
             x, y = ds[i][:2]
-            direct = preprocess.load(ds.paths[i], preprocess.Contract(image_size=48))
+            direct = preprocess.load(ds.paths[i], Contract(image_size=48))
             assert x.dtype == torch.float32 and x.shape == (1, 48, 48)
             assert torch.equal(x[0], torch.from_numpy(direct).float())
             assert float(y) == float(dm.tables[split]["label"].iloc[i])
@@ -43,7 +45,7 @@ def test_augmentation_only_on_train(synth_root: Path) -> None:
 
 def test_disk_cache_is_reused_and_matches_memory(synth_root: Path, tmp_path: Path) -> None:
     paths = sorted(str(p) for p in (synth_root / "test" / "images").glob("*.png"))[:10]
-    contract = preprocess.Contract(image_size=40)
+    contract = Contract(image_size=40)
     mem, mem_sizes = build_cache(paths, contract, "memory", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
     disk, disk_sizes = build_cache(paths, contract, "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
     assert len(list(tmp_path.glob("*.npy"))) == 2  # inputs + original sizes
@@ -51,7 +53,7 @@ def test_disk_cache_is_reused_and_matches_memory(synth_root: Path, tmp_path: Pat
     assert isinstance(again, np.memmap)
     assert np.array_equal(mem, disk) and np.array_equal(mem, again)
     assert np.array_equal(mem_sizes, again_sizes) and tuple(mem_sizes[0]) == preprocess.read_image(paths[0]).shape
-    build_cache(paths, preprocess.Contract(image_size=32), "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
+    build_cache(paths, Contract(image_size=32), "disk", tmp_path, preprocess.DEFAULT_MAX_PIXELS)
     assert len(list(tmp_path.glob("*.npy"))) == 4  # a new contract is a new cache
 
 

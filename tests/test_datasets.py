@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fracture.annotations import load_splits, read_split
-from fracture.datasets import import_dataset, main
-from fracture.synth import radiograph
+from fracture.data.annotations import load_splits, read_split
+from fracture.data.datasets import import_dataset, main
+from fracture.data.synth import radiograph
 
 
 def _img(path: Path, seed: int, fractured: bool = False) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO
-from fracture import preprocess
-from fracture.predict import Predictor, expand_inputs
-from fracture.synth import radiograph
+
+from fracture.data.synth import radiograph
+from fracture.deploy.predict import expand_inputs
+from fracture.deploy.predictor import Predictor
+from fracture.imaging import preprocess
 
 pytest.importorskip("pydicom")
 spec = importlib.util.spec_from_file_location("dicom_variants", REPO / "scripts" / "dicom_variants.py")

@@ -7,8 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fracture import compare, evaluate, metrics, preprocess
-from fracture.checkpoint import load_classifier
+from fracture.data.annotations import read_split
+from fracture.imaging import preprocess
+from fracture.report import evaluate, sources
+from fracture.scoring import compare, metrics
+from fracture.train.checkpoint import load_classifier
 
 
 def test_bootstrap_contains_the_estimate_and_is_reproducible() -> None:
@@ -105,16 +108,16 @@ def test_review_fixes_val_split_wording_subgroup_cis_and_run_columns(synth_root:
     (run / "config.yaml").write_text("data:\n  columns:\n    image: picture\n    label: broken\n    group: null\n")
     table = pd.read_csv(root / "test" / "annotations.csv", dtype=str).rename(columns={"image": "picture", "fracture": "broken"})
     table.to_csv(root / "test" / "annotations.csv", index=False)
-    columns = evaluate.run_columns(run)
+    columns = sources.run_columns(run)
     assert columns.image == "picture" and columns.label == "broken"
-    assert len(evaluate.read_split(root / "test", columns)) == len(table)
+    assert len(read_split(root / "test", columns)) == len(table)
 
 
 def test_a_patient_in_two_supplied_splits_is_refused_by_fit_and_audit(synth_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    from fracture import audit
-    from fracture.annotations import DatasetError, load_splits
+    from fracture.data.annotations import DatasetError, load_splits
+    from fracture.data import audit
 
     root = tmp_path / "ds"
     shutil.copytree(synth_root, root)

@@ -9,14 +9,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fracture import export as export_mod
-from fracture import graph
-from fracture import preprocess
-from fracture.checkpoint import load_classifier
-from fracture.export import export
-from fracture.graph import Deployable, ExportError, parity_inputs
-from fracture.predict import file_sha256 as sha256
-from fracture.quantize import quantize_int8
+from fracture.deploy.predictor import file_sha256 as sha256
+from fracture.export import export as export_mod
+from fracture.export import graph
+from fracture.export.export import export
+from fracture.export.graph import Deployable, ExportError, parity_inputs
+from fracture.export.quantize import quantize_int8
+from fracture.imaging.contract import Contract
+from fracture.train.checkpoint import load_classifier
 
 
 def test_onnx_matches_checkpoint_at_batch_1_and_7(tiny_ckpt: Path, tiny_onnx: Path) -> None:
@@ -79,7 +79,7 @@ def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx:
     assert report["kept"] == (report["auroc_fp32"] - report["auroc_int8"] <= 0.01 and not lost)
     if report["kept"]:
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        x = parity_inputs(preprocess.Contract(image_size=64), n=3)
+        x = parity_inputs(Contract(image_size=64), n=3)
         assert sess.run(["probability"], {"image": x})[0].shape == (3,)
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
@@ -92,8 +92,8 @@ def test_int8_runs_and_is_reported(synth_root: Path, tiny_ckpt: Path, tiny_onnx:
 
 
 def test_int8_operating_points_are_rechosen_for_the_int8_probabilities() -> None:
-    from fracture import metrics
-    from fracture.quantize import int8_operating_points
+    from fracture.export.quantize import int8_operating_points
+    from fracture.scoring import metrics
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

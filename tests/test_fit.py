@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import CONFIGS, REPO, tiny_fit_args
-from fracture import fit
+
+from fracture.train import fit
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -91,13 +91,13 @@ def test_print_config_is_valid_yaml_with_the_seed_defaults() -> None:
     assert cfg["model"]["recipe"]["lr"] == 0.001 and cfg["model"]["recipe"]["optimizer"] == "adam"
     assert cfg["data"]["batch_size"] == 32 and cfg["trainer"]["max_epochs"] == 50
     net = cfg["model"]["net"]
-    assert net["class_path"] == "fracture.networks.SeedCNN" and net["init_args"]["widths"] == [32, 64, 128] and net["init_args"]["pool"] == "flatten"
+    assert net["class_path"] == "fracture.train.networks.SeedCNN" and net["init_args"]["widths"] == [32, 64, 128] and net["init_args"]["pool"] == "flatten"
     assert cfg["data"]["image_size"] == 224
 
 
 def test_init_from_at_another_size_refuses_a_head_sized_by_its_input(tiny_ckpt: Path, tmp_path: Path) -> None:
-    from fracture.checkpoint import CheckpointError, initialise_from, upgrade
-    from fracture.module import FractureClassifier
+    from fracture.train.checkpoint import CheckpointError, initialise_from, upgrade
+    from fracture.train.module import FractureClassifier
 
     hparams, _ = upgrade(torch.load(tiny_ckpt, map_location="cpu", weights_only=True))
     flat = {**hparams, "net": {**hparams["net"], "init_args": {**hparams["net"]["init_args"], "pool": "flatten"}}}
@@ -107,3 +107,20 @@ def test_init_from_at_another_size_refuses_a_head_sized_by_its_input(tiny_ckpt: 
     assert initialise_from(FractureClassifier(**flat), ckpt, splits)[0].startswith(f"{ckpt}: no splits.csv")  # same size: loads
     with pytest.raises(CheckpointError, match="fit 64 px inputs, not this run's 96 px"):
         initialise_from(FractureClassifier(**{**flat, "image_size": 96}), ckpt, splits)
+
+
+def test_checkpoints_from_before_the_package_move_still_load(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the subpackages store class paths of the flat layout (fracture.networks.…)."""
+    import torch
+
+    from fracture.train.checkpoint import load_classifier
+
+    old = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    assert old["hyper_parameters"]["net"]["class_path"] == "fracture.train.networks.SeedCNN"
+    old["hyper_parameters"]["net"]["class_path"] = "fracture.networks.SeedCNN"
+    torch.save(old, tmp_path / "flat.ckpt")
+    before, after = load_classifier(tiny_ckpt), load_classifier(tmp_path / "flat.ckpt")
+    x = torch.rand(2, 1, 64, 64) * 255
+    with torch.no_grad():
+        assert torch.equal(before(x), after(x))
+    assert after.spec.config()["class_path"] == "fracture.train.networks.SeedCNN"  # written back in today's form

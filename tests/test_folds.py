@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from fracture import fit, folds
-from fracture.annotations import DatasetError, fold_split, load_splits
-
 from conftest import tiny_fit_args
+
+from fracture.data.annotations import DatasetError, fold_split, load_splits
+from fracture.scoring import folds
+from fracture.train import fit
 
 
 def test_folds_cover_train_once_keep_groups_whole_and_stratify() -> None:

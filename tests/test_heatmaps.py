@@ -10,16 +10,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import REPO
-from fracture import heatmap, preprocess
-from fracture.explain import explain, grad_cam
-from fracture.checkpoint import load_classifier
-from fracture.export import export
-from fracture.graph import parity_inputs
-from fracture.model import build_network, cam_from_features, normalise_cam
-from fracture.preprocess import Contract
 from test_predict import BLOCK_TRAINING_LIBS
+
+from fracture.boxes import heatmap
+from fracture.export.export import export
+from fracture.export.graph import parity_inputs
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract, resize
+from fracture.train.checkpoint import load_classifier
+from fracture.train.explain import explain, grad_cam
+from fracture.train.model import build_network
+from fracture.train.cam import cam_from_features, normalise_cam
 
 
 def _line_images(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
@@ -95,7 +97,7 @@ def test_heatmap_lands_on_the_original_geometry(shape: tuple[int, int], method: 
     point = (int(h * 0.7), int(w * 0.3))  # a spot in the original image
     marker = np.zeros(shape, np.uint8)
     cv2.circle(marker, (point[1], point[0]), max(h, w) // 25, 255, -1)
-    cam = cv2.resize(preprocess.resize(marker, contract).astype(np.float32), (16, 16), interpolation=cv2.INTER_AREA)
+    cam = cv2.resize(resize(marker, contract).astype(np.float32), (16, 16), interpolation=cv2.INTER_AREA)
     full = heatmap.to_original(cam, h, w, contract)
     assert full.shape == shape
     r, c = np.unravel_index(np.argmax(full), full.shape)

@@ -13,9 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO
-from fracture import preprocess
+
+from fracture.imaging import preprocess
 
 PEAK_BOUND_MB = 60  # over a child process that imported the same modules and decoded nothing
 spec = importlib.util.spec_from_file_location("hostile_inputs", REPO / "scripts" / "hostile_inputs.py")
@@ -25,7 +25,7 @@ spec.loader.exec_module(hostile)
 
 CHILD = """
 import json, resource, sys
-from fracture import preprocess
+from fracture.imaging import preprocess
 import cv2, numpy, PIL.Image
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

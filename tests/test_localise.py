@@ -15,23 +15,28 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, loc_fit_args
-from fracture import compare, detection, evaluate, fit, heatmap, preprocess
-from fracture.data import Augmentation, FractureDataModule, Transform
-from fracture.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
-from fracture.export import export
-from fracture.predict import file_sha256
-from fracture.graph import Deployable
-from fracture.quantize import quantize_int8
-from fracture.model import build_network
-from fracture.losses import cell_cover, map_loss, pointing_loss
-from fracture.module import FractureClassifier
-from fracture.model import MirrorTTA, WithClassifier
-from fracture.networks import ResNet
-from fracture.preprocess import Contract
-from fracture.synth import radiograph_and_boxes, write_dataset
 from test_predict import BLOCK_TRAINING_LIBS
+
+from fracture.boxes import detection, heatmap
+from fracture.data.synth import radiograph_and_boxes, write_dataset
+from fracture.deploy.predictor import file_sha256
+from fracture.export.export import export
+from fracture.export.graph import Deployable
+from fracture.export.quantize import quantize_int8
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract, geometry, resize
+from fracture.report import evaluate
+from fracture.scoring import compare, froc, selection
+from fracture.train import fit
+from fracture.train.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
+from fracture.train.combined import MirrorTTA, WithClassifier
+from fracture.train.data import FractureDataModule
+from fracture.train.dataset import Augmentation, Transform
+from fracture.train.losses import cell_cover, map_loss, pointing_loss
+from fracture.train.model import build_network
+from fracture.train.module import FractureClassifier
+from fracture.train.networks import ResNet
 
 NO_EXPOSURE = {"brightness": 0.0, "contrast": 0.0, "noise_std": 0.0}
 
@@ -49,15 +54,15 @@ def test_froc_ap_and_pointing_on_a_hand_computed_case() -> None:
         [(0, 0, 5, 5, 0.7)],  # a false positive on an image without fracture
         [(38, 38, 48, 48, 0.6)],  # centre outside, IoU 0.02: a miss and a false positive
     ]
-    m = detection.detection_metrics(detection.score_detections(preds, truths))
+    m = froc.detection_metrics(froc.score_detections(preds, truths))
     # FP scores 0.8, 0.7, 0.6 over 3 images. 0.5 FP/image allows 1 FP: threshold above 0.7 keeps the 0.9 hit -> 1 of 2 lesions
     assert m["froc_centre_sensitivity_at_0.5_fp"] == 0.5
     assert m["froc_centre_sensitivity_at_1_fp"] == 0.5 and m["froc_iou_sensitivity_at_2_fp"] == 0.5
     # AP@0.25: TP, FP, FP, FP with 2 lesions -> precision 1 up to recall 0.5 -> 0.5; AP@0.5: IoU 0.36 is no match -> 0
     assert m["ap_iou25"] == pytest.approx(0.5) and m["ap_iou50"] == 0.0
     # a lesion hit only by a low-scoring box needs more false positives
-    later = detection.froc([detection.ImageScores([(0, 0, 4, 4, 0.95), (10, 10, 20, 20, 0.5)], [(10, 10, 20, 20)], "centre"),
-                            detection.ImageScores([(0, 0, 4, 4, 0.9), (5, 5, 9, 9, 0.85)], [], "centre")])  # 3 FPs above it on 2 images
+    later = froc.froc([froc.ImageScores([(0, 0, 4, 4, 0.95), (10, 10, 20, 20, 0.5)], [(10, 10, 20, 20)], "centre"),
+                            froc.ImageScores([(0, 0, 4, 4, 0.9), (5, 5, 9, 9, 0.85)], [], "centre")])  # 3 FPs above it on 2 images
     assert later == {"sensitivity_at_0.5_fp": 0.0, "sensitivity_at_1_fp": 0.0, "sensitivity_at_2_fp": 1.0}
     cam = np.zeros((50, 50))
     cam[15, 15] = 1.0
@@ -70,22 +75,22 @@ def test_one_box_finds_one_lesion_and_a_huge_box_finds_none() -> None:
     # two lesions side by side, one box over both: IoU 0.5 with each and its centre (20, 15) inside the second
     two = [(10, 10, 20, 20), (20, 10, 30, 20)]
     for crit in ("centre", "iou"):
-        scores = detection.ImageScores([(10, 10, 30, 20, 0.9)], two, crit)
+        scores = froc.ImageScores([(10, 10, 30, 20, 0.9)], two, crit)
         assert int(np.isfinite(scores.lesion_scores).sum()) == 1 and scores.fp_scores.size == 0, crit
     # the same lesions, a box on each: both found; a second box on a found lesion is a false positive
-    scores = detection.ImageScores([(10, 10, 20, 20, 0.9), (20, 10, 30, 20, 0.8), (11, 11, 19, 19, 0.7)], two, "centre")
+    scores = froc.ImageScores([(10, 10, 20, 20, 0.9), (20, 10, 30, 20, 0.8), (11, 11, 19, 19, 0.7)], two, "centre")
     assert scores.lesion_scores.tolist() == [0.9, 0.8] and scores.fp_scores.tolist() == [0.7]
     # the higher-scoring box claims first; a lower one over the same lesion cannot take it away
-    assert detection.match([(12, 12, 18, 18, 0.4), (10, 10, 20, 20, 0.9)], [(10, 10, 20, 20)], "centre") == [-1, 0]
+    assert froc.match([(12, 12, 18, 18, 0.4), (10, 10, 20, 20, 0.9)], [(10, 10, 20, 20)], "centre") == [-1, 0]
     # centre hit needs a bounded box: 4x the true area (20x20 on a 10x10 lesion) hits, just over it does not
     truth = [(10, 10, 20, 20)]
-    assert detection.hits((5, 5, 25, 25, 1.0), truth[0], "centre")
-    assert not detection.hits((4.9, 4.9, 25.1, 25.1, 1.0), truth[0], "centre")
-    huge = detection.detection_metrics(detection.score_detections([[(0, 0, 100, 100, 0.9)]], [truth]))
+    assert froc.hits((5, 5, 25, 25, 1.0), truth[0], "centre")
+    assert not froc.hits((4.9, 4.9, 25.1, 25.1, 1.0), truth[0], "centre")
+    huge = froc.detection_metrics(froc.score_detections([[(0, 0, 100, 100, 0.9)]], [truth]))
     assert huge["froc_centre_sensitivity_at_2_fp"] == 0.0 and huge["froc_iou_sensitivity_at_2_fp"] == 0.0
 
 def test_pointing_by_subgroup_and_lesion_size_on_a_hand_computed_case() -> None:
-    from fracture.localisation import LESION_SIZE, ImageResult, by_subgroup
+    from fracture.scoring.localisation import LESION_SIZE, ImageResult, by_subgroup
 
     def image(side: float | None, hit: float = np.nan, mass: float = np.nan) -> ImageResult:
         truth = [(0.0, 0.0, side, side), (0.0, 0.0, 2 * side, 2 * side)] if side else []  # the smaller box sets the size
@@ -113,7 +118,7 @@ def test_map_to_boxes_and_threshold_choice() -> None:
     boxes = detection.map_to_boxes(m, 0.5)
     assert boxes == [(5.0, 5.0, 15.0, 10.0, pytest.approx(0.9))]
     assert len(detection.map_to_boxes(m, 0.3)) == 2 and len(detection.map_to_boxes(m, 0.3, min_area=5)) == 1
-    chosen = detection.choose_box_decoding([m, m * 0], [[(5, 5, 15, 10)], []], thresholds=(0.2, 0.5, 0.95))
+    chosen = selection.choose_box_decoding([m, m * 0], [[(5, 5, 15, 10)], []], thresholds=(0.2, 0.5, 0.95))
     assert chosen["box_method"] == "regions" and chosen["box_threshold"] == 0.5 and chosen["froc_mean"] == 1.0  # peaks tie: regions kept
 
 
@@ -146,10 +151,10 @@ def test_peaks_are_chosen_when_a_ridge_merges_the_fracture_with_its_surroundings
         truths.append([(38.0, 26.0 + k % 3, 46.0, 34.0 + k % 3)])
     maps.append(np.zeros((64, 64), np.float32))
     truths.append([])
-    chosen = detection.choose_box_decoding(maps, truths)
+    chosen = selection.choose_box_decoding(maps, truths)
     assert chosen["box_method"] == "peaks" and chosen["froc_mean"] == 1.0 and chosen["max_boxes"] == 1
     assert chosen["box_size"] == pytest.approx([8 / 64, 8 / 64])
-    regions_only = detection.choose_box_decoding(maps, truths, peak_thresholds=())
+    regions_only = selection.choose_box_decoding(maps, truths, peak_thresholds=())
     assert regions_only["box_method"] == "regions" and regions_only["froc_mean"] == 0.0
 
 
@@ -163,14 +168,14 @@ def test_display_threshold_shows_at_most_one_false_box_per_validation_image() ->
             m[y - 2 : y + 2, x - 2 : x + 2] = rng.uniform(0.5, 0.95) if (j == 3 and k % 2) else rng.uniform(0.2, 0.9)
         maps.append(m)
         truths.append([(x - 4.0, y - 4.0, x + 4.0, y + 4.0)] if k % 2 else [])
-    chosen = detection.choose_box_decoding(maps, truths)
+    chosen = selection.choose_box_decoding(maps, truths)
     contract = Contract(image_size=64)
     candidates = [detection.find_boxes(m, chosen, 64, 64, contract, candidates=True) for m in maps]
-    scored = [detection.ImageScores(c, t, "centre") for c, t in zip(candidates, truths)]
+    scored = [froc.ImageScores(c, t, "centre") for c, t in zip(candidates, truths)]
     shown = chosen["display_threshold"]
     assert shown > chosen["box_threshold"] and sum(map(len, candidates)) / len(maps) > 1.5  # the candidates are trimmed
-    assert detection.at_threshold(scored, shown)["fp_per_image"] <= detection.DISPLAY_FP_RATE
-    assert detection.at_threshold(scored, shown - 1e-6)["fp_per_image"] > detection.DISPLAY_FP_RATE  # the lowest such threshold
+    assert froc.at_threshold(scored, shown)["fp_per_image"] <= selection.DISPLAY_FP_RATE
+    assert froc.at_threshold(scored, shown - 1e-6)["fp_per_image"] > selection.DISPLAY_FP_RATE  # the lowest such threshold
     for m, c in zip(maps, candidates):  # what a reader is shown: the candidates above it
         assert detection.find_boxes(m, chosen, 64, 64, contract) == [b for b in c if b[4] > shown]
 
@@ -183,11 +188,11 @@ def test_stored_box_decoding_gives_boxes_in_original_pixels(resize: str) -> None
     mask = detection.rasterize(detection.to_input([(0.6, 0.3, 0.7, 0.5)], h, w, contract), 64, 64)
     low = cv2.resize(mask.astype(np.float32) / 255, (8, 8), interpolation=cv2.INTER_AREA)
     full = heatmap.to_original(low, h, w, contract)
-    g = preprocess.geometry(h, w, contract)
+    g = geometry(h, w, contract)
     size = [(truth[2] - truth[0]) * g.inner_width / w / 64, (truth[3] - truth[1]) * g.inner_height / h / 64]  # the true box, as input fractions
     (box,) = detection.find_boxes(full, {"box_method": "peaks", "box_threshold": 0.2, "max_boxes": 1, "box_size": size}, h, w, contract)
     assert box[2] - box[0] == pytest.approx(truth[2] - truth[0], rel=0.05) and box[3] - box[1] == pytest.approx(truth[3] - truth[1], rel=0.05)
-    assert detection.hits(box, truth, "centre") and detection.iou(box, truth) > 0.4
+    assert froc.hits(box, truth, "centre") and detection.iou(box, truth) > 0.4
     old = {"box_threshold": 0.5, "min_area_fraction": 0.0}  # metadata from before box_method: regions
     assert detection.find_boxes(full, old, h, w, contract) == detection.map_to_boxes(full, 0.5)
 
@@ -224,14 +229,14 @@ def test_boxes_are_in_the_frame_a_viewer_shows_an_exif_rotated_image(tmp_path: P
     assert inside.size and inside.mean() > 200
 
 
-@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
-def test_boxes_land_on_the_fracture_after_resizing_and_come_back(resize: str) -> None:
+@pytest.mark.parametrize("method", ["stretch", "letterbox"])
+def test_boxes_land_on_the_fracture_after_resizing_and_come_back(method: str) -> None:
     original = np.zeros((90, 140), np.uint8)
     box = (0.2, 0.25, 0.55, 0.75)
     x0, y0, x1, y1 = detection.to_pixels([box], 90, 140)[0]
     original[int(y0) : int(y1), int(x0) : int(x1)] = 255
-    contract = Contract(image_size=64, resize=resize)
-    resized = preprocess.resize(original, contract)
+    contract = Contract(image_size=64, resize=method)
+    resized = resize(original, contract)
     mask = detection.rasterize(detection.to_input([box], 90, 140, contract), 64, 64)
     assert _iou(resized > 127, mask > 0) > 0.85
     # a map over the model input at stride 8 (each cell: its share of box, as the map is trained) → boxes in original pixels
@@ -390,7 +395,7 @@ def copy_with_one_image_moved(ckpt: Path, folder: Path) -> Path:
 
 
 def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from fracture import ensemble
+    from fracture.train import ensemble
 
     root, ckpt = loc_run
     assert fit.main(loc_fit_args(root, tmp_path, "m2", "--init_from", str(ckpt), "--seed_everything", "1", "--test_after_fit", "false", epochs=1)) == 0
@@ -456,9 +461,9 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
 
 def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_is_chosen_on_validation(loc_run: tuple[Path, Path], tmp_path: Path,
                                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from fracture import ensemble
-    from fracture.checkpoint import run_split
-    from fracture.model import LocaliseNet
+    from fracture.train import ensemble
+    from fracture.train.checkpoint import run_split
+    from fracture.train.model import LocaliseNet
 
     root, ckpt = loc_run
     # a classify run on the localiser's preprocessing at half its size, on the same splits (same root, seed, val fraction)
@@ -526,8 +531,8 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
 
 def test_ensemble_refuses_classify_models_and_is_never_trained(tiny_ckpt: Path, synth_root: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from fracture import ensemble
-    from fracture.networks import SeedCNN
+    from fracture.train import ensemble
+    from fracture.train.networks import SeedCNN
 
     copy = tmp_path / "copy" / tiny_ckpt.name
     copy.parent.mkdir()
@@ -574,7 +579,7 @@ def test_dataset_items_carry_masks_and_boxes_in_input_pixels(tmp_path: Path) -> 
 
 
 def test_annotation_boxes_are_validated(tmp_path: Path) -> None:
-    from fracture.annotations import DatasetError, read_split
+    from fracture.data.annotations import DatasetError, read_split
 
     write_dataset(tmp_path, n=12, seed=4)
     csv = tmp_path / "train" / "annotations.csv"
@@ -650,7 +655,7 @@ def test_onnx_map_parity_and_torch_free_boxes(loc_run: tuple[Path, Path], tmp_pa
         assert 0 <= r["box_x0"] < r["box_x1"] <= w and 0 <= r["box_y0"] < r["box_y1"] <= h  # original-image pixels
         true = detection.to_pixels(detection.parse_boxes(truth[Path(r["path"]).name]), h, w)
         found += 1
-        hit += any(detection.hits(tuple(r[["box_x0", "box_y0", "box_x1", "box_y1"]]), t, "centre") for t in true)
+        hit += any(froc.hits(tuple(r[["box_x0", "box_y0", "box_x1", "box_y1"]]), t, "centre") for t in true)
     assert found and hit / found > 0.5  # most boxes the predictor draws are on a fracture
     js = tmp_path / "boxes.json"
     subprocess.run([sys.executable, "-c", BLOCK_TRAINING_LIBS, str(tmp_path / "loc.onnx"), str(images), "--out", str(js), "--quiet"],
@@ -714,7 +719,7 @@ def test_int8_localise_is_checked_like_the_classifier(loc_run: tuple[Path, Path]
 
 
 def test_localise_refuses_archs_and_sizes_it_cannot_serve() -> None:
-    from fracture.module import FractureClassifier
+    from fracture.train.module import FractureClassifier
 
     with pytest.raises(ValueError, match="localise head is built for"):
         build_network(Contract(image_size=64), "densenet121", head="localise")
@@ -742,8 +747,9 @@ def test_compare_box_decoding_rechooses_on_validation_into_a_new_checkpoint(loc_
 
 
 def test_predictor_decodes_peaks_from_metadata_and_refuses_broken_decodings(loc_onnx: Path, loc_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from fracture.predict import ModelError, Predictor
     from test_predict import _with_metadata
+
+    from fracture.deploy.predictor import ModelError, Predictor
 
     peaks = {"box_method": "peaks", "box_threshold": 0.05, "max_boxes": 2, "box_size": [0.25, 0.125], "display_threshold": 0.05}
     model = _with_metadata(loc_onnx, tmp_path / "peaks.onnx", lambda m: m["localisation"].update(peaks))
@@ -757,7 +763,7 @@ def test_predictor_decodes_peaks_from_metadata_and_refuses_broken_decodings(loc_
     assert [r.boxes for r in kept] == [[b for b in r.boxes if b[4] > cut] for r in rows] and sum(map(len, (r.boxes for r in kept))) < sum(len(r.boxes) for r in rows)
     for r in rows:
         h, w = preprocess.read_image(r.path).shape
-        g = preprocess.geometry(h, w, predictor.contract)
+        g = geometry(h, w, predictor.contract)
         for b in r.boxes:  # the stored size (input fractions) in original pixels, unless clipped at the border
             if 0 < b[0] and b[2] < w:
                 assert b[2] - b[0] == pytest.approx(0.25 * 96 * w / g.inner_width, rel=1e-6)

@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
-from fracture import metrics
+from fracture.scoring import metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

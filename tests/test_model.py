@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fracture.model import build_network
-from fracture.preprocess import Contract
+from fracture.imaging.contract import Contract
+from fracture.train.model import build_network
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 224])

@@ -13,13 +13,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import REPO
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_precision, binary_recall, binary_specificity
 
-from conftest import REPO
-from fracture import heatmap, predict, preprocess
-from fracture.checkpoint import load_classifier
-from fracture.graph import Deployable
-from fracture.predict import ModelError, Predictor
+from fracture.boxes import heatmap
+from fracture.deploy import predict
+from fracture.deploy.predictor import ModelError, Predictor
+from fracture.export.graph import Deployable
+from fracture.imaging import preprocess
+from fracture.train.checkpoint import load_classifier
 
 BLOCKER = """
 import sys
@@ -29,7 +31,7 @@ class _Block:
             raise ImportError('blocked in this test: ' + name)
 sys.meta_path.insert(0, _Block())
 """
-BLOCK_TRAINING_LIBS = BLOCKER + "from fracture.predict import main\nsys.exit(main(sys.argv[1:]))\n"
+BLOCK_TRAINING_LIBS = BLOCKER + "from fracture.deploy.predict import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def test_predictions_equal_the_checkpoint_on_files(synth_root: Path, tiny_ckpt: Path, tiny_onnx: Path) -> None:

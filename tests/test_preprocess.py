@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from fracture import preprocess
-from fracture.preprocess import Contract, ImageError
+from fracture.imaging import preprocess
+from fracture.imaging.contract import CONTRACT_VERSION, Contract, geometry, resize
+from fracture.imaging.preprocess import ImageError
 
 
 def gradient(h: int = 60, w: int = 40) -> np.ndarray:
@@ -69,15 +70,15 @@ def test_tiff_pixel_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [32, 64, 224])
 @pytest.mark.parametrize("method", ["stretch", "letterbox"])
 def test_resize_gives_square_inputs(size: int, method: str) -> None:
-    out = preprocess.resize(gradient(90, 30), Contract(image_size=size, resize=method))
+    out = resize(gradient(90, 30), Contract(image_size=size, resize=method))
     assert out.shape == (size, size) and out.dtype == np.uint8
 
 
 def test_letterbox_keeps_aspect_and_pads_with_zero() -> None:
     contract = Contract(image_size=64, resize="letterbox")
     img = np.full((100, 50), 200, np.uint8)
-    out = preprocess.resize(img, contract)
-    g = preprocess.geometry(100, 50, contract)
+    out = resize(img, contract)
+    g = geometry(100, 50, contract)
     assert (g.inner_height, g.inner_width) == (64, 32)
     assert (out[:, : g.left] == 0).all() and (out[:, g.left + g.inner_width :] == 0).all()
     assert (out[:, g.left : g.left + g.inner_width] == 200).all()
@@ -116,7 +117,7 @@ def test_version_1_contracts_of_older_models_still_load() -> None:
     v2 = Contract.from_dict({**v1, "version": 2, "train_crop": 256, "image_size": 448})
     assert v2.train_crop == 256 and v2.reduced_decode is False  # models before reduced decoding keep full decoding
     new = Contract(image_size=448, resize="letterbox", train_crop=256, reduced_decode=True)
-    assert new.version == preprocess.CONTRACT_VERSION and Contract.from_dict(new.to_dict()) == new
+    assert new.version == CONTRACT_VERSION and Contract.from_dict(new.to_dict()) == new
     with pytest.raises(ValueError, match="misses"):
         Contract.from_dict({k: v for k, v in new.to_dict().items() if k != "train_crop"})
     with pytest.raises(ValueError, match="newer"):
@@ -127,7 +128,7 @@ def test_version_1_contracts_of_older_models_still_load() -> None:
 
 @pytest.mark.parametrize("resize", ["stretch", "letterbox"])
 def test_reduced_jpeg_decoding_gives_nearly_the_same_input_and_the_original_size(tmp_path: Path, resize: str) -> None:
-    from fracture.synth import radiograph
+    from fracture.data.synth import radiograph
 
     big = np.rint(radiograph(np.random.default_rng(2), True, "oblique", shape=(1200, 1000)) * 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "big.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 95])

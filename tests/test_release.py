@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from fracture import release
 from test_predict import BLOCKER
+
+from fracture.deploy import release
 
 SHIPPED = REPO / "exports" / "fracatlas-v1.onnx"
 CARD = REPO / "exports" / "fracatlas-v1.md"
@@ -30,7 +31,7 @@ def test_the_shipped_file_is_the_one_its_card_names() -> None:
 def test_the_shipped_model_answers_as_recorded_in_the_torch_free_install(tmp_path: Path) -> None:
     """Probabilities, maps and boxes on generated PNG/16-bit/JPEG/EXIF-rotated radiographs, with torch,
     pandas and matplotlib unimportable: any drift in decoding or preprocessing beyond the tolerances fails."""
-    code = BLOCKER + "from fracture.release import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = BLOCKER + "from fracture.deploy.release import main\nsys.exit(main(sys.argv[1:]))\n"
     done = subprocess.run([sys.executable, "-c", code, "check", str(SHIPPED), str(RECORD)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,12 +14,14 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, tiny_fit_args
-from fracture import fit, metrics, preprocess
-from fracture.checkpoint import load_classifier
-from fracture.module import FractureClassifier
-from fracture.runio import AtomicCheckpointIO
+
+from fracture.imaging import preprocess
+from fracture.scoring import metrics
+from fracture.train import fit
+from fracture.train.checkpoint import load_classifier
+from fracture.train.module import FractureClassifier
+from fracture.train.runio import AtomicCheckpointIO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -90,7 +92,7 @@ def test_checkpoints_load_without_unpickling_code(tmp_path: Path) -> None:
 EXPORT_PAUSED = """
 import sys, time
 from pathlib import Path
-import fracture.export as export
+import fracture.export.export as export
 stage, flag = sys.argv.pop(1), Path(sys.argv.pop(1))
 def pause():
     flag.write_text(stage)
@@ -170,7 +172,7 @@ def test_deterministic_runs_repeat_exactly(synth_root: Path, tmp_path: Path) -> 
 
 
 def test_ddp_two_processes_count_every_validation_image_once(synth_root: Path, tmp_path: Path) -> None:
-    from fracture.annotations import load_splits
+    from fracture.data.annotations import load_splits
 
     # an odd validation set: the default distributed sampler would pad it with a repeated image
     fraction = next(f for f in (0.15, 0.2, 0.25, 0.3, 0.35) if len(load_splits(synth_root, val_fraction=f)["val"]) % 2 == 1)

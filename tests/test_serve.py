@@ -1,4 +1,4 @@
-"""fracture.serve through a real HTTP client on loopback: answers, limits, bad uploads, 503s, privacy (torch blocked)."""
+"""fracture.deploy.serve through a real HTTP client on loopback: answers, limits, bad uploads, 503s, privacy (torch blocked)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO
 from test_predict import BLOCKER
-from fracture import heatmap, preprocess
-from fracture.predict import Predictor, file_sha256
+
+from fracture.boxes import heatmap
+from fracture.deploy.predictor import Predictor, file_sha256
+from fracture.imaging import preprocess
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-SERVE = BLOCKER + "from fracture.serve import main\nsys.exit(main(sys.argv[1:]))\n"
+SERVE = BLOCKER + "from fracture.deploy.serve import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 class Server:
@@ -150,7 +151,7 @@ def test_dicom_upload_is_decoded_in_memory_and_rendered_to_png(loc_server: Serve
 
 
 def _synth_png(tmp_path: Path) -> Path:
-    from fracture.synth import radiograph
+    from fracture.data.synth import radiograph
 
     out = tmp_path / "picture.png"
     cv2.imwrite(str(out), np.rint(radiograph(np.random.default_rng(2), True, "oblique", shape=(150, 120)) * 255).astype(np.uint8))

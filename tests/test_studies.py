@@ -10,7 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fracture import evaluate, metrics, predict
+from fracture.deploy import predict
+from fracture.report import evaluate
+from fracture.scoring import metrics
 
 
 def test_aggregations_on_a_hand_computed_case() -> None:
@@ -89,7 +91,6 @@ def test_evaluate_groups_dicom_files_by_their_study_uid(synth_root: Path, tiny_c
     import importlib.util
 
     import cv2
-
     from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("dicom_variants", REPO / "scripts" / "dicom_variants.py")

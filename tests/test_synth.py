@@ -4,9 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fracture import metrics, preprocess
-from fracture.annotations import load_splits, read_split
-from fracture.synth import FRACTURE_TYPES, write_dataset
+from fracture.data.annotations import load_splits, read_split
+from fracture.data.synth import FRACTURE_TYPES, write_dataset
+from fracture.imaging import preprocess
+from fracture.scoring import metrics
 
 
 def test_same_seed_same_images(tmp_path: Path) -> None:

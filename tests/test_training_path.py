@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, tiny_fit_args, val_auroc_of
-from fracture import fit, preprocess
-from fracture.augment import device_augment
-from fracture.data import Augmentation, FractureDataModule
-from fracture.synth import radiograph
+
+from fracture.data.synth import radiograph
+from fracture.imaging import preprocess
+from fracture.train import fit
+from fracture.train.augment import device_augment
+from fracture.train.data import FractureDataModule
+from fracture.train.dataset import Augmentation
 
 GEOMETRY = Augmentation(rotation=15.0, translate=0.1, scale_min=0.8, scale_max=1.2, hflip=0.5, brightness=0.0, contrast=0.0, noise_std=0.0)
 

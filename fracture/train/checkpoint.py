@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fracture import networks
-from fracture.module import FractureClassifier
-from fracture.runio import newest
+from fracture.train import networks
+from fracture.train.module import FractureClassifier
+from fracture.train.runio import newest
 
 
 class CheckpointError(Exception):

@@ -1,7 +1,7 @@
 """Which images are the same radiograph: exact copies (sha256 of the bytes) and near copies (Pearson r of
 32x32 grayscale thumbnails >= ``NEAR_DEFAULT``, which survives re-encoding, resizing and small exposure
-changes), with each file's health read on the way. Shared by ``fracture.audit`` (reports), ``fracture.datasets``
-(imports keep a group on one side) and ``fracture.annotations`` (training refuses a group across splits).
+changes), with each file's health read on the way. Shared by ``fracture.data.audit`` (reports), ``fracture.data.datasets``
+(imports keep a group on one side) and ``fracture.data.annotations`` (training refuses a group across splits).
 Torch-free.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fracture import preprocess
+from fracture.imaging import preprocess
 from fracture.progress import progress
 
 THUMB = 32

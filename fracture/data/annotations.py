@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fracture.detection import format_boxes, parse_boxes
-from fracture.duplicates import duplicate_groups, inspect_all, same_radiograph
-from fracture.labels import BOX_COLUMNS, GROUP_COLUMNS, STUDY_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, TYPE_COLUMNS, find_column, parse_label
+from fracture.boxes.detection import format_boxes, parse_boxes
+from fracture.data.duplicates import duplicate_groups, inspect_all, same_radiograph
+from fracture.data.labels import BOX_COLUMNS, GROUP_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, STUDY_COLUMNS, TYPE_COLUMNS, find_column, parse_label
 
 SPLITS = ("train", "val", "test")
 _SHOW = 5  # offending rows quoted in an error
@@ -168,7 +168,7 @@ def shared_groups(tables: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def find_duplicates(tables: dict[str, pd.DataFrame]) -> tuple[list[str], list[tuple[str, str, str]]]:
-    """Exact and near-duplicate images (``fracture.duplicates``) over every split: their group goes into a
+    """Exact and near-duplicate images (``fracture.data.duplicates``) over every split: their group goes into a
     ``duplicate_group`` column, and into ``group`` where no patient/group column was given, so copies of one
     radiograph stay on one side of the validation carve-out and resample together.
     Returns empty files and the pairs found as (path, path, "exact" | "near")."""
@@ -206,7 +206,7 @@ def merge_groups(table: pd.DataFrame) -> pd.Series:
 
 def straddling_copies(tables: dict[str, pd.DataFrame], pairs: list[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
     """Pairs of one radiograph's copies in two splits, each named with its files, splits and CSV lines: (copies,
-    similar). Exact copies and near ones that ``fracture.duplicates.same_radiograph`` confirms are copies (a copy
+    similar). Exact copies and near ones that ``fracture.data.duplicates.same_radiograph`` confirms are copies (a copy
     in train of a test image is memorised, not generalised from); near pairs it does not confirm (two exposures
     of one limb, perhaps one patient) are only reported."""
     where = {p: (s, line) for s, t in tables.items() for p, line in zip(t["path"], t["line"])}

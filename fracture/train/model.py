@@ -1,7 +1,7 @@
 """Networks: the seed CNN ported from the Keras project, wrapped with its input scaling.
 
 Every network takes raw pixel values (float, 0..255, shape ``N x 1 x H x W``)
-exactly as :func:`fracture.preprocess.load` produces them and returns one
+exactly as :func:`fracture.imaging.preprocess.load` produces them and returns one
 fracture logit per image. Scaling and normalisation live inside the network,
 so the exported ONNX graph carries them too.
 """
@@ -9,12 +9,12 @@ so the exported ONNX graph carries them too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from fracture.preprocess import Contract
+from fracture.imaging.contract import Contract
 
 
 class FractureCNN(nn.Module):
@@ -222,158 +222,6 @@ class LocaliseNet(FusedLogits):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_logit_map(x)[0]
-
-
-class MirrorTTA(nn.Module):
-    """Test-time augmentation as a wrapper: the mean of the network's outputs on the image and its mirror.
-
-    A localise network's maps are flipped back before averaging. Not registered inside the training
-    module (it holds no weights of its own); evaluation and export wrap the network when ``tta`` is on.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    @property
-    def fusion(self) -> torch.Tensor:
-        return self.net.fusion
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net(x) + self.net(torch.flip(x, dims=[-1]))) / 2
-
-    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._both(self.net.forward_maps, x)  # type: ignore[return-value]
-
-    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._both(self.net.forward_parts, x)
-
-    @staticmethod
-    def _both(forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The mean of ``forward``'s outputs (logits..., map) on the image and its mirror, the mirror's map flipped back."""
-        *logits, maps = forward(x)
-        *flipped, m2 = forward(torch.flip(x, dims=[-1]))
-        return *((a + b) / 2 for a, b in zip(logits, flipped)), (maps + torch.flip(m2, dims=[-1])) / 2
-
-    def fuse(self, pooled: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
-        return self.net.fuse(pooled, joint)
-
-
-class Ensemble(FusedLogits):
-    """Several localise networks of one architecture and contract as one: the mean of their logits.
-
-    Image logits (map-pooled and joint) and map logits are averaged member by member; the
-    fusion of the two image logits is the ensemble's own, chosen on validation like a single
-    network's. Built from trained runs by ``python -m fracture.ensemble``, never trained.
-    """
-
-    def __init__(self, members: Sequence[nn.Module]) -> None:
-        super().__init__()
-        if len(members) < 2 or not all(isinstance(m, LocaliseNet) for m in members):
-            raise ValueError("an ensemble needs at least two localise networks")
-        self.members = nn.ModuleList(members)
-
-    @property
-    def pyramid(self) -> Pyramid:
-        return self.members[0].pyramid
-
-    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs = [m.forward_maps(x) for m in self.members]
-        return tuple(torch.stack(parts).mean(0) for parts in zip(*outputs))  # type: ignore[return-value]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(*self.forward_maps(x)[:2])
-
-
-class WithClassifier(FusedLogits):
-    """A localise network (or ensemble) and a classify network on the same input at ``1/factor`` resolution.
-
-    The two are complementary: the localiser's image heads learn from crops, the classifier from
-    whole images. The image logit is a fusion of the localiser's (its own fusion inside) and the
-    classifier's, chosen on validation like a localiser's (1 = localiser, 0 = classifier, 0.5 =
-    the mean); the map is the localiser's. The classifier's input is the localiser's average-pooled
-    by ``factor``: what its own contract at ``image_size / factor`` makes (``area`` interpolation) to
-    within half a pixel where a letterbox pads by an odd number of pixels, so one input and one
-    contract serve both; ``python -m fracture.ensemble`` reports its validation AUROC through this path.
-    Built from trained runs by ``python -m fracture.ensemble --classifier``, never trained.
-    """
-
-    logit_names = ("localiser", "classifier")
-
-    def __init__(self, localiser: nn.Module, classifier: FractureNet, factor: int) -> None:
-        super().__init__()
-        if not isinstance(localiser, (LocaliseNet, Ensemble)) or not isinstance(classifier, FractureNet):
-            raise ValueError("WithClassifier takes a localise network (or ensemble) and a classify network")
-        self.localiser, self.classifier, self.factor = localiser, classifier, int(factor)
-
-    @property
-    def pyramid(self) -> Pyramid:
-        return self.localiser.pyramid
-
-    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(localiser's map-pooled and joint logits, classifier's logit, localiser's map logits): every choice's inputs at once."""
-        pooled, joint, maps = self.localiser.forward_maps(x)
-        small = nn.functional.avg_pool2d(x, self.factor) if self.factor > 1 else x
-        return pooled, joint, self.classifier(small), maps
-
-    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(localiser's image logit, classifier's image logit, localiser's map logits)."""
-        pooled, joint, side, maps = self.forward_parts(x)
-        return self.localiser.fuse(pooled, joint), side, maps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(*self.forward_maps(x)[:2])
-
-
-def is_localise(net: nn.Module) -> bool:
-    """A network (or its TTA wrapper, an ensemble, or either with a classifier) with a fracture map."""
-    return isinstance(net.net if isinstance(net, MirrorTTA) else net, (LocaliseNet, Ensemble, WithClassifier))
-
-
-def cam_from_features(net: FractureNet, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit, Grad-CAM) with the logit's gradient written as plain tensor ops, so ONNX exporters can trace it.
-
-    Walks the dense head forward, then back: Linear → times its weight, ReLU →
-    times its mask, global max-pool → the arg-max mask, global average-pool →
-    1/(H·W). Grad-CAM = ReLU(sum_c mean_hw(grad_c) · feature_c), not normalised.
-    """
-    modules = list(net.backbone.head)
-    outputs = []
-    h = features
-    for m in modules:
-        h = m(h)
-        outputs.append(h)
-    logit = h.squeeze(1)
-    grad = torch.ones_like(h)
-    for i in range(len(modules) - 1, -1, -1):
-        m, inp = modules[i], (outputs[i - 1] if i else features)
-        if isinstance(m, nn.Linear):
-            grad = grad @ m.weight
-        elif isinstance(m, nn.ReLU):
-            grad = grad * (outputs[i] > 0).to(grad.dtype)
-        elif isinstance(m, nn.Flatten):
-            grad = grad.reshape(inp.shape)
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            grad = grad.expand(inp.shape) / (inp.shape[2] * inp.shape[3])
-        elif isinstance(m, nn.AdaptiveMaxPool2d):
-            grad = grad * (inp == inp.amax(dim=(2, 3), keepdim=True)).to(grad.dtype)
-        elif isinstance(m, nn.LayerNorm):  # ConvNeXt's LayerNorm2d over channels of the pooled 1x1 map
-            dims = tuple(range(1, inp.ndim)) if inp.ndim == 2 else (1,)
-            mean = inp.mean(dim=dims, keepdim=True)
-            var = inp.var(dim=dims, keepdim=True, unbiased=False)
-            xhat = (inp - mean) / torch.sqrt(var + m.eps)
-            weight = m.weight.reshape(1, -1, *([1] * (inp.ndim - 2)))
-            g = grad * weight
-            grad = (g - g.mean(dim=dims, keepdim=True) - xhat * (g * xhat).mean(dim=dims, keepdim=True)) / torch.sqrt(var + m.eps)
-        elif not isinstance(m, (nn.Dropout, nn.Identity)):
-            raise ValueError(f"heatmaps are not supported for a head with {type(m).__name__}")
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    return logit, torch.relu((weights * features).sum(dim=1))
-
-
-def normalise_cam(cam: torch.Tensor) -> torch.Tensor:
-    """0..1 per image (a map of where, not how much); an all-zero map stays zero."""
-    return cam / cam.amax(dim=(1, 2), keepdim=True).clamp(min=1e-6)
 
 
 def _gray_conv(conv: nn.Conv2d) -> nn.Conv2d:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from fracture.model import build_network
-from fracture.preprocess import Contract
+from fracture.imaging.contract import Contract
+from fracture.train.model import build_network
 
 Head = Literal["classify", "localise"]
 

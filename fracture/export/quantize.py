@@ -16,14 +16,18 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from fracture import detection, heatmap, metrics, preprocess
-from fracture.checkpoint import run_split
-from fracture.graph import METADATA_KEY, ExportError, install, predict_probabilities, session, write_metadata
+from fracture.boxes import detection, heatmap
+from fracture.export.graph import METADATA_KEY, ExportError, install, predict_probabilities, session, write_metadata
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract
+from fracture.scoring import metrics
+from fracture.train.checkpoint import run_split
+
 
 class Calibration:
     """onnxruntime CalibrationDataReader over preprocessed images."""
 
-    def __init__(self, paths: list[str], contract: preprocess.Contract, batch: int = 16) -> None:
+    def __init__(self, paths: list[str], contract: Contract, batch: int = 16) -> None:
         self.batches = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
         self.contract = contract
 
@@ -38,7 +42,7 @@ def image_files(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and preprocess.is_image_file(p))
 
 
-def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract: preprocess.Contract) -> None:
+def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract: Contract) -> None:
     """Static QDQ INT8: per-channel int8 weights, int8 activations, MinMax calibration on ``calibration``.
 
     Conv, ReLU, pooling and hidden dense layers run in int8; the last dense layer
@@ -73,8 +77,8 @@ def labelled_boxes(paths: list[str], ckpt: Path, eval_split: Path | None) -> lis
     dataset (its config's ``data.root``: train and val annotations, where validation images come from)."""
     import yaml
 
-    from fracture.annotations import read_split
-    from fracture.detection import parse_boxes
+    from fracture.boxes.detection import parse_boxes
+    from fracture.data.annotations import read_split
 
     if eval_split is not None:
         dirs = [eval_split]
@@ -87,9 +91,9 @@ def labelled_boxes(paths: list[str], ckpt: Path, eval_split: Path | None) -> lis
     return [parse_boxes(table.loc[p, "boxes"]) if p in table.index else [] for p in paths]
 
 
-def pointing_rate(path: Path, paths: list[str], truths: list[list], contract: preprocess.Contract) -> float:
+def pointing_rate(path: Path, paths: list[str], truths: list[list], contract: Contract) -> float:
     """Share of images (with boxes) whose map maximum, on the original image, lies in a true box."""
-    from fracture.predict import Predictor
+    from fracture.deploy.predictor import Predictor
 
     hits = []
     for row, truth in zip(Predictor(path).predict(paths, keep_maps=True), truths):
@@ -112,14 +116,14 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
     annotations.csv, never one named ``test``: that split is a release's, scored once), else the checkpoint
     run's validation split.
     """
-    from fracture.annotations import read_split
+    from fracture.data.annotations import read_split
 
     if eval_split is not None and Path(eval_split).name == "test":
         raise ExportError(f"--int8-eval {eval_split}: the test split is scored once, for a release's final figure; check INT8 on "
                           "validation (the default: the run's validation split) or another labelled split")
 
     meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
-    contract = preprocess.Contract.from_dict(meta["contract"])
+    contract = Contract.from_dict(meta["contract"])
     trained = run_split(ckpt, "train")
     if (calibration / "train" / "annotations.csv").is_file():  # its train split, less the run's validation images (the check's)
         calib = read_split(calibration / "train")["path"].tolist()

@@ -13,106 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import struct
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-RESIZE_METHODS = ("stretch", "letterbox")
+from fracture.imaging.contract import Contract, resize
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
 MIN_SIDE = 16  # smaller "radiographs" are icons or placeholders; upscaling them invents the input
-_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
-CONTRACT_VERSION = 3  # 2: train_crop, version; 3: reduced_decode
-_ADDED = {"train_crop": (2, None), "reduced_decode": (3, False)}  # field: (version it came in, what older models did)
 _REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 class ImageError(ValueError):
     """A file that cannot become a model input; the message says which file and why."""
-
-
-@dataclass(frozen=True)
-class Contract:
-    """Everything a model needs to know about how its input was made.
-
-    Stored in the checkpoint and in the ONNX metadata; the predictor rebuilds
-    it from there and never from command-line flags. ``train_crop`` records the
-    square crop the model was trained on (``None``: whole inputs); prediction
-    always uses the whole ``image_size`` input. ``reduced_decode``: large JPEGs
-    are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (the largest reduction that
-    stays at or above the input size), which is far cheaper than decoding every
-    pixel and then throwing most away. Contracts of older versions still load,
-    with the behaviour their models were trained with (no crop, full decode).
-    """
-
-    image_size: int = 224
-    channels: int = 1
-    resize: str = "stretch"
-    interpolation: str = "area"
-    pixel_scale: float = 1.0 / 255.0
-    mean: float = 0.5
-    std: float = 0.25
-    train_crop: int | None = None
-    reduced_decode: bool = False
-    version: int = CONTRACT_VERSION
-
-    def __post_init__(self) -> None:
-        if not 16 <= int(self.image_size) <= 1024:
-            raise ValueError(f"image_size must be within 16..1024, got {self.image_size}")
-        if self.channels != 1:
-            raise ValueError(f"only single-channel (grayscale) inputs are supported, got channels={self.channels}")
-        if self.resize not in RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
-        if self.interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}")
-        if not self.std > 0:
-            raise ValueError(f"std must be positive, got {self.std}")
-        if self.train_crop is not None and not 16 <= self.train_crop <= self.image_size:
-            raise ValueError(f"train_crop must be within 16..image_size, got {self.train_crop}")
-        if self.version > CONTRACT_VERSION:
-            raise ValueError(f"preprocessing contract version {self.version} is newer than this fracture ({CONTRACT_VERSION}); upgrade fracture")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Contract:
-        """Rebuild from stored metadata, refusing unknown or missing keys (a version-1 contract lacks the v2 ones)."""
-        names = {f.name for f in fields(cls)}
-        data = dict(data)
-        data.setdefault("version", 1)  # version 1 had no version field
-        for name, (since, legacy) in _ADDED.items():
-            if data["version"] < since:
-                data.setdefault(name, legacy)
-        unknown = set(data) - names
-        missing = names - set(data)
-        if unknown or missing:
-            raise ValueError(f"preprocessing contract has unknown keys {sorted(unknown)} / misses {sorted(missing)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the original image lies inside the model input, to map heatmaps back."""
-
-    height: int
-    width: int
-    top: int
-    left: int
-    inner_height: int
-    inner_width: int
 
 
 _STDERR = threading.Lock()
@@ -220,7 +141,7 @@ def has_dicom_preamble(path: str | os.PathLike) -> bool:
         return False
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
+def to_uint8(img: np.ndarray) -> np.ndarray:
     """Map any image to uint8 by its type's range (never by its brightest pixel: one marker must not dim the rest).
 
     Floats in 0..1 are scaled by 255; other floats, which carry no range, by their own min..max.
@@ -237,111 +158,6 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
         return np.rint(img * 255.0).astype(np.uint8)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return np.rint((img - lo) * scale).astype(np.uint8)
-
-
-def _display_range(ds: object) -> tuple[float, float]:
-    """The value range after the modality LUT: what a window (or no window) maps onto black..white.
-
-    Mirrors pydicom's ``apply_windowing``: the stored range by ``BitsStored`` (signed or not), through the
-    modality LUT's bit depth or the rescale slope/intercept.
-    """
-    bits = int(ds.BitsStored)
-    if ds.get("ModalityLUTSequence"):
-        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    lo, hi = (0.0, float(2**bits - 1)) if int(ds.get("PixelRepresentation", 0)) == 0 else (float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1))
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    ends = sorted((lo * slope + intercept, hi * slope + intercept))
-    return ends[0], ends[1]
-
-
-def dicom_study_key(path: str | os.PathLike) -> str:
-    """``StudyInstanceUID`` (else ``PatientID``) from a DICOM header, "" when neither or not DICOM."""
-    try:
-        import pydicom
-
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"])
-    except Exception:  # noqa: BLE001 - not DICOM, no pydicom, or a broken header: no key
-        return ""
-    return str(ds.get("StudyInstanceUID", "") or ds.get("PatientID", "") or "")
-
-
-DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-def transfer_syntax(data: bytes) -> str:
-    """The Transfer Syntax UID (0002,0010) from a DICOM file's meta group (always explicit VR little endian),
-    read from the bytes before pydicom parses, and inflates, anything; "" when not found."""
-    start = 132 if data[128:132] == b"DICM" else 0
-    at = data.find(b"\x02\x00\x10\x00UI", start, start + 8192)
-    if at < 0:
-        return ""
-    length = struct.unpack("<H", data[at + 6 : at + 8])[0]
-    return data[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _read_dicom(path: Path, data: bytes, max_pixels: int) -> np.ndarray:
-    """DICOM as a viewer shows it: modality LUT, then the VOI LUT or first window, then MONOCHROME1 inversion.
-
-    pydicom's own ``apply_modality_lut`` / ``apply_voi_lut`` do the maths. No window and no VOI LUT: the full
-    stored range (``BitsStored``). Pixel padding becomes black. Multi-frame files are refused by name; colour
-    files become gray. Size guards apply before the pixels are decoded.
-    """
-    try:
-        import pydicom
-        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-    except ImportError as exc:
-        raise ImageError(f"{path}: DICOM needs pydicom; install it with `pip install 'fracture[dicom]'`") from exc
-    if transfer_syntax(data) == DEFLATED:  # inflating it first is how a 195 KB file reached a 449 MB peak
-        raise ImageError(f"{path}: DICOM with the Deflated transfer syntax is not read (its size is only known after "
-                         "inflating it); re-export it uncompressed or JPEG-compressed")
-    try:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-        except pydicom.errors.InvalidDicomError:  # no 128-byte preamble and "DICM": many PACS exports; the suffix said DICOM
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise ImageError(f"{path}: unreadable DICOM ({type(exc).__name__})") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows * cols * frames > max_pixels:
-        raise ImageError(f"{path}: DICOM header claims {frames} x {cols}x{rows} pixels, over the {max_pixels / 1e6:.0f} MP limit")
-    if frames > 1:
-        raise ImageError(f"{path}: multi-frame DICOM ({frames} frames); export the view to predict as a single-frame file")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax)
-        raise ImageError(f"{path}: cannot decode the DICOM pixels ({name}); "
-                         f"`pip install 'fracture[dicom]'` installs the decoders for compressed files") from exc
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":  # indices into a colour table: the table's colours, then gray
-        try:
-            pixels = apply_color_lut(pixels, ds)
-        except Exception as exc:  # noqa: BLE001 - a table that does not fit its indices
-            raise ImageError(f"{path}: PALETTE COLOR DICOM whose colour table cannot be applied ({type(exc).__name__})") from None
-    if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or pixels.ndim == 3:
-        return cv2.cvtColor(_to_uint8(pixels), cv2.COLOR_RGB2GRAY)  # pydicom returns RGB (YBR converted)
-    padding = None
-    if "PixelPaddingValue" in ds:
-        a, b = int(ds.PixelPaddingValue), int(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))
-        padding = (pixels >= min(a, b)) & (pixels <= max(a, b))
-    values = apply_modality_lut(pixels, ds)
-    voi = ds.get("VOILUTSequence")
-    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
-        lo, hi = 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
-        values = apply_voi_lut(values, ds, index=0)
-    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        lo, hi = _display_range(ds)
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=False)
-    else:
-        lo, hi = _display_range(ds)
-    out = np.clip(np.rint((np.asarray(values, np.float64) - lo) * (255.0 / max(hi - lo, 1e-9))), 0, 255).astype(np.uint8)
-    if photometric == "MONOCHROME1":
-        out = 255 - out  # MONOCHROME1 shows low values white; we train on bone bright
-    if padding is not None:
-        out[padding] = 0
-    return out
 
 
 def jpeg_reduction(width: int, height: int, contract: Contract) -> int:
@@ -385,7 +201,9 @@ def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DE
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
     if is_dicom(path, data):
-        img = _read_dicom(path, data, max_pixels)
+        from fracture.imaging.dicom import read_dicom  # here, not at the top: dicom reads this module's errors and scaling
+
+        img = read_dicom(path, data, max_pixels)
         if min(img.shape) < MIN_SIDE:
             raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
         return img, img.shape
@@ -416,7 +234,7 @@ def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DE
         else:
             code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
             if img.dtype not in (np.uint8, np.uint16, np.float32):
-                img = _to_uint8(img)
+                img = to_uint8(img)
             img = cv2.cvtColor(img, code)
     if img.ndim != 2:
         raise ImageError(f"{path}: unsupported image layout {img.shape}")
@@ -425,29 +243,7 @@ def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DE
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
     if min(img.shape) < MIN_SIDE:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
-    return _to_uint8(img), img.shape
-
-
-def geometry(height: int, width: int, contract: Contract) -> Geometry:
-    """Where an image of this size lands inside the square model input."""
-    size = contract.image_size
-    if contract.resize == "stretch":
-        return Geometry(height, width, 0, 0, size, size)
-    scale = size / max(height, width)
-    ih, iw = max(1, round(height * scale)), max(1, round(width * scale))
-    return Geometry(height, width, (size - ih) // 2, (size - iw) // 2, ih, iw)
-
-
-def resize(img: np.ndarray, contract: Contract) -> np.ndarray:
-    """Resize a decoded grayscale image to the model's square input."""
-    g = geometry(img.shape[0], img.shape[1], contract)
-    interp = _INTERPOLATION[contract.interpolation]
-    inner = cv2.resize(img, (g.inner_width, g.inner_height), interpolation=interp)
-    if contract.resize == "stretch":
-        return inner
-    out = np.zeros((contract.image_size, contract.image_size), np.uint8)
-    out[g.top : g.top + g.inner_height, g.left : g.left + g.inner_width] = inner
-    return out
+    return to_uint8(img), img.shape
 
 
 def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:

@@ -4,7 +4,7 @@ Used by ``fracture.evaluate`` for every model that has a map: the fracture map
 of a ``localise`` model, or the Grad-CAM of a ``classify`` model. Per image the
 low-resolution map is put back onto the original radiograph (stretch or
 letterbox undone), turned into boxes, and scored (definitions in
-``fracture.detection``):
+``fracture.boxes.detection``):
 
 - pointing game on fractured images with boxes: the map's maximum inside a
   true box; and the share of the map's mass inside boxes;
@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from fracture import detection, heatmap, metrics, preprocess
-from fracture.preprocess import Contract
+from fracture.boxes import detection, heatmap
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract
+from fracture.scoring import froc, metrics
 
 GRAD_CAM_BOX_THRESHOLD = 0.5  # of each Grad-CAM map's own maximum; its boxes are scored by probability x peak
 
@@ -76,7 +78,7 @@ def to_columns(results: list[ImageResult]) -> dict[str, list]:
 
 def scored_columns(truth: list[str], boxes: list[str], hit: np.ndarray, mass: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     """``to_columns`` read back → what :func:`values` takes (the detections scored once)."""
-    scored = detection.score_detections([[tuple(b) for b in json.loads(t)] for t in boxes], [[tuple(b) for b in json.loads(t)] for t in truth])
+    scored = froc.score_detections([[tuple(b) for b in json.loads(t)] for t in boxes], [[tuple(b) for b in json.loads(t)] for t in truth])
     return scored, np.asarray(hit, float), np.asarray(mass, float)
 
 
@@ -87,9 +89,9 @@ def median_box_size(truths_norm: list[list[detection.Box]]) -> tuple[float, floa
 
 def values(scored: dict, hits: np.ndarray, mass: np.ndarray, index: np.ndarray, display: float | None) -> dict[str, float]:
     """Every measure on the images ``index`` picks (all of them, or one bootstrap draw) from scores computed once per image."""
-    values = detection.detection_metrics(scored, index)
+    values = froc.detection_metrics(scored, index)
     if display is not None:
-        shown = detection.at_threshold([scored["centre"][i] for i in index], display)
+        shown = froc.at_threshold([scored["centre"][i] for i in index], display)
         values.update({f"display_{k}": v for k, v in shown.items()})
     boxed = index[~np.isnan(hits[index])]
     values["pointing_hit_rate"] = float(hits[boxed].mean()) if boxed.size else float("nan")
@@ -111,7 +113,7 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
     members = metrics.group_members(len(results), groups)
     for who, key in (("model", "pointing"), ("centre", "centre_pointing")):
         # score every image once, then resample the per-image scores
-        scored = detection.score_detections([r.preds if who == "model" else r.centre_pred for r in results], [r.truth for r in results])
+        scored = froc.score_detections([r.preds if who == "model" else r.centre_pred for r in results], [r.truth for r in results])
         hits = np.array([getattr(r, key).get("hit", np.nan) for r in results])
         mass = np.array([getattr(r, key).get("mass_in_boxes", np.nan) for r in results])
         shown = display if who == "model" else None
@@ -123,7 +125,7 @@ def summarise(results: list[ImageResult], groups: np.ndarray | None = None, n_bo
                     draws.setdefault(k, []).append(v)
         out[who] = {"metrics": values(scored, hits, mass, np.arange(len(results)), shown),
                     "ci95": {k: metrics.interval(v) for k, v in draws.items()},
-                    "froc_curve": {crit: [c.tolist() for c in detection.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
+                    "froc_curve": {crit: [c.tolist() for c in froc.froc_curve(scored[crit])] for crit in ("centre", "iou")}}
     return out
 
 
@@ -187,7 +189,7 @@ def plots(out: Path, summary: dict[str, Any], results: list[ImageResult], paths:
         ax.step(fp, sens, where="post", lw=2, label=label)
         cfp, csens = summary["centre"]["froc_curve"][crit]
         ax.step(cfp, csens, where="post", lw=1.5, ls="--", color="gray", label="centre baseline")
-        for r in detection.FP_RATES:
+        for r in froc.FP_RATES:
             ax.axvline(r, color="k", lw=0.5, ls=":")
         ax.set(xlabel="false-positive boxes per image (all images)", ylabel="lesion sensitivity", title=f"FROC: {title}", xlim=(0, 4), ylim=(0, 1.02))
         ax.legend(loc="lower right", fontsize=8)

@@ -21,11 +21,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fracture import preprocess
-from fracture.model import MirrorTTA, cam_from_features, is_localise, normalise_cam
-from fracture.predict import METADATA_KEY  # the reader's key: torch-side may import torch-free, not the reverse
+from fracture.data.synth import radiograph
+from fracture.deploy.predictor import METADATA_KEY  # the reader's key: torch-side may import torch-free, not the reverse
+from fracture.imaging import preprocess
+from fracture.imaging.contract import Contract, resize
 from fracture.progress import progress
-from fracture.synth import radiograph
+from fracture.train.combined import MirrorTTA, is_localise
+from fracture.train.cam import cam_from_features, normalise_cam
 
 PARITY_ATOL = 1e-5
 
@@ -82,13 +84,13 @@ def to_onnx(module: Deployable, size: int, path: Path) -> str:
     return "torchscript"
 
 
-def parity_inputs(contract: preprocess.Contract, images: list[str] | None = None, n: int = 8, seed: int = 0) -> np.ndarray:
+def parity_inputs(contract: Contract, images: list[str] | None = None, n: int = 8, seed: int = 0) -> np.ndarray:
     """Model inputs for the parity check: given image files, else synthetic radiographs."""
     if images:
         batch = [preprocess.load(p, contract) for p in images[:n]]
     else:
         rng = np.random.default_rng(seed)
-        batch = [preprocess.resize(np.rint(radiograph(rng, i % 2 == 1, "oblique") * 255).astype(np.uint8), contract) for i in range(n)]
+        batch = [resize(np.rint(radiograph(rng, i % 2 == 1, "oblique") * 255).astype(np.uint8), contract) for i in range(n)]
     return preprocess.as_batch(batch)
 
 
@@ -137,7 +139,7 @@ def install(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def predict_probabilities(path: Path, paths: list[str], contract: preprocess.Contract, batch: int = 32, desc: str = "check") -> np.ndarray:
+def predict_probabilities(path: Path, paths: list[str], contract: Contract, batch: int = 32, desc: str = "check") -> np.ndarray:
     sess = session(path)
     out = []
     for i in progress(range(0, len(paths), batch), desc=desc):

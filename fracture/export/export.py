@@ -6,7 +6,7 @@
 The graph holds everything after the shared resize step: pixel scaling,
 normalisation, the network and the sigmoid. Input ``image``: float32
 ``N x 1 x H x W`` raw pixel values (0..255) exactly as
-``fracture.preprocess.load`` makes them; outputs ``probability`` and ``logit``
+``fracture.imaging.preprocess.load`` makes them; outputs ``probability`` and ``logit``
 (``N``), and for ``localise`` models ``map`` (``N x H/8 x W/8`` fracture
 probability per 8x8 cell, mirror TTA included when the model uses it). Metadata key ``fracture`` holds a JSON object with the contract,
 thresholds, class names, training counts, validation metrics, checkpoint
@@ -26,19 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from fracture import metrics, preprocess
-from fracture.checkpoint import CheckpointError, latest_best, load_classifier, run_split
-from fracture.graph import Deployable, ExportError, check_parity, install, parity_inputs, predict_probabilities, to_onnx, write_metadata
-from fracture.module import FractureClassifier
-from fracture.predict import file_sha256 as sha256
-from fracture.quantize import quantize_int8
+from fracture.deploy.predictor import file_sha256 as sha256
+from fracture.export.graph import Deployable, ExportError, check_parity, install, parity_inputs, predict_probabilities, to_onnx, write_metadata
+from fracture.export.quantize import quantize_int8
+from fracture.imaging.contract import Contract
+from fracture.scoring import metrics
+from fracture.train.checkpoint import CheckpointError, latest_best, load_classifier, run_split
+from fracture.train.module import FractureClassifier
 
 
 def deployment_metadata(model: FractureClassifier, ckpt: str | os.PathLike | None, exporter: str, **extra: Any) -> dict[str, Any]:
     """Everything a deployer needs, as stored under the ``fracture`` metadata key."""
     return {
         **model.deployment_info(),
-        "input": {"name": "image", "dtype": "float32", "layout": "N x 1 x H x W", "range": "0..255 raw pixels from fracture.preprocess.load"},
+        "input": {"name": "image", "dtype": "float32", "layout": "N x 1 x H x W", "range": "0..255 raw pixels from fracture.imaging.preprocess.load"},
         "outputs": ["probability", "logit"],
         "decision": "fractured when probability > threshold",
         "checkpoint_sha256": sha256(ckpt) if ckpt else None,
@@ -77,7 +78,7 @@ def export_model(model: FractureClassifier, out: str | os.PathLike, ckpt: str | 
     return meta
 
 
-def study_aggregation(onnx_path: Path, ckpt: str | os.PathLike | None, contract: preprocess.Contract) -> dict[str, Any]:
+def study_aggregation(onnx_path: Path, ckpt: str | os.PathLike | None, contract: Contract) -> dict[str, Any]:
     """How images of one study become one answer: chosen on the run's validation split when it has study keys."""
     val = run_split(Path(ckpt), "val", with_study=True) if ckpt else None
     if val is None or not any(val[2]):

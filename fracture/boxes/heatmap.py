@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fracture.detection import to_pixels, yolo_to_boxes
-from fracture.preprocess import Contract, geometry
+from fracture.boxes.detection import to_pixels, yolo_to_boxes
+from fracture.imaging.contract import Contract, geometry
 
 
 def to_original(cam: np.ndarray, height: int, width: int, contract: Contract) -> np.ndarray:

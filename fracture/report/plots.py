@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fracture import metrics, preprocess
-
+from fracture.imaging import preprocess
+from fracture.scoring import metrics
 
 COLOURS = {"default": "tab:gray", "screening": "tab:red", "balanced": "tab:blue"}
 

@@ -20,15 +20,16 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryF1Score, BinaryPrecision,
-                                         BinaryRecall, BinarySpecificity)
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryF1Score, BinaryPrecision, BinaryRecall, BinarySpecificity
 
-from fracture import __version__, detection, metrics, networks, recipe
-from fracture.losses import MapLoss, cell_cover, image_loss, map_loss, pointing_loss
-from fracture.model import Ensemble, MirrorTTA, WithClassifier
-from fracture.networks import Network
-from fracture.preprocess import Contract
-from fracture.recipe import Recipe
+from fracture import __version__
+from fracture.imaging.contract import Contract
+from fracture.scoring import metrics, selection
+from fracture.train import networks, recipe
+from fracture.train.combined import Ensemble, MirrorTTA, WithClassifier
+from fracture.train.losses import MapLoss, cell_cover, image_loss, map_loss, pointing_loss
+from fracture.train.networks import Network
+from fracture.train.recipe import Recipe
 
 
 class TrainingDiverged(Exception):
@@ -60,10 +61,10 @@ class FractureClassifier(L.LightningModule):
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
         image_size, resize, train_crop, reduced_decode: the preprocessing contract (linked from ``data.*``).
         mean, std: normalisation of the 0..1-scaled pixels.
-        members: networks averaged as one (:class:`fracture.model.Ensemble`); more than 1 only in checkpoints
+        members: networks averaged as one (:class:`fracture.train.combined.Ensemble`); more than 1 only in checkpoints
             written by ``python -m fracture.ensemble`` from trained runs; never trained.
         classifier: ``{"net": a classify network's config, "factor": k}``: a classifier beside the localiser on
-            the input average-pooled by ``k`` (:class:`fracture.model.WithClassifier`); only in checkpoints
+            the input average-pooled by ``k`` (:class:`fracture.train.combined.WithClassifier`); only in checkpoints
             written by ``python -m fracture.ensemble --classifier``; never trained.
     """
 
@@ -260,14 +261,14 @@ class FractureClassifier(L.LightningModule):
         """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
-        best, scores = detection.choose_fusion(labels, logits, self.net.logit_names)
+        best, scores = selection.choose_fusion(labels, logits, self.net.logit_names)
         self.net.fusion.fill_(best)
         if boxes is None:
             size = self.contract.image_size
             maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
-            boxes = detection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items])
+            boxes = selection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items])
         self.box_params = {**boxes, "fusion": float(best), **{f"val_auroc_{k}": v for k, v in scores.items()}}
-        return 1 / (1 + np.exp(-detection.fuse(best, logits))), labels
+        return 1 / (1 + np.exp(-selection.fuse(best, logits))), labels
 
     @property
     def box_decoding(self) -> dict[str, Any]:

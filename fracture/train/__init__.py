@@ -1,0 +1,1 @@
+"""Training with PyTorch Lightning: networks, losses, recipe, augmentation, the data module, the LightningModule, fit, checkpoints, ensembles, Grad-CAM."""
