@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m fracture.checkpoint", description="Checkpoint housekeeping.")
+    parser = argparse.ArgumentParser(prog="python -m fracture.train.checkpoint", description="Checkpoint housekeeping.")
     sub = parser.add_subparsers(dest="command", required=True)
     small = sub.add_parser("narrow", help=narrow.__doc__.split(".")[0])
     small.add_argument("src")
