@@ -19,9 +19,9 @@ import yaml
 
 from fracture.boxes import detection
 from fracture.data.annotations import DatasetError
-from fracture.report.sources import validation_items
 from fracture.scoring import selection
 from fracture.train.checkpoint import CheckpointError, load_classifier
+from fracture.train.validation import validation_items
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fracture.data import audit, duplicates
 from fracture.data.annotations import DatasetError
 from fracture.data.synth import write_dataset
-from fracture.data import audit, duplicates
 from fracture.train.data import FractureDataModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas-dev"

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fracture.data import annotations
 from fracture.data.annotations import read_split
 from fracture.imaging import preprocess
-from fracture.report import evaluate, sources
+from fracture.report import evaluate
 from fracture.scoring import compare, metrics
 from fracture.train.checkpoint import load_classifier
 
@@ -108,7 +109,7 @@ def test_review_fixes_val_split_wording_subgroup_cis_and_run_columns(synth_root:
     (run / "config.yaml").write_text("data:\n  columns:\n    image: picture\n    label: broken\n    group: null\n")
     table = pd.read_csv(root / "test" / "annotations.csv", dtype=str).rename(columns={"image": "picture", "fracture": "broken"})
     table.to_csv(root / "test" / "annotations.csv", index=False)
-    columns = sources.run_columns(run)
+    columns = annotations.run_columns(run)
     assert columns.image == "picture" and columns.label == "broken"
     assert len(read_split(root / "test", columns)) == len(table)
 
@@ -116,8 +117,8 @@ def test_review_fixes_val_split_wording_subgroup_cis_and_run_columns(synth_root:
 def test_a_patient_in_two_supplied_splits_is_refused_by_fit_and_audit(synth_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    from fracture.data.annotations import DatasetError, load_splits
     from fracture.data import audit
+    from fracture.data.annotations import DatasetError, load_splits
 
     root = tmp_path / "ds"
     shutil.copytree(synth_root, root)

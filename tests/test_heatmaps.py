@@ -18,10 +18,10 @@ from fracture.export.export import export
 from fracture.export.graph import parity_inputs
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract, resize
+from fracture.train.cam import cam_from_features, normalise_cam
 from fracture.train.checkpoint import load_classifier
 from fracture.train.explain import explain, grad_cam
 from fracture.train.model import build_network
-from fracture.train.cam import cam_from_features, normalise_cam
 
 
 def _line_images(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:

@@ -183,3 +183,13 @@ def find_boxes(full: np.ndarray, params: dict[str, Any], height: int, width: int
         boxes = map_to_boxes(full, params.get("box_threshold", 0.5), min_area)
     shown = params.get("display_threshold")
     return boxes if candidates or shown is None else [b for b in boxes if b[4] > shown]
+
+
+def describe_boxes(params: dict[str, Any]) -> str:
+    """A box decoding in words (reports, the ensemble command)."""
+    if params.get("box_method") == "peaks":
+        w, h = params["box_size"]
+        return (f"up to {params['max_boxes']} per image, centred on the map's local maxima above {params['box_threshold']:.2f}, "
+                f"{w:.3f} x {h:.3f} of the input (the median validation box)")
+    kind = "of each map's maximum" if params.get("relative") else "probability"
+    return f"regions above {params['box_threshold']:.2f} {kind}, at least {params.get('min_area_fraction', 0.0):g} of the input"

@@ -312,3 +312,14 @@ def load_splits(root: str | os.PathLike, columns: Columns | None = None, val_fra
     tables["train"].attrs["leakage"] = problems
     tables["train"].attrs["similar_across_splits"] = similar
     return tables
+
+
+def run_columns(run_dir: Path | None) -> Columns | None:
+    """The run's ``data.columns`` mapping (from its config.yaml), so evaluation reads the columns training read."""
+    config = run_dir / "config.yaml" if run_dir else None
+    if config is None or not config.is_file():
+        return None
+    import yaml
+
+    given = (yaml.safe_load(config.read_text()).get("data") or {}).get("columns") or {}
+    return Columns(**{k: v for k, v in given.items() if k in Columns.__dataclass_fields__ and v})

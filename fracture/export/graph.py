@@ -26,8 +26,8 @@ from fracture.deploy.predictor import METADATA_KEY  # the reader's key: torch-si
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract, resize
 from fracture.progress import progress
-from fracture.train.combined import MirrorTTA, is_localise
 from fracture.train.cam import cam_from_features, normalise_cam
+from fracture.train.combined import MirrorTTA, is_localise
 
 PARITY_ATOL = 1e-5
 

@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 
 from fracture.boxes import detection
-from fracture.data.annotations import DatasetError
+from fracture.data.annotations import DatasetError, run_columns
 from fracture.deploy.predictor import ModelError
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract
 from fracture.progress import progress
 from fracture.report import plots
 from fracture.report.markdown import report_md
-from fracture.report.sources import Maps, predict_checkpoint, predict_onnx, run_columns, split_table
+from fracture.report.sources import Maps, predict_checkpoint, predict_onnx, split_table
 from fracture.scoring import localisation, metrics
 
 SUBGROUP_MIN = 10  # positives and negatives needed before a subgroup AUROC is worth printing

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from fracture.boxes.detection import describe_boxes
 from fracture.scoring import selection
 
 CAVEAT = "Research tool, not a medical device: these figures do not show fitness for clinical use."
@@ -100,16 +101,6 @@ def study_md(st: dict[str, Any] | None) -> list[str]:
     for metric in ("sensitivity", "specificity", "auroc"):
         lines.append(f"| {metric} | " + " | ".join(_fmt(ops[n]["metrics"][metric], ops[n]["ci95"].get(metric)) for n in names) + " |")
     return lines
-
-
-def describe_boxes(params: dict[str, Any]) -> str:
-    """The box decoding in words, for the report."""
-    if params.get("box_method") == "peaks":
-        w, h = params["box_size"]
-        return (f"up to {params['max_boxes']} per image, centred on the map's local maxima above {params['box_threshold']:.2f}, "
-                f"{w:.3f} x {h:.3f} of the input (the median validation box)")
-    kind = "of each map's maximum" if params.get("relative") else "probability"
-    return f"regions above {params['box_threshold']:.2f} {kind}, at least {params.get('min_area_fraction', 0.0):g} of the input"
 
 
 def describe_display(loc: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fracture.boxes import detection
 from fracture.data.annotations import Columns, DatasetError, read_split
 from fracture.imaging import preprocess
 from fracture.progress import progress
@@ -64,52 +63,6 @@ def predict_onnx(path: Path, paths: list[str], maps: bool = False) -> tuple[np.n
     if failed:
         raise DatasetError(f"{len(failed)} image(s) could not be read, e.g. {failed[0].error}")
     return np.array([r.probability for r in rows]), predictor.metadata | {"source": str(path)}, [(r.raw_map, r.size) for r in rows] if want else None
-
-
-def run_columns(run_dir: Path | None) -> Columns | None:
-    """The run's ``data.columns`` mapping (from its config.yaml), so evaluation reads the columns training read."""
-    config = run_dir / "config.yaml" if run_dir else None
-    if config is None or not config.is_file():
-        return None
-    import yaml
-
-    given = (yaml.safe_load(config.read_text()).get("data") or {}).get("columns") or {}
-    return Columns(**{k: v for k, v in given.items() if k in Columns.__dataclass_fields__ and v})
-
-
-def validation_items(model: Any, ckpt: Path, root: Path, batch: int = 16, parts: bool = False) -> list[tuple]:
-    """(label, (map-pooled, joint) logits, map, true boxes in input pixels) per validation image of a localise
-    model's run, as training keeps them (``FractureClassifier.val_maps``), so its choices can be made again.
-
-    ``parts``: the logits are every image logit the network's ``forward_parts`` gives (a localiser with a
-    classifier: map-pooled, joint and the classifier's), so choices at two levels come from one pass."""
-    import torch
-
-    from fracture.train.checkpoint import CheckpointError, run_split
-
-    found = run_split(ckpt, "val")
-    if found is None:
-        raise CheckpointError(f"{ckpt.parent / 'splits.csv'} is missing or lists no validation split")
-    columns = run_columns(ckpt.parent)
-    tables = [read_split(root / s, columns) for s in ("train", "val") if (root / s / "annotations.csv").is_file()]
-    table = pd.concat(tables).set_index("path") if tables else pd.DataFrame()
-    if "boxes" not in table.columns:
-        raise DatasetError(f"{root}: no boxes column in its annotations: the box decoding is chosen on the validation boxes")
-    paths, labels = found
-    missing = [p for p in paths if p not in table.index]
-    if missing:
-        raise DatasetError(f"{len(missing)} validation images of the run are not in {root}'s annotations (e.g. {missing[0]}); pass the run's --root")
-    net = model.evaluation_net
-    items = []
-    for i in progress(range(0, len(paths), batch), desc="validate"):
-        chunk = paths[i : i + batch]
-        x, chunk_sizes = preprocess.load_batch_with_sizes(chunk, model.contract)
-        with torch.inference_mode():
-            *logits, maps = (net.forward_parts if parts else net.forward_maps)(torch.from_numpy(x))
-        for j, (path, (h, w)) in enumerate(zip(chunk, chunk_sizes)):
-            truth = detection.to_input(detection.parse_boxes(table.loc[path, "boxes"]), h, w, model.contract)
-            items.append((int(labels[i + j]), tuple(float(lg[j]) for lg in logits), torch.sigmoid(maps[j]).numpy(), truth))
-    return items
 
 
 def split_table(root: Path, split: str, columns: Columns | None, splits: Path | None) -> pd.DataFrame:

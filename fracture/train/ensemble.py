@@ -38,15 +38,15 @@ import pandas as pd
 import torch
 import yaml
 
+from fracture.boxes.detection import describe_boxes
 from fracture.data.annotations import DatasetError
 from fracture.deploy.predictor import file_sha256
 from fracture.imaging import preprocess
-from fracture.report.markdown import describe_boxes
-from fracture.report.sources import validation_items
 from fracture.scoring import metrics, selection
 from fracture.train.checkpoint import CheckpointError, load_classifier
 from fracture.train.module import FractureClassifier
 from fracture.train.runio import atomic_write
+from fracture.train.validation import validation_items
 
 
 def check_members(ckpts: list[Path], models: list[FractureClassifier], tta: bool = False, classifier: bool = False) -> None:

@@ -27,9 +27,9 @@ from fracture.deploy.predict import expand_inputs
 from fracture.imaging import preprocess
 from fracture.imaging.contract import resize
 from fracture.progress import progress
+from fracture.train.cam import normalise_cam
 from fracture.train.checkpoint import CheckpointError, load_classifier
 from fracture.train.model import FractureNet
-from fracture.train.cam import normalise_cam
 
 
 def grad_cam(net: FractureNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
