@@ -1,6 +1,7 @@
 """Hostile inputs for the image gate and the service: small files that claim huge images.
 
     python scripts/hostile_inputs.py OUT_DIR      # writes them, one line each: name, bytes, what the gate must say
+    python scripts/hostile_inputs.py OUT_DIR --bytes   # the byte bombs and the real-radiograph sizes instead
 
 Each is under 600 KB and, decoded as declared, would take hundreds of MB to GB: a WebP, a JPEG 2000, a PNG
 (by its size, by a 64 MB text chunk, by 1000 animation frames), a multi-page TIFF, a PNM, a Radiance HDR no
@@ -106,10 +107,117 @@ def deflated_dicom_bomb(side: int = SIDE) -> bytes:
     return b"\0" * 128 + b"DICM" + meta + b"".join(body)
 
 
+LIMIT_SIDE = 7071  # 50 megapixels: the service's pixel limit
+
+
+def _png_zeros(width: int, height: int, depth: int, colour: int) -> bytes:
+    """A real PNG of zeros (every row filtered 'none'), compressed as it is made."""
+    samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+    row = bytes(1 + width * samples * depth // 8)
+    deflate = zlib.compressobj(9)
+    body = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def _rle_zeros(nbytes: int, segments: int) -> bytes:
+    """A DICOM RLE frame of zeros: the 64-byte header, then each segment as runs of 128 zero bytes."""
+    runs, rest = divmod(nbytes, 128)
+    segment = b"\x81\x00" * runs + (bytes([257 - rest, 0]) if rest > 1 else b"\x00\x00" if rest else b"")
+    segment += b"\x00" * (len(segment) % 2)
+    offsets = [64 + i * len(segment) for i in range(segments)]
+    return struct.pack("<16I", segments, *offsets, *([0] * (15 - segments))) + segment * segments
+
+
+def dicom_bytes(rows: int, cols: int, pixel_data: bytes, syntax: str, samples: int = 1, bits: int = 16,
+                photometric: str = "MONOCHROME2", encapsulated: bool = False, **tags: object) -> bytes:
+    """A DX-for-presentation DICOM file with the given pixel data (encapsulated: one frame, one fragment)."""
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "anon", generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = encapsulate([pixel_data]) if encapsulated else pixel_data
+    if encapsulated:
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _patch_sof(jpeg: bytes, side: int) -> bytes:
+    at = jpeg.index(b"\xff\xc0") + 5  # marker, length, precision, then height, width
+    return jpeg[:at] + struct.pack(">HH", side, side) + jpeg[at + 4 :]
+
+
+def write_byte_bombs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are small, within the pixel limit or lying about their size, that would hold GBs if decoded.
+
+    name -> (file, the reason it must be refused with). Needs pydicom for the DICOM ones.
+    """
+    side = LIMIT_SIDE
+    small = np.full((64, 64), 90, np.uint8)
+    made = {"png-16bit-rgba": (_png_zeros(side, side, 16, 6), "decode budget")}
+    tiff = cv2.imencode(".tiff", np.zeros((side, side), np.float32), [cv2.IMWRITE_TIFF_COMPRESSION, 8])[1].tobytes()
+    made["tiff-float32"] = (tiff, "decode budget")
+    windowed = {"WindowCenter": 2048, "WindowWidth": 4096}
+    made["dicom-16bit-windowed-rle"] = (dicom_bytes(side, side, _rle_zeros(side * side, 2), "1.2.840.10008.1.2.5", encapsulated=True,
+                                                    **windowed), "decode budget")
+    made["dicom-rle-rgb-16bit"] = (dicom_bytes(side, side, _rle_zeros(side * side, 6), "1.2.840.10008.1.2.5", samples=3,
+                                               photometric="RGB", encapsulated=True), "decode budget")
+    jp2 = _patch_jp2(cv2.imencode(".jp2", small)[1].tobytes(), SIDE)
+    made["dicom-j2k-inner-16000"] = (dicom_bytes(64, 64, jp2, "1.2.840.10008.1.2.4.90", bits=8, encapsulated=True), "declares 16000x16000")
+    jpeg = _patch_sof(cv2.imencode(".jpg", small)[1].tobytes(), SIDE)
+    made["dicom-jpeg-inner-16000"] = (dicom_bytes(64, 64, jpeg, "1.2.840.10008.1.2.4.50", bits=8, encapsulated=True), "declares 16000x16000")
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (data, reason) in made.items():
+        path = tmp / f"{name}.{'dcm' if name.startswith('dicom') else name.split('-')[0]}"
+        path.write_bytes(data)
+        paths[name] = (path, reason)
+    return paths
+
+
+def write_radiograph_sizes(tmp: Path) -> dict[str, Path]:
+    """The largest real radiographs the default budget must admit: a 4,300 x 4,300 16-bit DX with a window,
+    a 3,000 x 2,500 12-bit CR (MONOCHROME1), FracAtlas's largest originals (2,304 x 2,880 colour JPEG)."""
+    rng = np.random.default_rng(0)
+    tmp.mkdir(parents=True, exist_ok=True)
+    dx = (rng.integers(0, 4096, (4300, 4300), dtype=np.uint16) << 4).astype(np.uint16)
+    out = {"dx-4300-16bit": tmp / "dx-4300-16bit.dcm", "cr-3000x2500-12bit": tmp / "cr-3000x2500.dcm", "jpeg-2304x2880-rgb": tmp / "fa-original.jpg"}
+    out["dx-4300-16bit"].write_bytes(dicom_bytes(4300, 4300, dx.tobytes(), "1.2.840.10008.1.2.1", WindowCenter=32768, WindowWidth=65536))
+    cr = rng.integers(0, 4096, (2500, 3000), dtype=np.uint16)
+    out["cr-3000x2500-12bit"].write_bytes(dicom_bytes(2500, 3000, cr.tobytes(), "1.2.840.10008.1.2.1", photometric="MONOCHROME1",
+                                                      BitsStored=12, HighBit=11))
+    rgb = cv2.resize(rng.integers(0, 255, (288, 230, 3), dtype=np.uint8), (2304, 2880), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(out["jpeg-2304x2880-rgb"]), rgb, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return out
+
+
 def main(args: list[str]) -> int:
     if not args:
         print(__doc__)
         return 2
+    if "--bytes" in args:
+        for name, (path, reason) in write_byte_bombs(Path(args[0])).items():
+            print(f"{name}\t{path.stat().st_size}\t{reason}")
+        for name, path in write_radiograph_sizes(Path(args[0])).items():
+            print(f"{name}\t{path.stat().st_size}\tadmitted")
+        return 0
     for name, (path, reason) in write_bombs(Path(args[0])).items():
         print(f"{name}\t{path.stat().st_size}\t{reason}")
     return 0

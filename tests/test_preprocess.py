@@ -141,8 +141,11 @@ def test_reduced_jpeg_decoding_gives_nearly_the_same_input_and_the_original_size
     assert np.abs(x_red.astype(int) - x_full).mean() < 2.0  # DCT scaling + area resize ≈ full decode + area resize
     small = Contract(image_size=512, resize=resize, reduced_decode=True)
     assert preprocess.jpeg_reduction(1000, 1200, small) == (1 if resize == "stretch" else 2)
-    cv2.imwrite(str(tmp_path / "small.png"), big)  # only JPEGs are DCT-scaled
-    assert np.array_equal(preprocess.load(tmp_path / "small.png", reduced), preprocess.load(tmp_path / "small.png", full))
+    # every container follows the JPEG's reduction: the same pixels as PNG give nearly the JPEG's input
+    cv2.imwrite(str(tmp_path / "same.png"), cv2.imread(str(tmp_path / "big.jpg"), cv2.IMREAD_GRAYSCALE))
+    x_png, shape_png = preprocess.load_with_size(tmp_path / "same.png", reduced)
+    assert shape_png == (1200, 1000) and np.abs(x_png.astype(int) - x_red).mean() < 1.0
+    assert preprocess.read_image(tmp_path / "same.png", contract=reduced).shape == preprocess.read_image(tmp_path / "big.jpg", contract=reduced).shape
 
 
 def test_bytes_in_memory_decode_exactly_as_the_same_file(tmp_path: Path) -> None:

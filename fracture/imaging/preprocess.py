@@ -20,20 +20,23 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
+from fracture.imaging import budget
 from fracture.imaging.contract import Contract, resize
+from fracture.imaging.dicom import read_dicom
+from fracture.imaging.pixels import ImageError, to_uint8
+
+__all__ = ["ImageError", "to_uint8", "decode", "gate", "read_image", "load", "load_with_size", "load_bytes", "load_batch"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = int(budget.DEFAULT_MAX_DECODE_MB * budget.MB)  # what one decode may hold: see fracture.imaging.budget
 MIN_SIDE = 16  # smaller "radiographs" are icons or placeholders; upscaling them invents the input
 _REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
-
-
-class ImageError(ValueError):
-    """A file that cannot become a model input; the message says which file and why."""
 
 
 _STDERR = threading.Lock()
@@ -91,8 +94,19 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
 
 
-def image_header(data: bytes, path: Path) -> tuple[int, int, int]:
-    """(width, height, frames) as the file's header declares them, read by Pillow without decoding a pixel.
+class Header(NamedTuple):
+    """What a file's header declares, read by Pillow (and the format's own header fields) without decoding a pixel."""
+
+    width: int
+    height: int
+    frames: int
+    samples: int  # per pixel, as OpenCV decodes it
+    nbytes: int  # per sample
+    format: str
+
+
+def image_header(data: bytes, path: Path) -> Header:
+    """Size, frame count and sample layout as the file's header declares them, read without decoding a pixel.
 
     Pillow knows the headers of every format OpenCV decodes here (PNG and APNG, JPEG, BMP, TIFF, WebP, JPEG
     2000, GIF, PNM) and guards its own reading (PNG text chunks over 1 MB are refused); what it cannot
@@ -108,13 +122,15 @@ def image_header(data: bytes, path: Path) -> tuple[int, int, int]:
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
                 frames = int(getattr(img, "n_frames", 1) or 1)
+                fmt, mode, tags = str(img.format), str(img.mode), dict(getattr(img, "tag_v2", {}) or {})
     except Image.DecompressionBombError:
         raise ImageError(f"{path}: header claims over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels, over the pixel limit") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a decodable image (not a recognised format: PNG, JPEG, TIFF, BMP, WebP, JPEG 2000 or DICOM)") from None
     except Exception:  # noqa: BLE001 - a header that breaks its reader: no size, so no decoding
         raise ImageError(f"{path}: unreadable image header") from None
-    return width, height, frames
+    samples, nbytes = budget.layout(data, fmt, mode, tags)
+    return Header(width, height, frames, samples, nbytes, fmt)
 
 
 def is_dicom(path: str | os.PathLike, data: bytes) -> bool:
@@ -141,93 +157,110 @@ def has_dicom_preamble(path: str | os.PathLike) -> bool:
         return False
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Map any image to uint8 by its type's range (never by its brightest pixel: one marker must not dim the rest).
-
-    Floats in 0..1 are scaled by 255; other floats, which carry no range, by their own min..max.
-    """
-    if img.dtype == np.uint8:
-        return img
-    if np.issubdtype(img.dtype, np.integer):
-        info = np.iinfo(img.dtype)
-        scaled = (img.astype(np.float64) - info.min) * (255.0 / (info.max - info.min))
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    img = np.nan_to_num(img.astype(np.float64))
-    lo, hi = float(img.min()), float(img.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return np.rint(img * 255.0).astype(np.uint8)
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.rint((img - lo) * scale).astype(np.uint8)
-
-
 def jpeg_reduction(width: int, height: int, contract: Contract) -> int:
-    """The largest libjpeg scale-down (1, 2, 4 or 8) that keeps the image at or above the model input size."""
+    """The largest libjpeg scale-down (1, 2, 4 or 8) that keeps the image at or above the model input size.
+
+    Under a contract with ``reduced_decode`` every container takes the same reduction (JPEG in libjpeg's
+    decoder, the others by :func:`reduce` after decoding), so the answer does not depend on the file format."""
     side = min(width, height) if contract.resize == "stretch" else max(width, height)
     return next((f for f in (8, 4, 2) if side / f >= contract.image_size and min(width, height) / f >= MIN_SIDE), 1)
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, contract: Contract | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, contract: Contract | None = None,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Decode one file to a 2-D ``uint8`` grayscale array in its original geometry.
 
-    With a ``contract`` whose ``reduced_decode`` is on, a large JPEG comes back
+    With a ``contract`` whose ``reduced_decode`` is on, a large image comes back
     scaled down by :func:`jpeg_reduction` (same aspect); use :func:`load_with_size`
     for its original size.
 
     Raises:
         ImageError: unreadable, empty, truncated, oversized or undecodable files.
     """
-    return _read(path, max_pixels, contract)[0]
+    return _read(path, max_pixels, contract, max_bytes)[0]
 
 
-def _read(path: str | os.PathLike, max_pixels: int, contract: Contract | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(decoded image, original (height, width) as displayed)."""
+def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """A file's bytes, refused unread when the file alone is over the decode budget."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageError(f"{path}: a file of {size / budget.MB:,.0f} MB is over the {max_bytes / budget.MB:,.0f} MB decode budget")
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode(data, path, max_pixels, contract)
+
+
+def _read(path: str | os.PathLike, max_pixels: int, contract: Contract | None, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, tuple[int, int]]:
+    """(decoded image, original (height, width) as displayed)."""
+    return decode(read_bytes(path, max_bytes), path, max_pixels, contract, max_bytes)
+
+
+class Decoded(NamedTuple):
+    image: np.ndarray  # uint8, 2-D, as displayed (EXIF applied), reduced when the contract says so
+    shape: tuple[int, int]  # the original (height, width) as displayed
+    bit_depth: int  # of the decoded samples before the conversion to uint8
 
 
 def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DEFAULT_MAX_PIXELS,
-           contract: Contract | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+           contract: Contract | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes in memory → (decoded image, original (height, width) as displayed); files come through here too.
 
     ``path`` names the bytes in error messages, and its suffix (``.dcm``) helps to recognise DICOM.
     """
+    return gate(data, path, max_pixels, contract, max_bytes)[:2]
+
+
+def gate(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DEFAULT_MAX_PIXELS, contract: Contract | None = None,
+         max_bytes: int = DEFAULT_MAX_BYTES, allow_truncated: bool = False) -> Decoded:
+    """The one decode of image bytes: every reader (predictor, service, audit, duplicate finder, importers, the
+    training cache) comes through here, so a limit applies everywhere at once.
+
+    Before a pixel is decoded: the file's size, its header's size, frame count and byte cost (see
+    :mod:`fracture.imaging.budget`) against ``max_pixels`` and ``max_bytes``. ``allow_truncated``: a JPEG
+    without its end marker is decoded as far as it goes (the audit reports it) instead of refused.
+    """
     path = Path(path)
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(f"{path}: {len(data) / budget.MB:,.0f} MB of data is over the {max_bytes / budget.MB:,.0f} MB decode budget")
     if is_dicom(path, data):
-        from fracture.imaging.dicom import read_dicom  # here, not at the top: dicom reads this module's errors and scaling
-
-        img = read_dicom(path, data, max_pixels)
+        img = read_dicom(path, data, max_pixels, max_bytes)
         if min(img.shape) < MIN_SIDE:
             raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
-        return img, img.shape
-    if is_truncated_jpeg(data):
+        return Decoded(reduce(img, contract), img.shape, 8)
+    truncated = is_truncated_jpeg(data)
+    if truncated and not allow_truncated:
         raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
-    w, h, frames = image_header(data, path)
+    head = image_header(data, path)
+    w, h = head.width, head.height
     if w * h > max_pixels:
         raise ImageError(f"{path}: header claims {w}x{h} = {w * h / 1e6:.0f} megapixels, over the {max_pixels / 1e6:.0f} MP limit")
     if w == 0 or h == 0:
         raise ImageError(f"{path}: header claims an empty {w}x{h} image")
-    if frames > 1:
-        raise ImageError(f"{path}: {frames} frames or pages in one file; save the one view to predict as a single image")
-    size = (w, h)
+    if head.frames > 1:
+        raise ImageError(f"{path}: {head.frames} frames or pages in one file; save the one view to predict as a single image")
+    jpeg = data[:2] == b"\xff\xd8"
+    factor = jpeg_reduction(w, h, contract) if contract is not None and contract.reduced_decode and jpeg else 1
+    budget.check(budget.image_cost(w, h, head.samples, head.nbytes, head.format, factor), max_bytes,
+                 f"{path}: a {w}x{h} {head.format} of {head.samples} x {8 * head.nbytes}-bit samples")
     orientation = exif_orientation(data)
-    factor = jpeg_reduction(*size, contract) if contract is not None and contract.reduced_decode and data[:2] == b"\xff\xd8" else 1
     if factor > 1:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is not None and img.size:
-            w, h = size
-            img = apply_orientation(img, orientation)
-            return img, ((w, h) if orientation >= 5 else (h, w))
+            return Decoded(apply_orientation(img, orientation), (w, h) if orientation >= 5 else (h, w), 8)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None and truncated and path.is_file():
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
     if img is None or img.size == 0:
         raise ImageError(f"{path}: not a decodable image")
+    if img.shape[:2] != (h, w):
+        raise ImageError(f"{path}: decodes to {img.shape[1]}x{img.shape[0]}, not the {w}x{h} its header declares")
+    depth = img.dtype.itemsize * 8
     if img.ndim == 3:
         if img.shape[2] == 1:
             img = img[:, :, 0]
@@ -238,29 +271,39 @@ def decode(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DE
             img = cv2.cvtColor(img, code)
     if img.ndim != 2:
         raise ImageError(f"{path}: unsupported image layout {img.shape}")
-    img = apply_orientation(img, orientation)
-    if img.shape[0] * img.shape[1] > max_pixels:
-        raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is over the {max_pixels / 1e6:.0f} MP limit")
+    img = apply_orientation(to_uint8(img), orientation)
     if min(img.shape) < MIN_SIDE:
         raise ImageError(f"{path}: {img.shape[1]}x{img.shape[0]} is too small to be a radiograph (at least {MIN_SIDE} px per side)")
-    return to_uint8(img), img.shape
+    return Decoded(reduce(img, contract), img.shape, depth)
 
 
-def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+def reduce(img: np.ndarray, contract: Contract | None) -> np.ndarray:
+    """A decoded picture scaled down as libjpeg's reduced decoding would scale a JPEG of it (box averages of
+    2x2, 4x4 or 8x8 pixels, sides rounded up), when the contract asks for reduced decoding; else unchanged."""
+    factor = jpeg_reduction(img.shape[1], img.shape[0], contract) if contract is not None and contract.reduced_decode else 1
+    if factor == 1:
+        return img
+    size = (-(-img.shape[1] // factor), -(-img.shape[0] // factor))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, tuple[int, int]]:
     """File → (model input, original (height, width)): what boxes and heatmaps map back onto."""
-    img, shape = _read(path, max_pixels, contract)
+    img, shape = _read(path, max_pixels, contract, max_bytes)
     return resize(img, contract), (int(shape[0]), int(shape[1]))
 
 
-def load_bytes(data: bytes, name: str, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+def load_bytes(data: bytes, name: str, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
     """Bytes of one upload → (model input, original (height, width), decoded image): the file path without a file."""
-    img, shape = decode(data, name, max_pixels, contract)
+    img, shape = decode(data, name, max_pixels, contract, max_bytes)
     return resize(img, contract), (int(shape[0]), int(shape[1])), img
 
 
-def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """File → model input (``uint8``, ``image_size`` square). The single entry point."""
-    return load_with_size(path, contract, max_pixels)[0]
+    return load_with_size(path, contract, max_pixels, max_bytes)[0]
 
 
 def as_batch(inputs: list[np.ndarray]) -> np.ndarray:
