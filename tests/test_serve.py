@@ -130,7 +130,12 @@ def test_a_classifier_without_a_map_gets_a_plain_image(tiny_onnx: Path, synth_ro
         _, _, info = server.request("GET", "/model")
     r = body["results"][0]
     assert status == 200 and "boxes" not in r and "overlay" not in r
-    assert np.array_equal(decode_data_url(r["image"]), preprocess.read_image(path))  # small: sent at full size, decoded as files are
+    # small: sent at its full size, decoded as files are (under this contract's reduced decoding, every container is reduced)
+    contract = Predictor(tiny_onnx).contract
+    reduced = preprocess.read_image(path, contract=contract)
+    h, w = preprocess.read_image(path).shape
+    assert contract.reduced_decode and reduced.shape != (h, w)
+    assert np.array_equal(decode_data_url(r["image"]), cv2.resize(reduced, (w, h), interpolation=cv2.INTER_AREA))
     assert abs(r["probability"] - next(Predictor(tiny_onnx).predict([str(path)], show_progress=False)).probability) < 1e-6
     assert info["boxes"] is False and info["heatmap"] is False
 

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import base64
 import importlib.util
-import ipaddress
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ import cv2
 import numpy as np
 
 from fracture.boxes import heatmap
+from fracture.deploy.connections import HEADER_DEADLINE_S, LOOPBACK_NAMES, MAX_CONNECTIONS, is_loopback, origin_allowed, protocol_class
 from fracture.deploy.predictor import ModelError, Predictor
 from fracture.deploy.uploads import Limits, RequestError, Upload, receive_uploads
 from fracture.imaging import preprocess
@@ -77,19 +77,27 @@ class Service:
                 "limits": {"max_upload_mb": self.limits.max_upload_mb, "max_files": self.limits.max_files,
                            "max_megapixels": self.limits.max_megapixels, "timeout_s": self.limits.timeout_s}}
 
-    def _decode(self, upload: Upload) -> tuple[np.ndarray, tuple[int, int], np.ndarray] | str:
-        """(model input, original size, decoded image) or the reason the upload cannot be read."""
+    def _decode(self, upload: Upload, images: bool) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None] | str:
+        """(model input, original size, the picture at display size) or the reason the upload cannot be read.
+
+        Only the display-size picture is kept: a request's 16 files never hold 16 full-size decodes at once."""
         name = Path(upload.filename).name or "upload"
         try:
-            return preprocess.load_bytes(upload.data, name, self.predictor.contract, int(self.limits.max_megapixels * 1e6))
+            x, (h, w), image = preprocess.load_bytes(upload.data, name, self.predictor.contract, int(self.limits.max_megapixels * 1e6),
+                                                     int(self.limits.max_decode_mb * 2**20))
         except preprocess.ImageError as exc:
             return str(exc).removeprefix(f"{name}: ")
         except Exception:  # noqa: BLE001 - a decoder crash on one upload must not fail the others; its text stays here
             return "cannot read this file"
+        if not images:
+            return x, (h, w), None
+        scale = min(1.0, self.limits.display_side / max(h, w))
+        dh, dw = max(1, round(h * scale)), max(1, round(w * scale))
+        return x, (h, w), cv2.resize(image, (dw, dh), interpolation=cv2.INTER_AREA) if image.shape[:2] != (dh, dw) else image
 
     def predict(self, uploads: list[Upload], images: bool = True) -> list[dict]:
         """One result per upload, in order: probability and decisions, boxes, PNGs, or the error."""
-        decoded = [self._decode(u) for u in uploads]
+        decoded = [self._decode(u, images) for u in uploads]
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         probs, maps = self.predictor.run([decoded[i][0] for i in good], maps=images) if good else ([], None)
         row = {i: j for j, i in enumerate(good)}
@@ -99,7 +107,7 @@ class Service:
             if i not in row:
                 results.append({**rec, "ok": False, "error": decoded[i]})
                 continue
-            _, (h, w), image = decoded[i]
+            _, (h, w), shown = decoded[i]
             p = float(probs[row[i]])
             raw = maps[row[i]] if maps is not None else None
             rec.update(ok=True, width=w, height=h, probability=p,
@@ -109,16 +117,14 @@ class Service:
                 _, boxes = self.predictor.boxes(raw, h, w)
                 rec["boxes"] = [dict(zip(("x0", "y0", "x1", "y1", "score"), map(float, b))) for b in boxes]
             if images:
-                rec.update(self._pictures(image, (h, w), raw, boxes))
+                rec.update(self._pictures(shown, (h, w), raw, boxes))
             results.append(rec)
         return results
 
-    def _pictures(self, image: np.ndarray, size: tuple[int, int], raw: np.ndarray | None, boxes: list | None) -> dict[str, str]:
-        """The radiograph as PNG, and an overlay (heatmap and boxes) when the model gives either."""
+    def _pictures(self, shown: np.ndarray, size: tuple[int, int], raw: np.ndarray | None, boxes: list | None) -> dict[str, str]:
+        """The radiograph as PNG (already at display size), and an overlay (heatmap and boxes) when the model gives either."""
         h, w = size
-        scale = min(1.0, self.limits.display_side / max(h, w))
-        dh, dw = max(1, round(h * scale)), max(1, round(w * scale))
-        shown = cv2.resize(image, (dw, dh), interpolation=cv2.INTER_AREA) if image.shape[:2] != (dh, dw) else image
+        dh, dw = shown.shape[:2]
         out = {"image": png_data_url(shown)}
         if raw is not None:
             cam = heatmap.to_original(raw, dh, dw, self.predictor.contract)
@@ -155,27 +161,12 @@ def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None):
     return JSONResponse(body, status, headers={"Cache-Control": "no-store", **(headers or {})})
 
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def origin_allowed(origin: str | None, hosts: list[str]) -> bool:
-    """A POST's Origin: none (curl, scripts) or one of the allowed hosts; ``null`` and other sites are refused."""
-    if origin is None:
-        return True
-    from urllib.parse import urlsplit
-
-    try:
-        host = urlsplit(origin).hostname
-    except ValueError:
-        return False
-    return origin != "null" and host is not None and any(host == h.strip("[]") or (h.startswith("*.") and host.endswith(h[1:])) for h in hosts)
-
-
-def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LOOPBACK_NAMES):
+def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = ()):
     """The ASGI app: routes, Host and Origin checks, admission and the worker pool around one :class:`Service`.
 
     ``allowed_hosts``: the names clients reach the server by (the Host header; anything else, as a DNS-rebinding
-    page would send, gets 400). A POST from a page of another origin gets 403."""
+    page would send, gets 400). A POST from a page of another origin (scheme, host and port: not this server's,
+    nor one of ``allowed_origins``) gets 403."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -196,7 +187,8 @@ def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LO
         start = time.monotonic()
         deadline = start + limits.timeout_s
         status, files, size, outcome = 500, 0, 0, ""
-        if not origin_allowed(request.headers.get("origin"), hosts):
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if not origin_allowed(request.headers.get("origin"), own, allowed_origins):
             log.info("POST /predict 403 foreign origin")
             return _json({"error": "requests from pages of other sites are refused"}, 403)
         if not bodies.enter():
@@ -254,15 +246,6 @@ def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LO
                      middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 EXPOSED = """
 ################################################################################
 #  WARNING: fracture.serve is listening on {host}, not only on this machine.
@@ -282,6 +265,8 @@ def main(args: list[str] | None = None) -> int:
                         help="a host name clients reach the server by, besides the loopback names (repeat; '*.example.org' "
                              "matches subdomains); needed to bind beyond loopback, behind a proxy or in a container")
     defaults = Limits()
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web page origin (scheme://host:port) besides the server's own whose pages may POST (repeat)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="requests predicted at once")
     parser.add_argument("--queue", type=int, default=defaults.queue, help="requests that may wait; more are answered 503 with Retry-After")
     parser.add_argument("--threads", type=int, help="onnxruntime threads per prediction (default: cores / workers)")
@@ -290,6 +275,13 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--max-megapixels", type=float, default=defaults.max_megapixels, help="largest image")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds to receive and answer one request")
     parser.add_argument("--display-side", type=int, default=defaults.display_side, help="longest side of the PNGs sent back")
+    parser.add_argument("--max-decode-mb", type=float, default=defaults.max_decode_mb,
+                        help="memory one image's decode may hold, worked out from its header before decoding (fracture.imaging.budget)")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_DEADLINE_S,
+                        help="seconds a connection has to send a request's complete headers, however it trickles them")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help="connections open at once; beyond it the oldest one still sending headers is closed, or, "
+                             "when all are busy with requests, the new one gets an immediate 503")
     ns = parser.parse_args(args)
     missing = [name for name in ("uvicorn", "starlette", "python_multipart") if importlib.util.find_spec(name) is None]
     if missing:
@@ -298,12 +290,13 @@ def main(args: list[str] | None = None) -> int:
     import uvicorn
 
     limits = Limits(ns.max_upload_mb, ns.max_files, ns.max_megapixels, ns.timeout, min(10.0, ns.timeout), ns.workers, ns.queue,
-                    max(12, 2 * (ns.workers + ns.queue)), ns.display_side)
+                    max(12, 2 * (ns.workers + ns.queue)), ns.display_side, ns.max_decode_mb)
     if not is_loopback(ns.host) and not ns.allow_host:
         print(f"error: --host {ns.host} serves other machines: name the host names they use with --allow-host NAME (requests "
               "with any other Host header are refused, which is what stops DNS rebinding)", file=sys.stderr)
         return 2
-    if min(limits.workers, limits.max_files) < 1 or limits.queue < 0 or min(limits.timeout_s, limits.max_upload_mb, limits.max_megapixels) <= 0:
+    if (min(limits.workers, limits.max_files, ns.max_connections) < 1 or limits.queue < 0
+            or min(limits.timeout_s, limits.max_upload_mb, limits.max_megapixels, limits.max_decode_mb, ns.header_timeout) <= 0):
         print("error: --workers and --max-files must be at least 1, --queue at least 0, limits positive", file=sys.stderr)
         return 2
     try:
@@ -312,7 +305,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    app = create_app(Service(predictor, limits, Path(ns.model).name), [*LOOPBACK_NAMES, *ns.allow_host])
+    app = create_app(Service(predictor, limits, Path(ns.model).name), [*LOOPBACK_NAMES, *ns.allow_host], tuple(ns.allow_origin))
     try:
         family = socket.getaddrinfo(ns.host, ns.port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((ns.host, ns.port), family=family)
@@ -324,8 +317,9 @@ def main(args: list[str] | None = None) -> int:
         print(EXPOSED.format(host=ns.host, port=port), file=sys.stderr, flush=True)
     shown = f"[{ns.host}]" if ":" in ns.host else ns.host
     print(f"fracture.serve: {ns.model} (sha256 {predictor.sha256[:12]}) on http://{shown}:{port}/ — {NOTICE}", flush=True)
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=5,
-                            limit_concurrency=4 * (limits.workers + limits.queue) + 32, server_header=False)
+    # admission is the app's own (bodies held, requests in flight); connections are capped and deadlined by the protocol
+    config = uvicorn.Config(app, http=protocol_class(ns.header_timeout, ns.max_connections), log_config=None, access_log=False,
+                            timeout_keep_alive=5, limit_concurrency=None, server_header=False)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

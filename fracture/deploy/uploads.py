@@ -7,7 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
+
 FIELD = "file"
+MAX_PART_HEADERS = 16 * 1024  # a part's header lines together (Content-Disposition, Content-Type)
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Limits:
     queue: int = 8  # requests whose body has arrived that may wait for a worker; more get 503
     max_bodies: int = 12  # request bodies held at once (arriving, waiting or predicting); more get 503
     display_side: int = 1024  # longest side of the PNGs sent back
+    max_decode_mb: float = DEFAULT_MAX_DECODE_MB  # what one image's decode may hold (fracture.imaging.budget)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -61,8 +65,8 @@ class MultipartReader:
         self.field, self.value, self.ended = b"", b"", False
         self.parser = MultipartParser(boundary, {
             "on_part_begin": self._begin,
-            "on_header_field": lambda d, s, e: setattr(self, "field", self.field + d[s:e]),
-            "on_header_value": lambda d, s, e: setattr(self, "value", self.value + d[s:e]),
+            "on_header_field": lambda d, s, e: self._header_bytes("field", d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_bytes("value", d[s:e]),
             "on_header_end": self._header_end,
             "on_part_data": lambda d, s, e: self.part["data"].extend(d[s:e]),
             "on_part_end": self._part_end,
@@ -71,6 +75,15 @@ class MultipartReader:
 
     def _begin(self) -> None:
         self.part = {"headers": {}, "data": bytearray()}
+        self.header_size = 0
+
+    def _header_bytes(self, which: str, data: bytes) -> None:
+        """A part header's name or value, as it arrives; a part's headers over ``MAX_PART_HEADERS`` end the request
+        (python-multipart >= 0.0.27 limits each line too: this guard holds whatever parser is installed)."""
+        self.header_size += len(data)
+        if self.header_size > MAX_PART_HEADERS:
+            raise RequestError(431, f"a part's headers are over {MAX_PART_HEADERS // 1024} KB")
+        setattr(self, which, getattr(self, which) + data)
 
     def _header_end(self) -> None:
         self.part["headers"][self.field.lower()] = self.value
