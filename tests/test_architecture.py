@@ -22,7 +22,7 @@ TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
 DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.froc",
           "scoring.selection", "scoring.folds", "data.labels", "data.synth", "data.duplicates", "deploy.predictor", "deploy.predict",
-          "deploy.uploads", "deploy.serve", "deploy.calibrate", "deploy.release", "progress"]
+          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "progress"]
 # torch-free, with the data and report tools' pandas / matplotlib
 DATA_AND_REPORT = ["data.annotations", "data.audit", "data.datasets", "scoring.localisation", "scoring.compare", "report.plots", "report.evaluate",
                    "report.markdown", "report.sources"]  # report: torch only inside evaluate --ckpt
@@ -34,17 +34,33 @@ def modules() -> list[str]:
     return sorted(".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py") if p.stem not in ("__init__", "__main__"))
 
 
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ``ImportFrom`` names, relative imports (``from ..deploy import serve``) resolved."""
+    if not node.level:
+        return node.module or ""
+    package = ("fracture." + module).split(".")[: -node.level]
+    return ".".join(package + ([node.module] if node.module else []))
+
+
 def imported(module: str) -> set[str]:
-    """The fracture modules ``module`` imports, at the top or inside a function."""
+    """The fracture modules ``module`` imports: at the top or inside a function, absolute or relative, and by
+    ``importlib.import_module("fracture....")`` or ``__import__("fracture....")`` with a literal name."""
     tree = ast.parse((REPO / "fracture" / (module.replace(".", "/") + ".py")).read_text())
-    out = set()
+    names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fracture"):
-            base = node.module.removeprefix("fracture").lstrip(".")
-            out |= {f"{base}.{a.name}" if base in LAYERS else base for a in node.names} if base else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom):
+            base = _absolute(module, node)
+            if base == "fracture" or base.startswith("fracture."):
+                names |= {f"{base}.{a.name}" for a in node.names} | {base}
         elif isinstance(node, ast.Import):
-            out |= {a.name.removeprefix("fracture.") for a in node.names if a.name.startswith("fracture.")}
-    return {m for m in out if m in modules() or m in LAYERS}
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if called in ("import_module", "__import__"):
+                names.add(node.args[0].value)
+    known = set(modules()) | set(LAYERS)
+    return {m for m in (n.removeprefix("fracture.") for n in names if n.startswith("fracture.")) if m in known}
 
 
 BLOCK = """
@@ -95,3 +111,58 @@ def test_every_module_is_in_a_layer_or_an_entry_point() -> None:
 def test_no_module_is_over_350_lines() -> None:
     sizes = {m: len((REPO / "fracture" / (m.replace(".", "/") + ".py")).read_text().splitlines()) for m in modules()}
     assert {m: n for m, n in sizes.items() if n > 350} == {}
+
+
+def test_the_import_contract_sees_relative_and_dynamic_imports(tmp_path) -> None:
+    """What the checker reads: a relative import up a layer and a literal import_module are both edges."""
+    tree = ast.parse("from ..deploy import serve\nfrom . import froc\nimport importlib\nimportlib.import_module('fracture.train.fit')\n"
+                     "__import__('fracture.export.graph')\n")
+    found = {_absolute("scoring.metrics", n) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert found == {"fracture.deploy", "fracture.scoring"}
+    probe = REPO / "fracture" / "scoring" / "_probe_contract.py"
+    probe.write_text("from ..deploy import serve\nimport importlib\nimportlib.import_module('fracture.train.fit')\n")
+    try:
+        assert {"deploy.serve", "train.fit"} <= imported("scoring._probe_contract")
+    finally:
+        probe.unlink()
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No circles between modules, lazy imports included (imaging.dicom and imaging.preprocess had one)."""
+    graph = {m: {t for t in imported(m) if t in modules() and t != m} for m in modules()}
+    seen, on_path, circles = set(), [], []
+
+    def visit(m: str) -> None:
+        if m in on_path:
+            circles.append(on_path[on_path.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        on_path.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        on_path.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert circles == []
+
+
+GATE = {"imaging.preprocess", "imaging.dicom"}  # the one gate: every other module reads image bytes through it
+DECODERS = {"imdecode", "imread", "imreadmulti", "imdecodemulti", "dcmread", "pixel_array", "read_file"}
+
+
+def test_image_bytes_are_decoded_by_the_gate_only() -> None:
+    """No module but the gate calls a decoder (OpenCV, pydicom, Pillow's Image.open) or reads DICOM pixels."""
+    found = []
+    for module in modules():
+        if module in GATE:
+            continue
+        for node in ast.walk(ast.parse((REPO / "fracture" / (module.replace(".", "/") + ".py")).read_text())):
+            if isinstance(node, ast.Attribute) and (node.attr in DECODERS or (node.attr == "open" and isinstance(node.value, ast.Name)
+                                                                              and node.value.id == "Image")):
+                found.append(f"{module}: {node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module in ("PIL", "PIL.Image", "pydicom", "pydicom.pixels"):
+                found.append(f"{module}: from {node.module} import …")
+    assert found == []

@@ -43,35 +43,29 @@ class FileFacts:
 def inspect(path: str) -> tuple[FileFacts, np.ndarray | None]:
     """Hash, health check and a normalised thumbnail (None when undecodable)."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return FileFacts(path, 0, "", f"unreadable ({exc.strerror or exc})"), None
+        data = preprocess.read_bytes(path)  # a file over the decode budget is not even read
+    except preprocess.ImageError as exc:
+        return FileFacts(path, 0, "", str(exc).split(": ", 1)[-1]), None
     facts = FileFacts(path, len(data), hashlib.sha256(data).hexdigest())
     if not data:
         facts.problem = "zero-size file"
         return facts, None
     truncated = preprocess.is_truncated_jpeg(data)
-    if preprocess.is_dicom(path, data):
+    # through the gate, as training reads it (EXIF applied, byte budget); libjpeg's "Premature end of JPEG file"
+    # for truncated files is kept as the file's reason, off the terminal
+    with preprocess.capture_stderr() if truncated else contextlib.nullcontext(list) as said:
         try:
-            img = preprocess.read_image(path)
+            decoded = preprocess.gate(data, path, allow_truncated=True)
         except preprocess.ImageError as exc:
-            facts.problem = str(exc).split(": ", 1)[-1]
-            return facts, None
-    else:
-        # libjpeg prints "Premature end of JPEG file" for truncated files: keep it as the file's reason, off the terminal
-        with preprocess.capture_stderr() if truncated else contextlib.nullcontext(list) as said:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if img is None and truncated:
-                img = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
-        facts.decoder_messages = "; ".join(dict.fromkeys(line.strip() for line in said() if line.strip() and "\r" not in line))
-    if img is None:
-        facts.problem = "truncated JPEG (no end-of-image marker), does not decode" if truncated else "not a decodable image"
+            decoded, facts.problem = None, str(exc).split(": ", 1)[-1]
+    facts.decoder_messages = "; ".join(dict.fromkeys(line.strip() for line in said() if line.strip() and "\r" not in line))
+    if decoded is None:
+        if truncated:
+            facts.problem = "truncated JPEG (no end-of-image marker), does not decode"
         if facts.decoder_messages:
             facts.problem += f" (decoder: {facts.decoder_messages})"
         return facts, None
-    facts.bit_depth = img.dtype.itemsize * 8
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    img, facts.bit_depth = decoded.image, decoded.bit_depth
     facts.height, facts.width = img.shape[:2]
     if truncated:
         band = _uniform_bottom_rows(img)
