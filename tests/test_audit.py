@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from test_preprocess import _with_exif_orientation
+
 from fracture.data import audit, duplicates
 from fracture.data.annotations import DatasetError
 from fracture.data.synth import write_dataset
@@ -149,3 +151,26 @@ def test_a_look_alike_exposure_across_splits_is_reported_not_refused(planted: Pa
     tables = FractureDataModule(root=str(planted)).check()
     assert any("again.png (test" in pair for pair in tables["train"].attrs["similar_across_splits"])
     assert tables["train"].attrs["leakage"] == []
+
+
+
+@pytest.mark.parametrize("how", ["exif-6", "turned-90", "mirrored", "turned-270-mirrored"])
+def test_rotated_or_mirrored_re_saves_across_splits_are_refused(planted: Path, how: str) -> None:
+    """A test image re-saved turned or mirrored (pixels turned with an EXIF orientation that turns them back, or
+    turned outright) under a new patient id is found as a copy, not accepted into train."""
+    for split, name in (("train", "truncated.jpg"), ("test", "exact_copy.png")):
+        (planted / split / "images" / name).unlink()
+        table = pd.read_csv(planted / split / "annotations.csv", dtype=str)
+        table[table["image"] != name].to_csv(planted / split / "annotations.csv", index=False)
+    test = pd.read_csv(planted / "test" / "annotations.csv", dtype=str)
+    img = cv2.imread(str(planted / "test" / "images" / test["image"][0]), cv2.IMREAD_GRAYSCALE)
+    turned = {"exif-6": np.rot90(img, 1), "turned-90": np.rot90(img, -1), "mirrored": img[:, ::-1], "turned-270-mirrored": np.rot90(img, 1)[::-1]}[how]
+    data = cv2.imencode(".jpg", np.ascontiguousarray(turned), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    if how == "exif-6":  # stored turned a quarter left; orientation 6 shows it upright, as training reads it
+        data = _with_exif_orientation(data, 6)
+        from fracture.imaging import preprocess
+
+        assert np.abs(preprocess.decode(data, "x.jpg")[0].astype(int) - img).mean() < 3
+    _add(planted, "train", f"resaved-{how}.jpg", int(test["fracture"][0] == "yes"), data)
+    with pytest.raises(DatasetError, match=rf"resaved-{how}\.jpg \(train"):
+        FractureDataModule(root=str(planted)).check()
