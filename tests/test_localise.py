@@ -416,6 +416,9 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     assert loc["fusion"] == float(ens.net.fusion) in (0.0, 0.5, 1.0) and 0 <= loc["froc_mean"] <= 1
     assert torch.allclose(probs, torch.sigmoid(loc["fusion"] * got[0] + (1 - loc["fusion"]) * got[1]), atol=1e-6)
     assert [m["sha256"] for m in info["ensemble_of"]] == [file_sha256(c) for c in (ckpt, second)]
+    # parts are named by run folder and file, never by the building machine's absolute paths
+    assert [m["checkpoint"] for m in info["ensemble_of"]] == [f"{c.parent.name}/{c.name}" for c in (ckpt, second)]
+    assert str(tmp_path) not in str(torch.load(out, weights_only=False, map_location="cpu"))
     assert info["thresholds"]["screening"] <= info["thresholds"]["balanced"] and info["val_metrics"]["n"] == members[0].val_summary["n"]
 
     # one network twice is that network: validation re-made outside training reaches the choices training stored

@@ -70,3 +70,12 @@ def test_a_proportion_at_zero_or_one_gets_a_wilson_interval_not_a_zero_width_one
     ci = metrics.bootstrap(probs, labels, 0.5, n=200)
     assert ci["sensitivity"] == pytest.approx(metrics.wilson(12, 12)) and ci["sensitivity"][0] < 0.8
     assert ci["specificity"][0] < ci["specificity"][1]  # a proportion strictly inside (0, 1) keeps its bootstrap interval
+
+
+def test_the_screening_point_keeps_images_at_probability_zero() -> None:
+    """The lowest validation probability exactly 0.0: the threshold goes under it, so "p > t" still flags them."""
+    probs, labels = np.array([0.0, 0.0, 0.3, 0.6]), np.array([1, 0, 0, 1])
+    points = metrics.operating_points(probs, labels, min_sensitivity=1.0)
+    flagged = probs > points["screening"]
+    assert points["screening"] < 0.0 and flagged[labels == 1].all()
+    assert metrics.operating_points(np.array([0.1, 0.2, 0.3, 0.6]), labels, 1.0)["screening"] == pytest.approx(0.1, abs=1e-5)

@@ -304,3 +304,13 @@ def test_binding_beyond_loopback_needs_allowed_host_names_and_warns_loudly(tiny_
     with serving(tiny_onnx, tmp_path / "b") as server:
         assert server.host == "127.0.0.1" and "Research use only" in server.banner
     assert "NO authentication" not in (tmp_path / "b" / "server.log").read_text()
+
+
+def test_model_metadata_shows_file_names_only_even_with_spaces_in_paths() -> None:
+    from fracture.deploy.serve import names_only
+
+    meta = {"ensemble_of": [{"checkpoint": "runs/my run/last.ckpt"}], "classifier": {"checkpoint": "/home/jo doe/cls run/best.ckpt"},
+            "release": {"card": "C:\\Users\\jo doe\\v1.md"}, "note": "sensitivity/specificity at two points", "where": "~/a b/c.onnx"}
+    shown = names_only(meta)
+    assert shown == {"ensemble_of": [{"checkpoint": "last.ckpt"}], "classifier": {"checkpoint": "best.ckpt"}, "release": {"card": "v1.md"},
+                     "note": "sensitivity/specificity at two points", "where": "c.onnx"}

@@ -53,14 +53,22 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
-def names_only(value):
-    """Metadata with every path-like string cut to its file name: /model shows no directories of the exporting machine."""
+PATH_KEYS = ("checkpoint", "card", "path", "root", "file", "source", "init_from", "ckpt", "dir")
+
+
+def names_only(value, key: str = ""):
+    """Metadata with every path cut to its file name: /model shows no directories of the exporting machine.
+
+    A path is a value under a path-like key (``checkpoint``, ``card``, ``…_path``), an absolute path (``/``, ``~``,
+    ``\\``, ``C:``), spaces or not, or any other text with a separator and no spaces."""
     if isinstance(value, dict):
-        return {k: names_only(v) for k, v in value.items()}
+        return {k: names_only(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [names_only(v) for v in value]
-    if isinstance(value, str) and ("/" in value or "\\" in value) and " " not in value:
-        return value.replace("\\", "/").rsplit("/", 1)[-1]
+        return [names_only(v, key) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        absolute = value.startswith(("/", "~", "\\")) or (len(value) > 2 and value[1] == ":" and value[2] in "/\\")
+        if absolute or key.lower().endswith(PATH_KEYS) or " " not in value:
+            return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return value
 
 

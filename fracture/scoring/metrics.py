@@ -120,7 +120,7 @@ def operating_points(probs: np.ndarray, labels: np.ndarray, min_sensitivity: flo
         return points
     fpr, tpr, cut = roc_curve(probs, labels)
     fpr, tpr, cut = fpr[1:], tpr[1:], cut[1:]
-    below = np.r_[cut[1:], max(cut[-1] - 1e-6, 0.0)]
+    below = np.r_[cut[1:], cut[-1] - 1e-6]  # under the lowest: not clamped at 0, or "p > 0" would drop the images at p = 0
     thresholds = (cut + below) / 2  # probability > threshold  <=>  probability >= cut
     ok = np.flatnonzero(tpr >= min_sensitivity)
     points["screening"] = float(thresholds[ok[0]])  # cuts run high → low

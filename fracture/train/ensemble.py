@@ -98,6 +98,13 @@ def classifier_factor(ckpt: Path, model: FractureClassifier, localiser: Fracture
     return factor
 
 
+def part_name(ckpt: Path) -> str:
+    """A part as the ensemble records it: its run folder and file name (with its sha256 beside it), never the
+    absolute path of the machine that built it, which would travel into the checkpoint and the ONNX metadata."""
+    ckpt = Path(ckpt).resolve()
+    return f"{ckpt.parent.name}/{ckpt.name}"
+
+
 def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = False, classifier: Path | None = None) -> dict[str, Any]:
     """Write the ensemble checkpoint (with the first run's splits.csv and config.yaml beside it); returns its deployment info.
 
@@ -114,7 +121,7 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
     for member, model in zip(ensemble.net.members if len(models) > 1 else [ensemble.net], models):
         member.load_state_dict(model.net.state_dict())
     ensemble.train_counts = dict(models[0].train_counts)
-    ensemble.ensemble_of = [{"checkpoint": str(c), "sha256": file_sha256(c), "val_metrics": m.val_summary,
+    ensemble.ensemble_of = [{"checkpoint": part_name(c), "sha256": file_sha256(c), "val_metrics": m.val_summary,
                              "localisation": {k: m.box_params.get(k) for k in ("froc_mean", "fusion")}} for c, m in zip(ckpts, models)]
     config = ckpts[0].parent / "config.yaml"
     if root is None:
@@ -133,7 +140,7 @@ def build(ckpts: list[Path], out: Path, root: Path | None = None, tta: bool = Fa
         combined.net.localiser.fusion.fill_(own)
         boxes = ensemble.box_decoding
         combined.train_counts, combined.ensemble_of = ensemble.train_counts, ensemble.ensemble_of
-        combined.classifier_of = {"checkpoint": str(classifier), "sha256": file_sha256(classifier), "network": side.spec.name,
+        combined.classifier_of = {"checkpoint": part_name(classifier), "sha256": file_sha256(classifier), "network": side.spec.name,
                                   "input_size": side.contract.image_size, "factor": factor, "val_metrics": side.val_summary,
                                   "localiser_fusion": own, "localiser_val_auroc": metrics.auroc(probs, labels)}
         ensemble = combined
