@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fracture.data.synth import dicom_bytes
+
 SIDE = 16000  # a 256-megapixel claim: about 256 MB as 8-bit gray, 768 MB as BGR, if it were decoded
 
 
@@ -127,36 +129,6 @@ def _rle_zeros(nbytes: int, segments: int) -> bytes:
     segment += b"\x00" * (len(segment) % 2)
     offsets = [64 + i * len(segment) for i in range(segments)]
     return struct.pack("<16I", segments, *offsets, *([0] * (15 - segments))) + segment * segments
-
-
-def dicom_bytes(rows: int, cols: int, pixel_data: bytes, syntax: str, samples: int = 1, bits: int = 16,
-                photometric: str = "MONOCHROME2", encapsulated: bool = False, **tags: object) -> bytes:
-    """A DX-for-presentation DICOM file with the given pixel data (encapsulated: one frame, one fragment)."""
-    import io
-
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "anon", generate_uid(), generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = encapsulate([pixel_data]) if encapsulated else pixel_data
-    if encapsulated:
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def _patch_sof(jpeg: bytes, side: int) -> bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from fracture.data.synth import dicom_bytes
 from fracture.imaging import budget, pixels, preprocess
 
 spec = importlib.util.spec_from_file_location("hostile_inputs", REPO / "scripts" / "hostile_inputs.py")
@@ -96,7 +97,7 @@ def _files(tmp: Path) -> dict[str, tuple[Path, Path, int]]:
         files = []
         for suffix, a in (("", img), ("-warm", img[:40, :40])):
             path = tmp / f"{name}{suffix}.dcm"
-            ds = pydicom.dcmread(io.BytesIO(hostile.dicom_bytes(a.shape[0], a.shape[1], np.ascontiguousarray(a).tobytes(),
+            ds = pydicom.dcmread(io.BytesIO(dicom_bytes(a.shape[0], a.shape[1], np.ascontiguousarray(a).tobytes(),
                                                                 "1.2.840.10008.1.2.1", bits=8 * a.itemsize, **kw)))
             if syntax != "1.2.840.10008.1.2.1":
                 ds.compress(UID(syntax))

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, tiny_fit_args
 
 pydicom = pytest.importorskip("pydicom")
+from fracture.data.synth import dicom_bytes  # noqa: E402
 spec = importlib.util.spec_from_file_location("dicom_variants", REPO / "scripts" / "dicom_variants.py")
 dicom_variants = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dicom_variants)
@@ -68,9 +69,9 @@ def variants(tmp: Path) -> dict[str, Path]:
     import cv2
 
     more = {
-        "rle": hostile.dicom_bytes(48, 40, hostile._rle_zeros(48 * 40, 1), "1.2.840.10008.1.2.5", bits=8, encapsulated=True),
-        "jpeg": hostile.dicom_bytes(48, 40, cv2.imencode(".jpg", picture)[1].tobytes(), "1.2.840.10008.1.2.4.50", bits=8, encapsulated=True),
-        "rgb": hostile.dicom_bytes(48, 40, np.dstack([picture] * 3).tobytes(), "1.2.840.10008.1.2.1", samples=3, bits=8, photometric="RGB"),
+        "rle": dicom_bytes(48, 40, hostile._rle_zeros(48 * 40, 1), "1.2.840.10008.1.2.5", bits=8, encapsulated=True),
+        "jpeg": dicom_bytes(48, 40, cv2.imencode(".jpg", picture)[1].tobytes(), "1.2.840.10008.1.2.4.50", bits=8, encapsulated=True),
+        "rgb": dicom_bytes(48, 40, np.dstack([picture] * 3).tobytes(), "1.2.840.10008.1.2.1", samples=3, bits=8, photometric="RGB"),
     }
     for name, data in more.items():
         (tmp / "variants" / f"{name}.dcm").write_bytes(data)

@@ -166,6 +166,37 @@ def radiograph_and_boxes(rng: np.random.Generator, fractured: bool, kind: str = 
     return np.clip(img, 0, 1).astype(np.float32), boxes
 
 
+def dicom_bytes(rows: int, cols: int, pixel_data: bytes, syntax: str, samples: int = 1, bits: int = 16,
+                photometric: str = "MONOCHROME2", encapsulated: bool = False, **tags: object) -> bytes:
+    """A DX-for-presentation DICOM file with the given pixel data (encapsulated: one frame, one fragment): the one
+    writer of generated DICOM for tests, hostile inputs and release records. Needs pydicom (the dicom extra)."""
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "anon", generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = encapsulate([pixel_data]) if encapsulated else pixel_data
+    if encapsulated:
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def write_dataset(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.2, positive_fraction: float = 0.5) -> dict[str, int]:
     """Write ``n`` images as ``out/{train,test}/images`` + ``annotations.csv``; returns images per split.
 

@@ -52,7 +52,7 @@ def image_cost(width: int, height: int, samples: int, nbytes: int, fmt: str, red
     streaming = fmt in _STREAMING and nbytes == 1  # 16-bit PNG rows are swapped in a buffer of their own (measured: 766 MB at 50 MP RGBA)
     working = 0 if streaming else (pixels * samples * 8 if fmt == "JPEG2000" else decoded)  # OpenJPEG: two 32-bit planes
     grey = pixels * nbytes if samples > 1 else 0
-    return FIXED + decoded + working + grey + 2 * pixels  # + the uint8 picture and one turned (EXIF) or scaled copy
+    return FIXED + decoded + working + grey + 3 * pixels  # + the uint8 picture, one turned (EXIF) copy, a reduced decode's JPEG
 
 
 # DICOM transfer syntaxes by codec; the rest of the encapsulated ones (video, Deflated) are not read
@@ -78,7 +78,7 @@ def dicom_cost(rows: int, cols: int, samples: int, bits_allocated: int, syntax: 
     else:
         working = decoded  # the decoder's buffer beside the array made from it
     colour = pixels * samples * 8 if samples > 1 else 0  # YBR -> RGB and to grey
-    return FIXED + pixel_bytes + decoded + working + colour + pixels * (2 + nbytes)
+    return FIXED + pixel_bytes + decoded + working + colour + pixels * (3 + nbytes)  # + a reduced decode's JPEG
 
 
 def check(cost: int, max_bytes: int, what: str) -> None:

@@ -71,3 +71,4 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
         return by_blocks(img, lambda a: np.rint(np.nan_to_num(a.astype(np.float64)) * 255.0).astype(np.uint8))
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return by_blocks(img, lambda a: np.rint((np.nan_to_num(a.astype(np.float64)) - lo) * scale).astype(np.uint8))
+

@@ -278,13 +278,16 @@ def gate(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DEFA
 
 
 def reduce(img: np.ndarray, contract: Contract | None) -> np.ndarray:
-    """A decoded picture scaled down as libjpeg's reduced decoding would scale a JPEG of it (box averages of
-    2x2, 4x4 or 8x8 pixels, sides rounded up), when the contract asks for reduced decoding; else unchanged."""
+    """A decoded picture scaled down exactly as libjpeg's reduced decoding scales a JPEG of it, when the contract
+    asks for reduced decoding; else unchanged. It is that: the picture as an in-memory quality-100 JPEG, decoded
+    at 1/2, 1/4 or 1/8 by the same decoder. A mathematical stand-in (box averages, a 4-point inverse DCT) missed
+    libjpeg's fixed-point scaled IDCT by up to 0.03 in probability on FracAtlas; this way the same pixels as PNG,
+    TIFF or DICOM reach the model exactly as their quality-100 JPEG does."""
     factor = jpeg_reduction(img.shape[1], img.shape[0], contract) if contract is not None and contract.reduced_decode else 1
     if factor == 1:
         return img
-    size = (-(-img.shape[1] // factor), -(-img.shape[0] // factor))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])[1]
+    return cv2.imdecode(data, _REDUCED[factor])
 
 
 def load_with_size(path: str | os.PathLike, contract: Contract, max_pixels: int = DEFAULT_MAX_PIXELS,
