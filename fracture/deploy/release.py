@@ -4,8 +4,9 @@
     python -m fracture.release check exports/fracatlas-v1.onnx tests/release/fracatlas-v1.json
 
 The inputs are generated, not stored: synthetic radiographs (``fracture.synth``, seeded) written as 8-bit
-PNG, 16-bit PNG and JPEG files, one JPEG carrying an EXIF orientation, so the whole deployed path (decode,
-orientation, resize, network, map decoding) is exercised. Any change to preprocessing or decoding that would
+and 16-bit PNG, JPEG (one carrying an EXIF orientation, one large enough for reduced decoding), TIFF, BMP
+and DICOM (MONOCHROME1, 16-bit windowed, JPEG 2000), so every deployed decode path (decode, orientation,
+resize, network, map decoding) is exercised. Any change to preprocessing or decoding that would
 change a shipped model's answers beyond the stated tolerances fails ``check``. The tolerances cover what
 differs between CPUs (INT8 kernels on AVX2 and AVX-512/VNNI machines sum in other orders; numpy and OpenCV
 builds differ in the last bits): docs/release.md says how they were measured. Torch-free.
@@ -43,24 +44,51 @@ def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
 
 
+KINDS = [("png8", True), ("png8", False), ("png16", True), ("jpeg", False), ("jpeg", True), ("exif6", True),
+         # every other decode path (added to v1's record after its release; the first six are unchanged):
+         ("jpeg-large", True), ("tiff", True), ("bmp", False), ("dcm-mono1", True), ("dcm-16bit-window", False), ("dcm-j2k", True)]
+SUFFIX = {"png8": "png", "png16": "png", "tiff": "tiff", "bmp": "bmp"}
+LARGE = (1800, 1500)  # a reduced-decode contract at 448 px takes libjpeg's 1/4 scale on this
+
+
+def write_file(path: Path, img: np.ndarray, kind: str) -> None:
+    """One picture (floats in 0..1) as one of the recorded file kinds."""
+    pixels = np.rint(img * 255).astype(np.uint8)
+    if kind == "png16":
+        cv2.imwrite(str(path), np.rint(img * 65535).astype(np.uint16))
+    elif kind in ("png8", "tiff", "bmp"):
+        cv2.imwrite(str(path), pixels)
+    elif kind.startswith("dcm"):
+        from fracture.data.synth import dicom_bytes
+
+        rows, cols = pixels.shape
+        if kind == "dcm-mono1":
+            data = dicom_bytes(rows, cols, (255 - pixels).tobytes(), "1.2.840.10008.1.2.1", bits=8, photometric="MONOCHROME1")
+        elif kind == "dcm-16bit-window":  # stored 0..65535, shown through a window over 4096..61440
+            stored = np.rint(4096 + img * 57344).astype(np.uint16)
+            data = dicom_bytes(rows, cols, stored.tobytes(), "1.2.840.10008.1.2.1", WindowCenter=32768, WindowWidth=57345)
+        else:
+            jp2 = cv2.imencode(".jp2", pixels, [cv2.IMWRITE_JPEG2000_COMPRESSION_X1000, 1000])[1].tobytes()
+            data = dicom_bytes(rows, cols, jp2[jp2.index(b"\xff\x4f\xff\x51"):], "1.2.840.10008.1.2.4.90", bits=8, encapsulated=True)
+        path.write_bytes(data)
+    else:
+        if kind == "exif6":  # stored turned a quarter left; the viewer (and preprocess) turns it back
+            pixels = np.ascontiguousarray(np.rot90(pixels))
+        data = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        path.write_bytes(with_exif_orientation(data, 6) if kind == "exif6" else data)
+
+
 def write_inputs(folder: Path, seed: int = 2026) -> list[str]:
-    """The fixed set of generated radiographs the record is made on: fractured and not, three file kinds."""
+    """The fixed set of generated radiographs the record is made on: fractured and not, every decode path
+    (8- and 16-bit PNG, JPEG, EXIF-turned JPEG, a large JPEG through reduced decoding, TIFF, BMP, DICOM
+    MONOCHROME1, 16-bit windowed and JPEG 2000)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
-    for i, (kind, fractured) in enumerate([("png8", True), ("png8", False), ("png16", True), ("jpeg", False), ("jpeg", True), ("exif6", True)]):
-        img = radiograph(rng, fractured, "oblique" if fractured else "", shape=(460, 380))
-        path = folder / f"{i}-{kind}.{'png' if kind.startswith('png') else 'jpg'}"
-        if kind == "png16":
-            cv2.imwrite(str(path), np.rint(img * 65535).astype(np.uint16))
-        elif kind == "png8":
-            cv2.imwrite(str(path), np.rint(img * 255).astype(np.uint8))
-        else:
-            pixels = np.rint(img * 255).astype(np.uint8)
-            if kind == "exif6":  # stored turned a quarter left; the viewer (and preprocess) turns it back
-                pixels = np.ascontiguousarray(np.rot90(pixels))
-            data = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-            path.write_bytes(with_exif_orientation(data, 6) if kind == "exif6" else data)
+    for i, (kind, fractured) in enumerate(KINDS):
+        img = radiograph(rng, fractured, "oblique" if fractured else "", shape=LARGE if kind == "jpeg-large" else (460, 380))
+        path = folder / f"{i}-{kind}.{SUFFIX.get(kind, 'dcm' if kind.startswith('dcm') else 'jpg')}"
+        write_file(path, img, kind)
         paths.append(str(path))
     return paths
 
@@ -91,8 +119,7 @@ def sha256(path: str | Path) -> str:
 
 def record(model: str | Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        return {"model": Path(model).name, "sha256": sha256(model), "tolerance": TOLERANCE, "shown_above": SHOWN,
-                "answers": answers(model, write_inputs(Path(tmp)))}
+        return {"model": Path(model).name, "sha256": sha256(model), "answers": answers(model, write_inputs(Path(tmp)))}
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -101,9 +128,11 @@ def _iou(a: list[float], b: list[float]) -> float:
     return ix * iy / union if union > 0 else 0.0
 
 
-def differences(recorded: dict[str, Any], now: list[dict[str, Any]]) -> list[str]:
-    """Every way ``now`` departs from ``recorded`` beyond the recorded tolerances (empty: the same answers)."""
-    tol = recorded["tolerance"]
+def differences(recorded: dict[str, Any], now: list[dict[str, Any]], tol: dict[str, float] = TOLERANCE, shown: float = SHOWN) -> list[str]:
+    """Every way ``now`` departs from ``recorded`` beyond the tolerances ``tol`` (empty: the same answers).
+
+    The tolerances come from the code (or the test) that guards the record, never from the record itself. Boxes
+    are matched both ways: a recorded box that is gone fails, and so does a new one."""
     problems = []
     if [a["file"] for a in recorded["answers"]] != [a["file"] for a in now]:
         return [f"the generated inputs changed: {[a['file'] for a in now]}"]
@@ -120,18 +149,19 @@ def differences(recorded: dict[str, Any], now: list[dict[str, Any]]) -> list[str
             dm = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
             if dm > tol["map"]:
                 problems.append(f"{name}: the map moved (max |Δ| {dm:.4f} over the pooled cells > {tol['map']})")
-            for box in (b for b in old["boxes"] if b[4] > recorded["shown_above"]):
-                best = max((_iou(box, c) for c in new.get("boxes", [])), default=0.0)
-                if best < tol["box_iou"]:
-                    problems.append(f"{name}: box {box[:4]} (score {box[4]:.2f}) is gone (best IoU now {best:.2f} < {tol['box_iou']})")
+            for mine, theirs, what in ((old["boxes"], new.get("boxes", []), "is gone"), (new.get("boxes", []), old["boxes"], "is new")):
+                for box in (b for b in mine if b[4] > shown):
+                    best = max((_iou(box, c) for c in theirs), default=0.0)
+                    if best < tol["box_iou"]:
+                        problems.append(f"{name}: box {box[:4]} (score {box[4]:.2f}) {what} (best IoU with the other side {best:.2f} < {tol['box_iou']})")
     return problems
 
 
-def check(model: str | Path, recorded: dict[str, Any]) -> list[str]:
+def check(model: str | Path, recorded: dict[str, Any], tol: dict[str, float] = TOLERANCE) -> list[str]:
     if sha256(model) != recorded["sha256"]:
         return [f"{model}: sha256 {sha256(model)} is not the released file's {recorded['sha256']}"]
     with tempfile.TemporaryDirectory() as tmp:
-        return differences(recorded, answers(model, write_inputs(Path(tmp))))
+        return differences(recorded, answers(model, write_inputs(Path(tmp))), tol)
 
 
 def stamp(model: Path, out: Path, name: str, card: str, commit: str) -> dict[str, Any]:
