@@ -2,6 +2,8 @@
 
     python scripts/hostile_inputs.py OUT_DIR      # writes them, one line each: name, bytes, what the gate must say
     python scripts/hostile_inputs.py OUT_DIR --bytes   # the byte bombs and the real-radiograph sizes instead
+    python scripts/hostile_inputs.py OUT_DIR --measure MODEL.onnx   # all of them through python -m fracture.predict:
+                                                  # each answer and the command's peak memory beside a normal radiograph
 
 Each is under 600 KB and, decoded as declared, would take hundreds of MB to GB: a WebP, a JPEG 2000, a PNG
 (by its size, by a 64 MB text chunk, by 1000 animation frames), a multi-page TIFF, a PNM, a Radiance HDR no
@@ -180,10 +182,48 @@ def write_radiograph_sizes(tmp: Path) -> dict[str, Path]:
     return out
 
 
+PEAK = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "fracture.predict", *sys.argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+
+def measure(model: str, out: Path) -> None:
+    """Every hostile file and real-radiograph size through ``python -m fracture.predict`` in a child: its answer
+    and the command's peak resident memory, beside the same command on a normal 454 x 373 radiograph."""
+    import csv
+    import subprocess
+
+    from fracture.data.synth import write_jpegs
+
+    files = {name: path for name, (path, _) in {**write_bombs(out / "bombs"), **write_byte_bombs(out / "bytes")}.items()}
+    files.update(write_radiograph_sizes(out / "sizes"))
+    normal = write_jpegs(out / "normal", 1, shape=(454, 373))[0]
+
+    def run(path: str) -> tuple[float, str]:
+        rows = out / "preds.csv"
+        rows.unlink(missing_ok=True)
+        peak = subprocess.run([sys.executable, "-c", PEAK, model, path, "--out", str(rows), "--quiet", "--threads", "2"],
+                              capture_output=True, text=True, check=True).stdout
+        row = next(csv.DictReader(rows.open()))
+        return float(peak), row["error"].split(": ", 1)[-1] if row["error"] else f"p = {float(row['probability']):.3f}"
+
+    base, _ = run(normal)
+    print(f"model {Path(model).name}; python -m fracture.predict on a normal radiograph: peak {base:.0f} MB\n")
+    print("| file | bytes | answer | peak MB | above normal |\n|---|---|---|---|---|")
+    for name, path in files.items():
+        peak, said = run(str(path))
+        print(f"| {name} | {path.stat().st_size:,} | {said[:110]} | {peak:.0f} | {peak - base:+.0f} |")
+
+
 def main(args: list[str]) -> int:
     if not args:
         print(__doc__)
         return 2
+    if "--measure" in args:
+        measure(args[args.index("--measure") + 1], Path(args[0]))
+        return 0
     if "--bytes" in args:
         for name, (path, reason) in write_byte_bombs(Path(args[0])).items():
             print(f"{name}\t{path.stat().st_size}\t{reason}")

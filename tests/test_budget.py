@@ -190,3 +190,13 @@ def test_a_file_over_the_budget_is_not_even_read(tmp_path: Path) -> None:
         f.truncate(64 << 20)  # sparse: 64 MB claimed, nothing written
     with pytest.raises(preprocess.ImageError, match="over the 16 MB decode budget"):
         preprocess.read_image(path, max_bytes=16 << 20)
+
+
+def test_reading_a_study_key_never_inflates_a_deflated_dicom(tmp_path: Path) -> None:
+    """The predictor groups DICOM by study before decoding: that header read is bounded too (it was 1.1 GB)."""
+    bomb, _ = hostile.write_bombs(tmp_path)["dicom-deflate"]
+    code = ("import resource, sys\nfrom fracture.imaging import dicom\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "key = dicom.dicom_study_key(sys.argv[1])\nprint(repr(key), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    key, peak = done.stdout.split()
+    assert key == "''" and float(peak) < 60, done.stdout + done.stderr

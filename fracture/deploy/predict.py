@@ -29,6 +29,7 @@ import numpy as np
 from fracture.data.labels import IMAGE_COLUMNS, LABEL_COLUMNS, STUDY_COLUMNS, find_column, parse_label
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
 from fracture.imaging import dicom, preprocess
+from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
 from fracture.scoring import metrics
 
 
@@ -204,10 +205,12 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--max-decode-mb", type=float, default=DEFAULT_MAX_DECODE_MB,
+                        help="memory one file's decode may hold, worked out from its header before decoding; larger files are refused with a reason")
     parser.add_argument("--quiet", action="store_true", help="no per-image table on stdout")
     ns = parser.parse_args(args)
     try:
-        predictor = Predictor(ns.model, ns.threads)
+        predictor = Predictor(ns.model, ns.threads, ns.max_decode_mb)
         threshold = predictor.threshold(ns.threshold, ns.operating_point)
         labels = read_labels(ns.labels) if ns.labels else None
         paths = expand_inputs(ns.inputs)

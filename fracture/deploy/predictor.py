@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from fracture.boxes import detection, heatmap
 from fracture.imaging import preprocess
+from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
 from fracture.imaging.contract import Contract
 from fracture.progress import progress
 
@@ -52,9 +53,12 @@ class Predictor:
     Args:
         model_path: an ONNX file written by ``python -m fracture.export``.
         threads: onnxruntime intra-op threads and decode threads (default: all cores).
+        max_decode_mb: what one file's decode may hold, worked out from its header before decoding
+            (:mod:`fracture.imaging.budget`); over it a file is refused with its reason.
     """
 
-    def __init__(self, model_path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None, max_decode_mb: float = DEFAULT_MAX_DECODE_MB) -> None:
+        self.max_bytes = int(max_decode_mb * 2**20)
         path = Path(model_path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
@@ -124,8 +128,8 @@ class Predictor:
     def _load(self, path: str, keep_original: bool = False) -> tuple[np.ndarray, np.ndarray | tuple[int, int]] | str:
         """(model input, original image when kept else its shape), or the reason it cannot be read."""
         try:
-            x, shape = preprocess.load_with_size(path, self.contract)
-            return x, preprocess.read_image(path) if keep_original else shape
+            x, shape = preprocess.load_with_size(path, self.contract, max_bytes=self.max_bytes)
+            return x, preprocess.read_image(path, max_bytes=self.max_bytes) if keep_original else shape
         except preprocess.ImageError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder crash on one file must not stop the run

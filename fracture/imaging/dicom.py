@@ -30,11 +30,18 @@ def _display_range(ds: object) -> tuple[float, float]:
 
 
 def dicom_study_key(path: str | os.PathLike) -> str:
-    """``StudyInstanceUID`` (else ``PatientID``) from a DICOM header, "" when neither or not DICOM."""
+    """``StudyInstanceUID`` (else ``PatientID``) from a DICOM header, "" when neither or not DICOM.
+
+    Reads the file's first 64 KB only (the header before the pixels), and never a Deflated file, which pydicom
+    would inflate whole to read one tag (a 490 KB file became a 1.1 GB peak)."""
     try:
         import pydicom
 
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"])
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if transfer_syntax(head) == DEFLATED:
+            return ""
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"], force=True)
     except Exception:  # noqa: BLE001 - not DICOM, no pydicom, or a broken header: no key
         return ""
     return str(ds.get("StudyInstanceUID", "") or ds.get("PatientID", "") or "")
