@@ -13,9 +13,12 @@ generator shares the CPU with the server: the figures are a floor, and name the 
 Without ``--images``, synthetic 454x373 JPEGs (FracAtlas's common size) are written.
 
 ``--hostile``: the normal load is run ``--repeats`` times alone and as often beside a hostile mix: ``--slow``
-clients trickling bodies (reconnecting after each 408) and one client posting the small bombs of
-``scripts/hostile_inputs.py`` in turn. Prints each bomb's answer, the normal clients' p95 and errors alone
-and beside the mix (median and range over the repeats: two shared cores are noisy) and the server's peak RSS.
+clients trickling bodies (reconnecting after each 408), ``--slow-headers`` connections that never finish
+their headers (reopened as the server closes them), and one client posting the bombs of
+``scripts/hostile_inputs.py`` (pixel and byte bombs) in turn, while ``/healthz`` is asked twice a second.
+Prints each bomb's answer, the normal clients' p95 and errors alone and beside the mix (median and range
+over the repeats: two shared cores are noisy), ``/healthz`` latency, then the server's peak memory while
+four clients upload the largest real radiograph (a 4,300 x 4,300 16-bit DX) at once, and four byte bombs.
 """
 
 from __future__ import annotations
@@ -106,10 +109,44 @@ def rss_peak_mb(pid: int) -> float:
         return float("nan")
 
 
-def hostile_mix(host: str, port: int, bombs: dict[str, Path], slow: int, stop: threading.Event, answers: dict[str, str]) -> list[threading.Thread]:
-    """Start ``slow`` trickling uploaders and one bomb poster; they run until ``stop`` is set."""
+def hostile_mix(host: str, port: int, bombs: dict[str, Path], slow: int, stop: threading.Event, answers: dict[str, str],
+                slow_headers: int = 0, health: list[float] | None = None) -> list[threading.Thread]:
+    """Start ``slow`` trickling uploaders, ``slow_headers`` half-open connections, one bomb poster and a /healthz
+    prober (latencies into ``health``); they run until ``stop`` is set."""
     import json
+    import select
     import socket
+
+    def half_open() -> None:
+        half = f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            while len(socks) < slow_headers:
+                try:
+                    s = socket.create_connection((host, port), timeout=5)
+                    s.sendall(half)
+                    socks.append(s)
+                except OSError:
+                    break
+            readable, _, _ = select.select(socks, [], [], 0.5) if socks else ([], [], [])
+            for s in readable:  # the server closed it (deadline, eviction): open another
+                s.close()
+                socks.remove(s)
+        for s in socks:
+            s.close()
+
+    def probe() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                conn.close()
+                health.append(time.perf_counter() - start)
+            except OSError:
+                health.append(float("inf"))
+            stop.wait(0.5)
 
     def trickle() -> None:
         while not stop.is_set():
@@ -146,6 +183,8 @@ def hostile_mix(host: str, port: int, bombs: dict[str, Path], slow: int, stop: t
                     break
 
     threads = [threading.Thread(target=trickle, daemon=True) for _ in range(slow)] + [threading.Thread(target=poster, daemon=True)]
+    threads += [threading.Thread(target=half_open, daemon=True)] if slow_headers else []
+    threads += [threading.Thread(target=probe, daemon=True)] if health is not None else []
     for t in threads:
         t.start()
     return threads
@@ -167,34 +206,68 @@ def batching(model: str, paths: list[str], threads: int) -> dict[int, float]:
     return out
 
 
+def burst(host: str, port: int, server: int, files: list[Path]) -> tuple[float, list[str]]:
+    """Every file posted at once, one client each: the server's peak memory meanwhile (its peak reset first, Linux) and the answers."""
+    import json
+
+    Path(f"/proc/{server}/clear_refs").write_text("5")
+    answers: list[str] = [""] * len(files)
+
+    def one(i: int) -> None:
+        body, ctype = form(files[i].name, files[i].read_bytes())
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        conn.request("POST", "/predict?images=0", body=body, headers={"Content-Type": ctype})
+        r = conn.getresponse()
+        reply = json.loads(r.read() or b"{}")
+        answers[i] = f"{r.status}: " + (reply.get("results", [{}])[0].get("error") or f"p = {reply.get('results', [{}])[0].get('probability', float('nan')):.3f}"
+                                        if "results" in reply else reply.get("error", ""))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(files))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return rss_peak_mb(server), answers
+
+
 def hostile_report(ns: argparse.Namespace, host: str, port: int, bodies: list, server: subprocess.Popen, work: Path) -> int:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("hostile_inputs", Path(__file__).with_name("hostile_inputs.py"))
     hostile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hostile)
-    bombs = {name: path for name, (path, _) in hostile.write_bombs(work / "bombs").items()}
-    alone, beside, answers = [], [], {}
+    bombs = {name: path for name, (path, _) in {**hostile.write_bombs(work / "bombs"), **hostile.write_byte_bombs(work / "bytes")}.items()}
+    alone, beside, answers, health = [], [], {}, []
     for _ in range(ns.repeats):
         alone.append(load(host, port, bodies, ns.clients, ns.requests, "?images=0"))
         stop = threading.Event()
-        threads = hostile_mix(host, port, bombs, ns.slow, stop, answers)
+        threads = hostile_mix(host, port, bombs, ns.slow, stop, answers, ns.slow_headers, health)
+        time.sleep(1.0)  # the half-open connections are open before the load starts
         beside.append(load(host, port, bodies, ns.clients, ns.requests, "?images=0"))
         stop.set()
         for t in threads:
             t.join(40)
     peak = rss_peak_mb(server.pid)
     print(f"{ns.clients} normal clients x {ns.requests} single-image requests (?images=0), {ns.repeats} runs each; hostile mix: "
-          f"{ns.slow} trickling uploaders and one client posting {len(bombs)} bombs in turn; load generator on the same cores\n")
+          f"{ns.slow} trickling uploaders, {ns.slow_headers} connections that never finish their headers, one client posting "
+          f"{len(bombs)} bombs in turn, /healthz twice a second; load generator on the same cores\n")
     print("| bomb | bytes | answer |\n|---|---|---|")
     for name, path in bombs.items():
-        print(f"| {name} | {path.stat().st_size:,} | {answers.get(name, 'not sent')} |")
+        print(f"| {name} | {path.stat().st_size:,} | {answers.get(name, 'not sent')[:120]} |")
     print("\n| normal clients | p95 ms, median (range) | requests/s, median | errors |\n|---|---|---|---|")
     for label, runs in (("alone", alone), ("beside the hostile mix", beside)):
         p95 = [r["p95"] for r in runs]
         print(f"| {label} | {np.median(p95):.0f} ({min(p95):.0f}-{max(p95):.0f}) | {np.median([r['rps'] for r in runs]):.1f} | "
               f"{sum(r['errors'] for r in runs)} of {sum(r['requests'] for r in runs)} |")
-    print(f"\nserver peak resident memory (VmHWM) over everything: {peak:.0f} MB")
+    h = np.array(health) * 1000
+    print(f"\n/healthz during the mix: {len(h)} probes, p50 {np.median(h):.0f} ms, p95 {np.percentile(h, 95):.0f} ms, max {h.max():.0f} ms, "
+          f"over 2 s: {int((h > 2000).sum())}")
+    print(f"server peak resident memory (VmHWM) over all of that: {peak:.0f} MB")
+    sizes = hostile.write_radiograph_sizes(work / "sizes")
+    for label, files in (("four 4,300 x 4,300 16-bit DX uploads (37 MB each)", [sizes["dx-4300-16bit"]] * 4),
+                         ("four byte bombs", [bombs[k] for k in ("png-16bit-rgba", "tiff-float32", "dicom-16bit-windowed-rle", "dicom-rle-rgb-16bit")])):
+        top, said = burst(host, port, server.pid, files)
+        print(f"{label} at once: server peak {top:.0f} MB; answers: {'; '.join(a[:60] for a in said)}")
     return 0
 
 
@@ -210,6 +283,7 @@ def main() -> int:
     parser.add_argument("--hostile", action="store_true", help="also run the normal load beside slow uploaders and bombs")
     parser.add_argument("--repeats", type=int, default=3, help="with --hostile: runs of each kind (median and range are printed)")
     parser.add_argument("--slow", type=int, default=4, help="with --hostile: trickling uploaders")
+    parser.add_argument("--slow-headers", type=int, default=200, help="with --hostile: connections that never finish their headers")
     ns = parser.parse_args()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="fracture-serve-bench-"))
