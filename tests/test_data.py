@@ -22,7 +22,7 @@ def test_eval_inputs_equal_a_direct_preprocess_call(synth_root: Path) -> None:
         ds = dm.datasets[split]
         for i in (0, len(ds) - 1):
             x, y = ds[i][:2]
-            direct = preprocess.load(ds.paths[i], Contract(image_size=48))
+            direct = preprocess.load(ds.paths[i], dm.contract)  # the contract the data module made (reduced decoding on)
             assert x.dtype == torch.float32 and x.shape == (1, 48, 48)
             assert torch.equal(x[0], torch.from_numpy(direct).float())
             assert float(y) == float(dm.tables[split]["label"].iloc[i])

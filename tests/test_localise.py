@@ -772,7 +772,8 @@ def test_predictor_decodes_peaks_from_metadata_and_refuses_broken_decodings(loc_
                 assert b[2] - b[0] == pytest.approx(0.25 * 96 * w / g.inner_width, rel=1e-6)
             if 0 < b[1] and b[3] < h:
                 assert b[3] - b[1] == pytest.approx(0.125 * 96 * h / g.inner_height, rel=1e-6)
-    lacking = _with_metadata(loc_onnx, tmp_path / "lacking.onnx", lambda m: m["localisation"].update({"box_method": "peaks"}))
+    lacking = _with_metadata(loc_onnx, tmp_path / "lacking.onnx", lambda m: [m["localisation"].update({"box_method": "peaks"}),
+                                                                          *(m["localisation"].pop(k, None) for k in ("max_boxes", "box_size"))])
     with pytest.raises(ModelError, match="lacks max_boxes, box_size"):
         Predictor(lacking)
     unknown = _with_metadata(loc_onnx, tmp_path / "unknown.onnx", lambda m: m["localisation"].update({"box_method": "blobs"}))
@@ -783,3 +784,49 @@ def test_predictor_decodes_peaks_from_metadata_and_refuses_broken_decodings(loc_
         damaged = _with_metadata(loc_onnx, tmp_path / f"bad-{key}.onnx", lambda m: m["localisation"].update(edit))
         with pytest.raises(ModelError, match=f"localisation.{key} = .* is not valid"):
             Predictor(damaged)  # at load, not at the first box
+
+
+def test_validation_holds_the_box_decoding_between_searches_and_logs_its_cost(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The grid search over box decodings runs at the first validation, at a validation about to be the best, every
+    N and at the last epoch; between, val/froc_mean scores the decoding held. perf/val_s and val/pointing each epoch."""
+    import pandas as pd
+
+    root, _ = loc_run
+    assert fit.main(loc_fit_args(root, tmp_path, "sched", "--model.box_search_every", "3", "--best_by", "val/froc_mean", epochs=5)) == 0
+    logs = pd.read_csv(tmp_path / "sched" / "metrics.csv")
+    val = logs.dropna(subset=["val/froc_mean"]).set_index("epoch")
+    assert list(val.index) == [0, 1, 2, 3, 4]
+    searched = val["val/box_search"].astype(bool)
+    assert searched[0] and searched[3] and searched[4] and not searched.all()  # first, every 3rd, last; not every one
+    assert (val["perf/val_s"] > 0).all() and val["val/pointing"].between(0, 1).all()
+    assert (logs.dropna(subset=["perf/train_epoch_s"])["perf/train_epoch_s"] > 0).all()
+    last = load_classifier(tmp_path / "sched" / "last.ckpt")
+    assert 0 <= last.box_params["froc_mean"] <= 1 and "box_method" in last.box_params
+
+
+def test_region_peaks_and_the_device_pointing_game_match_their_plain_definitions() -> None:
+    from fracture.boxes.detection import region_peaks
+    from fracture.train.losses import pointing_hits
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        m = rng.random((40, 30)).astype(np.float32)
+        n, labels, _, _ = cv2.connectedComponentsWithStats((m > rng.uniform(0.4, 0.95)).astype(np.uint8), connectivity=8)
+        want = np.full(n, -np.inf)
+        np.maximum.at(want, labels.ravel(), m.ravel())
+        assert np.array_equal(region_peaks(labels, m, n)[1:], want[1:])
+    maps = torch.randn(16, 12, 12)
+    boxes = torch.full((16, 3, 4), -1.0)
+    for i in range(0, 16, 2):  # half the images have one or two boxes
+        for j in range(1 + i % 4 // 2):
+            x0, y0 = rng.uniform(0, 70, 2)
+            boxes[i, j] = torch.tensor([x0, y0, x0 + rng.uniform(8, 40), y0 + rng.uniform(8, 40)])
+    rate, counted = pointing_hits(maps, boxes, 8.0)
+    hits = []
+    for m, b in zip(maps.numpy(), boxes.numpy()):
+        b = b[b[:, 0] >= 0]
+        if len(b):
+            r, c = np.unravel_index(m.argmax(), m.shape)
+            cx, cy = (c + 0.5) * 8, (r + 0.5) * 8
+            hits.append(any(x0 <= cx < x1 and y0 <= cy < y1 for x0, y0, x1, y1 in b))
+    assert counted == len(hits) == 8 and float(rate) == pytest.approx(np.mean(hits))

@@ -32,11 +32,12 @@ class ChosenOnValidation:
             items = [it for part in gathered for it in part]
         return items
 
-    def choose_localisation(self, items: list[tuple], boxes: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def choose_localisation(self, items: list[tuple], boxes: dict[str, Any] | None = None, search: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The image-logit fusion and the box decoding, chosen on validation items (see ``val_maps``).
 
         ``boxes``: a box decoding already chosen on these items' maps (``box_decoding``), kept instead of choosing it again.
-        Returns the fused probabilities and the labels.
+        ``search=False``: keep the decoding chosen before and score it on these maps (``froc_mean``), instead of the
+        grid search over decodings (a validation between two searches). Returns the fused probabilities and the labels.
         """
         labels = np.array([it[0] for it in items], np.int64)
         logits = np.array([it[1] for it in items], np.float64).reshape(-1, 2)
@@ -45,7 +46,12 @@ class ChosenOnValidation:
         if boxes is None:
             size = self.contract.image_size
             maps = [cv2.resize(it[2], (size, size), interpolation=cv2.INTER_LINEAR) for it in items]
-            boxes = selection.choose_box_decoding(maps, [[tuple(b) for b in it[3]] for it in items])
+            truths = [[tuple(b) for b in it[3]] for it in items]
+            self.box_searched = search or not self.box_decoding
+            if self.box_searched:
+                boxes = selection.choose_box_decoding(maps, truths)
+            else:
+                boxes = {**self.box_decoding, "froc_mean": selection.score_box_decoding(maps, truths, self.box_decoding)}
         self.box_params = {**boxes, "fusion": float(best), **{f"val_auroc_{k}": v for k, v in scores.items()}}
         return 1 / (1 + np.exp(-selection.fuse(best, logits))), labels
 

