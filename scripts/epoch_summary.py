@@ -37,9 +37,11 @@ def main(args: list[str]) -> int:
     if len(args) > 1 and Path(args[1]).is_file() and Path(args[1]).stat().st_size:
         gpu = pd.read_csv(args[1], header=None, names=["util", "mem"])
         print(f"GPU utilisation: mean {gpu['util'].mean():.0f} %, peak {gpu['util'].max():.0f} %; memory used peak {gpu['mem'].max():.0f} MiB")
-    if "val/auroc" in logs:
-        val = logs.dropna(subset=["val/auroc"])
-        print(val[[c for c in ("epoch", "val/auroc", "val/froc_mean") if c in val]].to_string(**fmt))
+    if "val/loss" in logs:
+        val = logs.dropna(subset=["val/loss"])  # every validation (its AUROC is undefined when a tiny one holds one class)
+        print(val[[c for c in ("epoch", "val/auroc", "val/froc_mean", "val/pointing", "val/box_search", "perf/val_s") if c in val]].to_string(**fmt))
+        if "perf/val_s" in val and "perf/train_epoch_s" in logs:
+            print(f"validation {val['perf/val_s'].median():.2f} s (median) against a training epoch's {logs['perf/train_epoch_s'].median():.2f} s")
     if (run / "test_metrics.json").is_file():
         test = json.loads((run / "test_metrics.json").read_text())
         for name, point in test["operating_points"].items():
