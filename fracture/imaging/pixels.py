@@ -33,20 +33,22 @@ def _blocks(img: np.ndarray) -> list[tuple[int, int]]:
 
 
 def through_table(img: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``fn`` (element-wise, returning uint8) applied to an integer image through a table of its value range.
+    """``fn`` (element-wise, returning uint8) applied to an integer image through a table of its type's values.
 
-    Exact for any element-wise ``fn``: the table is ``fn`` of every value between the image's minimum and
-    maximum. Ranges over 2^20 values (32-bit data) fall back to :func:`by_blocks`.
+    Exact for any element-wise ``fn``. 8- and 16-bit images index the table directly (unsigned) or through a
+    same-size unsigned view (signed): no wider copy of the image; wider types use a table of the image's own
+    value range, or blocks of rows when that range is over 2^20 values (32-bit data).
     """
+    if img.dtype in (np.uint8, np.uint16):
+        return fn(np.arange(np.iinfo(img.dtype).max + 1).astype(img.dtype))[img]
+    if img.dtype in (np.int8, np.int16):
+        info, unsigned = np.iinfo(img.dtype), np.uint8 if img.dtype == np.int8 else np.uint16
+        table = fn(np.arange(info.min, info.max + 1).astype(img.dtype))
+        return table[img.view(unsigned) ^ unsigned(-info.min)]
     lo, hi = int(img.min()), int(img.max())
     if hi - lo > 1 << 20:
         return by_blocks(img, fn)
-    table = fn(np.arange(lo, hi + 1, dtype=np.int64).astype(img.dtype))
-    if img.dtype == np.uint16 and lo == 0:
-        return table[img]  # indexes without a copy of the image
-    if img.dtype == np.int16 and lo >= -32768:
-        return table[img.view(np.uint16) ^ 0x8000] if lo == -32768 else table[(img - np.int16(lo)).view(np.uint16)]
-    return table[img.astype(np.int64 if img.dtype.itemsize > 2 else np.int32) - lo]
+    return fn(np.arange(lo, hi + 1, dtype=np.int64).astype(img.dtype))[img.astype(np.int64) - lo]
 
 
 def _by_type_range(info: np.iinfo) -> Callable[[np.ndarray], np.ndarray]:

@@ -30,8 +30,6 @@ from fracture.imaging.contract import Contract, resize
 from fracture.imaging.dicom import read_dicom
 from fracture.imaging.pixels import ImageError, to_uint8
 
-__all__ = ["ImageError", "to_uint8", "decode", "gate", "read_image", "load", "load_with_size", "load_bytes", "load_batch"]
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = int(budget.DEFAULT_MAX_DECODE_MB * budget.MB)  # what one decode may hold: see fracture.imaging.budget
@@ -246,13 +244,14 @@ def gate(data: bytes, path: str | os.PathLike = "upload", max_pixels: int = DEFA
         raise ImageError(f"{path}: {head.frames} frames or pages in one file; save the one view to predict as a single image")
     jpeg = data[:2] == b"\xff\xd8"
     factor = jpeg_reduction(w, h, contract) if contract is not None and contract.reduced_decode and jpeg else 1
-    budget.check(budget.image_cost(w, h, head.samples, head.nbytes, head.format, factor), max_bytes,
-                 f"{path}: a {w}x{h} {head.format} of {head.samples} x {8 * head.nbytes}-bit samples")
+    what = f"{path}: a {w}x{h} {head.format} of {head.samples} x {8 * head.nbytes}-bit samples"
+    budget.check(budget.image_cost(w, h, head.samples, head.nbytes, head.format, factor), max_bytes, what)
     orientation = exif_orientation(data)
     if factor > 1:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is not None and img.size:
             return Decoded(apply_orientation(img, orientation), (w, h) if orientation >= 5 else (h, w), 8)
+        budget.check(budget.image_cost(w, h, head.samples, head.nbytes, head.format), max_bytes, what)  # the full decode below
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None and truncated and path.is_file():
         img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # libjpeg via imread still returns the decodable part
