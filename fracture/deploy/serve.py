@@ -83,7 +83,7 @@ class Service:
         return {"model": self.model_name, "sha256": p.sha256, "notice": NOTICE, "boxes": p.has_map, "heatmap": p.has_heatmap,
                 "operating_points": p.thresholds, "metadata": names_only(p.metadata),
                 "limits": {"max_upload_mb": self.limits.max_upload_mb, "max_files": self.limits.max_files,
-                           "max_megapixels": self.limits.max_megapixels, "timeout_s": self.limits.timeout_s}}
+                           "max_megapixels": self.limits.max_megapixels, "max_decode_mb": self.limits.max_decode_mb, "timeout_s": self.limits.timeout_s}}
 
     def _decode(self, upload: Upload, images: bool) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None] | str:
         """(model input, original size, the picture at display size) or the reason the upload cannot be read.
