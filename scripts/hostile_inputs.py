@@ -72,10 +72,15 @@ def write_bombs(tmp: Path) -> dict[str, tuple[Path, str]]:
     # Radiance HDR: OpenCV decodes it, no size reader here knows it: refused unread
     made["dicom-deflate"] = (deflated_dicom_bomb(), "Deflated")
     made["unknown"] = (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 16000 +X 16000\n" + bytes(1000), "not a recognised format")
+    return _write(tmp, made, lambda name: "dcm" if name == "dicom-deflate" else "img")
+
+
+def _write(tmp: Path, made: dict[str, tuple[bytes, str]], suffix) -> dict[str, tuple[Path, str]]:
+    """name -> (data, reason) written as files: name -> (file, reason)."""
     tmp.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, (data, reason) in made.items():
-        path = tmp / f"{name}.{'dcm' if name == 'dicom-deflate' else 'img'}"
+        path = tmp / f"{name}.{suffix(name)}"
         path.write_bytes(data)
         paths[name] = (path, reason)
     return paths
@@ -157,13 +162,7 @@ def write_byte_bombs(tmp: Path) -> dict[str, tuple[Path, str]]:
     made["dicom-j2k-inner-16000"] = (dicom_bytes(64, 64, jp2, "1.2.840.10008.1.2.4.90", bits=8, encapsulated=True), "declares 16000x16000")
     jpeg = _patch_sof(cv2.imencode(".jpg", small)[1].tobytes(), SIDE)
     made["dicom-jpeg-inner-16000"] = (dicom_bytes(64, 64, jpeg, "1.2.840.10008.1.2.4.50", bits=8, encapsulated=True), "declares 16000x16000")
-    tmp.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, (data, reason) in made.items():
-        path = tmp / f"{name}.{'dcm' if name.startswith('dicom') else name.split('-')[0]}"
-        path.write_bytes(data)
-        paths[name] = (path, reason)
-    return paths
+    return _write(tmp, made, lambda name: "dcm" if name.startswith("dicom") else name.split("-")[0])
 
 
 def write_radiograph_sizes(tmp: Path) -> dict[str, Path]:

@@ -137,11 +137,16 @@ def test_a_second_exposure_of_one_limb_is_not_called_a_copy_but_a_re_encoded_one
     assert not duplicates.same_radiograph(str(src), str(tmp_path / "again.png"))
 
 
-def test_a_look_alike_exposure_across_splits_is_reported_not_refused(planted: Path) -> None:
+def _remove_planted_defects(planted: Path) -> None:
+    """The planted set less its truncated JPEG and its exact copy: clean again, for one more planted problem."""
     for split, name in (("train", "truncated.jpg"), ("test", "exact_copy.png")):
         (planted / split / "images" / name).unlink()
         table = pd.read_csv(planted / split / "annotations.csv", dtype=str)
         table[table["image"] != name].to_csv(planted / split / "annotations.csv", index=False)
+
+
+def test_a_look_alike_exposure_across_splits_is_reported_not_refused(planted: Path) -> None:
+    _remove_planted_defects(planted)
     train = pd.read_csv(planted / "train" / "annotations.csv", dtype=str)
     img = cv2.imread(str(planted / "train" / "images" / train["image"][3]), cv2.IMREAD_GRAYSCALE)
     h, w = img.shape  # the limb placed again, 1 % across and turned 1 degree: thumbnails alike (r 0.97), outlines not
@@ -158,10 +163,7 @@ def test_a_look_alike_exposure_across_splits_is_reported_not_refused(planted: Pa
 def test_rotated_or_mirrored_re_saves_across_splits_are_refused(planted: Path, how: str) -> None:
     """A test image re-saved turned or mirrored (pixels turned with an EXIF orientation that turns them back, or
     turned outright) under a new patient id is found as a copy, not accepted into train."""
-    for split, name in (("train", "truncated.jpg"), ("test", "exact_copy.png")):
-        (planted / split / "images" / name).unlink()
-        table = pd.read_csv(planted / split / "annotations.csv", dtype=str)
-        table[table["image"] != name].to_csv(planted / split / "annotations.csv", index=False)
+    _remove_planted_defects(planted)
     test = pd.read_csv(planted / "test" / "annotations.csv", dtype=str)
     img = cv2.imread(str(planted / "test" / "images" / test["image"][0]), cv2.IMREAD_GRAYSCALE)
     turned = {"exif-6": np.rot90(img, 1), "turned-90": np.rot90(img, -1), "mirrored": img[:, ::-1], "turned-270-mirrored": np.rot90(img, 1)[::-1]}[how]
