@@ -22,7 +22,8 @@ TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
 DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.froc",
           "scoring.selection", "scoring.folds", "data.labels", "data.synth", "data.duplicates", "deploy.predictor", "deploy.predict",
-          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "progress"]
+          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_results", "deploy.spool",
+          "deploy.node", "progress"]
 # torch-free, with the data and report tools' pandas / matplotlib
 DATA_AND_REPORT = ["data.annotations", "data.audit", "data.datasets", "scoring.localisation", "scoring.compare", "report.plots", "report.evaluate",
                    "report.markdown", "report.sources"]  # report: torch only inside evaluate --ckpt
@@ -101,7 +102,7 @@ def test_imports_point_down_the_layers_only() -> None:
 def test_every_module_is_in_a_layer_or_an_entry_point() -> None:
     entries = {m for m in modules() if "." not in m}
     assert entries == {"progress", "fit", "folds", "evaluate", "compare", "predict", "serve", "calibrate", "ensemble", "explain", "audit",
-                       "datasets", "synth", "release"}
+                       "datasets", "synth", "release", "node"}
     for entry in entries - {"progress"}:  # thin: the command's code lives in its package
         assert len((REPO / "fracture" / f"{entry}.py").read_text().splitlines()) <= 10, entry
     assert set(DEPLOY + DATA_AND_REPORT) <= set(modules())

@@ -43,6 +43,16 @@ def draw_boxes(img: np.ndarray, boxes: list, colour: tuple[int, int, int], score
             cv2.putText(img, f"{b[4]:.2f}", (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
 
 
+def dashed_rectangle(img: np.ndarray, a: tuple[int, int], b: tuple[int, int], colour: tuple[int, int, int], thick: int) -> None:
+    """A rectangle of dashes (OpenCV draws solid lines only), in place."""
+    dash = max(4, 4 * thick)
+    for (u0, v0), (u1, v1) in (((a[0], a[1]), (b[0], a[1])), ((b[0], a[1]), (b[0], b[1])), ((b[0], b[1]), (a[0], b[1])), ((a[0], b[1]), (a[0], a[1]))):
+        n = max(1, int(np.hypot(u1 - u0, v1 - v0) // dash))
+        for k in range(0, n, 2):
+            s, e = k / n, min(1.0, (k + 1) / n)
+            cv2.line(img, (int(u0 + (u1 - u0) * s), int(v0 + (v1 - v0) * s)), (int(u0 + (u1 - u0) * e), int(v0 + (v1 - v0) * e)), colour, thick)
+
+
 def panel(image: np.ndarray, cam: np.ndarray | None, boxes: list | None = None, alpha: float = 0.4, truth: list | None = None,
           absolute: bool = False) -> np.ndarray:
     """One BGR picture: the radiograph, the heatmap blended over it when there is one, ``truth`` (green) and ``boxes`` (white).

@@ -167,9 +167,11 @@ def radiograph_and_boxes(rng: np.random.Generator, fractured: bool, kind: str = 
 
 
 def dicom_bytes(rows: int, cols: int, pixel_data: bytes, syntax: str, samples: int = 1, bits: int = 16,
-                photometric: str = "MONOCHROME2", encapsulated: bool = False, **tags: object) -> bytes:
-    """A DX-for-presentation DICOM file with the given pixel data (encapsulated: one frame, one fragment): the one
-    writer of generated DICOM for tests, hostile inputs and release records. Needs pydicom (the dicom extra)."""
+                photometric: str = "MONOCHROME2", encapsulated: bool = False, sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
+                bits_stored: int | None = None, **tags: object) -> bytes:
+    """A DICOM radiograph (DX for presentation unless ``sop_class`` says) with the given pixel data (encapsulated:
+    one frame, one fragment): the one writer of generated DICOM for tests, hostile inputs, release records and
+    the node's benchmark. Needs pydicom (the dicom extra)."""
     import io
 
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -177,13 +179,14 @@ def dicom_bytes(rows: int, cols: int, pixel_data: bytes, syntax: str, samples: i
     from pydicom.uid import generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = syntax
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "anon", generate_uid(), generate_uid()
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    stored = bits_stored or bits
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, 0
     if samples > 1:
         ds.PlanarConfiguration = 0
     for key, value in tags.items():

@@ -202,6 +202,9 @@ def main(args: list[str] | None = None) -> int:
     pick.add_argument("--operating-point", help="a threshold stored in the model: default, screening, balanced")
     parser.add_argument("--study-column", help="CSV column that names each image's study (default: study_id, study, accession …; DICOM: StudyInstanceUID, else PatientID)")
     parser.add_argument("--heatmaps", type=Path, help="write heatmap overlays here (models exported with --heatmap or with a fracture map; boxes drawn)")
+    parser.add_argument("--dicom-out", type=Path, help="also answer DICOM inputs in DICOM here: per study a Structured Report, per image a "
+                        "presentation state and a Secondary Capture (as the DICOM node sends them; needs fracture[pacs])")
+    parser.add_argument("--no-secondary-capture", action="store_true", help="with --dicom-out: the SR and presentation states only")
     parser.add_argument("--labels", type=Path, help="annotations.csv with true labels: also print accuracy, sensitivity, …")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -248,6 +251,14 @@ def main(args: list[str] | None = None) -> int:
         if writer is not None:
             writer.close()
     failed = [r for r in rows if r.error]
+    refused: list[str] = []
+    if ns.dicom_out:
+        from fracture.deploy.dicom_results import ResultWriter, write_files
+
+        written, refused = write_files(ResultWriter(predictor, not ns.no_secondary_capture), rows, ns.dicom_out)
+        for reason in refused:
+            print(f"error: {reason}", file=sys.stderr)
+        print(f"wrote {len(written)} DICOM object(s) to {ns.dicom_out}", file=sys.stderr)
     print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
     if ns.out:
         print(f"wrote {ns.out}", file=sys.stderr)
@@ -273,7 +284,7 @@ def main(args: list[str] | None = None) -> int:
         for name in metrics.METRIC_NAMES:
             value = scores.get(name, float("nan"))
             print(f"  {name:<18} {'undefined' if np.isnan(value) else f'{value:.4f}'}")
-    return 1 if failed else 0
+    return 1 if failed or refused else 0
 
 
 if __name__ == "__main__":

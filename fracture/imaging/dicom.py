@@ -50,6 +50,19 @@ def dicom_study_key(path: str | os.PathLike) -> str:
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
+def read_header(data: bytes, path: str | os.PathLike = "instance") -> object:
+    """A DICOM file's header as a pydicom dataset, stopped before the pixel data (nothing is decoded); the
+    Deflated syntax refused before anything is inflated. For the DICOM node's bookkeeping, after the gate."""
+    if transfer_syntax(data) == DEFLATED:
+        raise ImageError(f"{path}: DICOM with the Deflated transfer syntax is not read")
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
+        raise ImageError(f"{path}: unreadable DICOM header ({type(exc).__name__})") from None
+
+
 def transfer_syntax(data: bytes) -> str:
     """The Transfer Syntax UID (0002,0010) from a DICOM file's meta group (always explicit VR little endian),
     read from the bytes before pydicom parses, and inflates, anything; "" when not found."""

@@ -1,0 +1,307 @@
+"""A DICOM node: receive radiographs from a modality or a PACS, answer each study in DICOM a viewer shows.
+
+    python -m fracture.node MODEL.onnx --ae-title FRACTURE --port 11112 --forward PACS@10.0.0.5:4242
+
+In a PACS: register this node as a DICOM modality (its AE title, host and port) and route radiographs to it
+(CR, DX for presentation, Secondary Capture); register the PACS as the --forward destination. The node
+stores each instance in its spool before acknowledging it; when a study has been quiet for --quiet seconds it
+predicts every image and the study, and stores a Structured Report (TID 1500), a presentation state per image
+(boxes in two layers, screening and balanced) and a Secondary Capture per image (boxes and notice burnt in)
+in a new series of the same study at --forward, retrying with back-off until they are acknowledged. A study
+that gets more images after its answer gets a new answer that supersedes the old one. Research use only:
+not for diagnosis. Needs ``pip install 'fracture[pacs]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fracture.deploy import spool as spooling
+from fracture.deploy.dicom_results import ImageResult, ResultWriter, header_of, set_key, set_uids
+from fracture.deploy.predictor import ModelError, Prediction, Predictor
+from fracture.imaging import budget, dicom, preprocess
+from fracture.imaging.pixels import ImageError
+
+log = logging.getLogger("fracture.node")
+
+# what the node accepts: single-frame radiographs the model was trained on, in the syntaxes the gate decodes
+ACCEPTED = {"1.2.840.10008.5.1.4.1.1.1": "CR", "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
+            "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture"}
+REFUSED = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing (raw detector data the model never saw)",
+           "1.2.840.10008.5.1.4.1.1.1.2.1": "mammography for processing", "1.2.840.10008.5.1.4.1.1.1.3.1": "intra-oral for processing"}
+SYNTAXES = sorted(budget.READABLE)  # Deflated is not among them: its size is only known after inflating it
+PRODUCED = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.7")  # 3D SR, GSPS, SC
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, NOT_AUTHORISED = 0x0000, 0xA700, 0xC000, 0x0124
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` → (AE title, host, port)."""
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        if not ae or len(ae) > 16 or not host:
+            raise ValueError
+        return ae, host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, the AE title at most 16 characters") from None
+
+
+class Node:
+    """The Storage SCP, the study clock, and the one worker thread that answers studies and delivers answers."""
+
+    def __init__(self, predictor: Predictor, spool_dir: str | os.PathLike, forward: tuple[str, str, int], ae_title: str = "FRACTURE",
+                 quiet: float = 10.0, allowed_callers: list[str] | None = None, secondary_capture: bool = True,
+                 max_associations: int = 8, timeout: float = 30.0, decode_slots: int = 2, retry_max: float = 300.0,
+                 keep_days: float = 30.0) -> None:
+        self.predictor, self.forward, self.ae_title, self.quiet = predictor, forward, ae_title, quiet
+        self.writer = ResultWriter(predictor, secondary_capture)
+        self.spool = spooling.Spool(spool_dir)
+        self.allowed, self.max_associations, self.timeout, self.retry_max = allowed_callers, max_associations, timeout, retry_max
+        self.keep_days = keep_days
+        self.decoding = threading.Semaphore(decode_slots)  # each decode may hold --max-decode-mb: at most this many at once
+        self.lock = threading.Lock()
+        self.last_seen = {study: time.monotonic() for study in self.spool.pending()}  # after a restart: quiet again first
+        self.stop = threading.Event()
+        self.failures, self.next_try = 0, 0.0
+        self.server = None
+
+    # --- receiving ------------------------------------------------------------------------------------------------
+    def on_store(self, event) -> int | tuple:
+        """One C-STORE: the gate decodes it (within the byte budget); only then is it spooled and acknowledged."""
+        from pydicom.dataset import Dataset
+
+        caller = event.assoc.requestor.ae_title
+        sop_class = str(event.request.AffectedSOPClassUID)
+
+        def refuse(status: int, reason: str) -> Dataset:
+            log.warning("refused an instance from %s (%s): %s", caller, ACCEPTED.get(sop_class, sop_class), reason)
+            answer = Dataset()
+            answer.Status, answer.ErrorComment = status, reason[:64]
+            return answer
+
+        path = Path(event.dataset_path)
+        size = path.stat().st_size
+        if size > self.predictor.max_bytes:
+            return refuse(OUT_OF_RESOURCES, f"{size / 2**20:.0f} MB is over the decode budget")
+        data = path.read_bytes()
+        try:
+            header = dicom.read_header(data)
+            if str(header.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
+                return refuse(CANNOT_UNDERSTAND, "for-processing data: not what the model was trained on")
+            with self.decoding:
+                preprocess.gate(data, "instance.dcm", contract=self.predictor.contract, max_bytes=self.predictor.max_bytes)
+            study, instance = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+        except ImageError as exc:
+            return refuse(CANNOT_UNDERSTAND, str(exc).removeprefix("instance.dcm: "))
+        except AttributeError:
+            return refuse(CANNOT_UNDERSTAND, "no Study or SOP Instance UID")
+        self.spool.receive(study, instance, data)  # on disk before the answer below leaves
+        with self.lock:
+            self.last_seen[spooling.digest(study)] = time.monotonic()
+        log.info("received instance %s of study %s from %s", spooling.digest(instance), spooling.digest(study), caller)
+        return SUCCESS
+
+    def on_accepted(self, event) -> None:
+        for context in event.assoc.rejected_contexts:
+            reason = REFUSED.get(context.abstract_syntax) or ("transfer syntax not decoded here" if context.abstract_syntax in ACCEPTED
+                                                              else "SOP class not a radiograph this model reads")
+            log.warning("refused a presentation context from %s: %s (%s)", event.assoc.requestor.ae_title, context.abstract_syntax, reason)
+
+    def on_rejected(self, event) -> None:
+        log.warning("refused an association from %s at %s: calling AE title not allowed", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address)
+
+    def start(self, port: int, host: str = "") -> None:
+        from pynetdicom import AE, _config, evt
+
+        _config.STORE_RECV_CHUNKED_DATASET = True  # an arriving instance goes to a file, not memory
+        _config.LOG_HANDLER_LEVEL = "none"
+        tempfile.tempdir = str(self.spool.root / "receiving")  # ... inside the spool, never a shared /tmp
+        ae = AE(self.ae_title)
+        ae.maximum_associations = self.max_associations
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.timeout  # an idle association frees its slot
+        ae.connection_timeout = self.timeout
+        if self.allowed:
+            ae.require_calling_aet = self.allowed
+        for sop_class in ACCEPTED:
+            ae.add_supported_context(sop_class, SYNTAXES)
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification: C-ECHO
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected)]
+        self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        self.worker = threading.Thread(target=self.work, name="fracture-node-worker", daemon=True)
+        self.worker.start()
+        log.info("listening as %s on port %d; answers go to %s@%s:%d", self.ae_title, port, *self.forward)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        if self.server is not None:
+            self.server.shutdown()
+        if getattr(self, "worker", None) is not None:
+            self.worker.join(timeout=60)
+
+    # --- answering and delivering ---------------------------------------------------------------------------------
+    def work(self) -> None:
+        self.spool.prune(self.keep_days)
+        while not self.stop.is_set():
+            try:
+                now = time.monotonic()
+                with self.lock:
+                    due = [s for s, t in self.last_seen.items() if now - t >= self.quiet]
+                for study in due:
+                    with self.lock:
+                        if now - self.last_seen.get(study, now) < self.quiet:
+                            continue
+                        self.last_seen.pop(study, None)
+                    self.answer(study)
+                if self.spool.outbox() and time.monotonic() >= self.next_try:
+                    self.deliver()
+            except Exception:  # noqa: BLE001 - the worker must outlive one bad study; the study stays spooled
+                log.exception("worker error (the spool keeps everything; retrying)")
+                self.stop.wait(5.0)
+            self.stop.wait(0.2)
+
+    def answer(self, study: str) -> None:
+        """Predict a quiet study's new instances; write the study's new result set to the outbox, then the ledger."""
+        files = self.spool.pending().get(study, [])
+        ledger = self.spool.ledger(study)
+        waiting = {s for d in self.spool.outbox() for s in json.loads((d / "manifest.json").read_text())["sources"]}
+        repeats = [f.stem for f in files if f.stem in ledger["images"] and f.stem not in waiting]
+        if repeats:  # an instance sent again after its answer was delivered: same UIDs, same answer
+            self.spool.forget(study, repeats)
+        new = [f for f in files if f.stem not in ledger["images"]]
+        if not new:
+            return
+        started = time.monotonic()
+        predictions = list(self.predictor.predict([str(f) for f in new], batch_size=8, threshold=self.writer.points[-1], show_progress=False))
+        fresh = [ImageResult(header_of(dicom.read_header(f.read_bytes(), f.name)), p, str(f)) for f, p in zip(new, predictions)]
+        reported = [ImageResult(_dataset(item["header"]), Prediction(**item["prediction"])) for item in ledger["images"].values()]
+        predecessors = [_dataset(s["sr"]) for s in ledger["sets"]]
+        key = set_key(self.predictor.sha256, [r.header.SOPInstanceUID for r in [*reported, *fresh]])
+        if not self.spool.has_set(key):  # else: built before a crash, the same objects
+            objects = [(kind, _encode(ds)) for kind, ds in self.writer.result_set(reported, fresh, predecessors, self.predictor.max_bytes)]
+            self.spool.write_set(key, study, [f.stem for f in new], objects)
+        for r in fresh:
+            ledger["images"][spooling.digest(r.header.SOPInstanceUID)] = {"header": r.header.to_json_dict(), "prediction": _answer(r.prediction)}
+        sr = _dataset(None)  # what a later answer's Predecessor Documents Sequence names
+        sr.StudyInstanceUID, sr.SOPClassUID = fresh[0].header.StudyInstanceUID, PRODUCED[0]
+        sr.SeriesInstanceUID, sr.SOPInstanceUID = set_uids(key)
+        ledger["sets"].append({"key": key, "sr": sr.to_json_dict()})
+        self.spool.save_ledger(study, ledger)
+        log.info("answered study %s: %d new image(s), %d before, %d earlier answer(s) superseded, in %.2f s", study, len(fresh),
+                 len(reported), len(predecessors), time.monotonic() - started)
+
+    def deliver(self) -> None:
+        """C-STORE every waiting object to --forward; each acknowledged one leaves the outbox. Failure: back off."""
+        from pynetdicom import AE
+
+        ae_title, host, port = self.forward
+        ae = AE(self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
+        for sop_class in PRODUCED:
+            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        try:
+            if not assoc.is_established:
+                raise ConnectionError("association not established")
+            for folder in self.spool.outbox():
+                for path in sorted(folder.glob("[0-9]*.dcm")):
+                    status = assoc.send_c_store(path)
+                    code = int(status.Status) if status else None
+                    if code is None or not (code == 0 or 0xB000 <= code <= 0xBFFF):
+                        raise ConnectionError(f"C-STORE of {path.name} answered {code if code is None else hex(code)}")
+                    self.spool.sent(path)
+                manifest = self.spool.delivered(folder)
+                log.info("delivered %d object(s) for study %s to %s", manifest["count"], manifest["study"], ae_title)
+            self.failures = 0
+        except (ConnectionError, OSError) as exc:
+            self.failures += 1
+            wait = min(self.retry_max, 2.0 ** min(self.failures, 16)) * random.uniform(0.8, 1.2)
+            self.next_try = time.monotonic() + wait
+            log.warning("could not deliver to %s@%s:%d (%s); retrying in %.0f s", ae_title, host, port, exc, wait)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def _encode(ds) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _dataset(data: dict | None):
+    from pydicom.dataset import Dataset
+
+    return Dataset.from_json(data) if data else Dataset()
+
+
+def _answer(p: Prediction) -> dict:
+    return {"path": "", "probability": p.probability, "fractured": p.fractured, "threshold": p.threshold, "threshold_name": p.threshold_name,
+            "error": p.error, "boxes": [list(b) for b in p.boxes] if p.boxes else p.boxes, "size": list(p.size) if p.size else None}
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fracture.node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="ONNX file from python -m fracture.export (a release from exports/)")
+    parser.add_argument("--ae-title", default="FRACTURE", help="this node's AE title (default FRACTURE)")
+    parser.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112)")
+    parser.add_argument("--host", default="", help="address to listen on (default: all)")
+    parser.add_argument("--forward", type=parse_destination, required=True, metavar="AE@HOST:PORT", help="where answers are stored (a PACS)")
+    parser.add_argument("--spool", type=Path, default=Path("fracture-spool"), help="folder for received instances and undelivered answers "
+                        "(created owner-only; keep it on a local disk)")
+    parser.add_argument("--quiet", type=float, default=10.0, help="seconds without a new instance before a study is answered (default 10)")
+    parser.add_argument("--allow", nargs="+", metavar="AE", help="calling AE titles allowed to send (default: any)")
+    parser.add_argument("--no-secondary-capture", action="store_true", help="answer with the SR and presentation states only")
+    parser.add_argument("--max-associations", type=int, default=8, help="associations at once; more are refused (default 8)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="network, ACSE and DIMSE timeouts in seconds: an idle or stalled "
+                        "association is closed after this and frees its slot (default 30)")
+    parser.add_argument("--max-decode-mb", type=float, default=budget.DEFAULT_MAX_DECODE_MB, help="memory one instance's decode may hold")
+    parser.add_argument("--decode-slots", type=int, default=2, help="instances decoded at once while receiving (memory: slots x budget)")
+    parser.add_argument("--retry-max", type=float, default=300.0, help="longest wait between delivery attempts in seconds (default 300)")
+    parser.add_argument("--keep-days", type=float, default=30.0, help="how long a study's answer is remembered, so that a late image supersedes it")
+    parser.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
+    ns = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
+    for chatty in ("pynetdicom", "highdicom"):  # their INFO lines name every association and copied module; ours say what matters
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    os.umask(0o077)
+    try:
+        predictor = Predictor(ns.model, ns.threads, ns.max_decode_mb)
+        import highdicom  # noqa: F401
+        import pynetdicom  # noqa: F401
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"error: the DICOM node needs `pip install 'fracture[pacs]'` ({exc.name} is missing)", file=sys.stderr)
+        return 2
+    node = Node(predictor, ns.spool, ns.forward, ns.ae_title, ns.quiet, ns.allow, not ns.no_secondary_capture, ns.max_associations,
+                ns.timeout, ns.decode_slots, ns.retry_max, ns.keep_days)
+    try:
+        node.start(ns.port, ns.host)
+    except OSError as exc:
+        print(f"error: cannot listen on port {ns.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    log.info("stopping: what is spooled is answered and delivered at the next start")
+    node.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

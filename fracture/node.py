@@ -1,0 +1,8 @@
+"""python -m fracture.node: the command; its code is fracture.deploy.node."""
+
+import sys
+
+from fracture.deploy.node import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Answers as DICOM (``predict --dicom-out``, the node's objects): the SR's and GSPS's coordinates are the
+predictor's boxes, the patient and study are the source's (a non-ASCII name included), UIDs are the same on a
+second run, and every object passes dicom3tools' ``dciodvfy`` (errors: none; warnings: only the listed ones)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pacs import CR, DX, SC, radiograph, require
+
+from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
+from fracture.deploy import predict
+from fracture.deploy.dicom_results import out_of_scope
+
+ALLOWED = Path(__file__).parent / "dciodvfy_allowed.txt"
+NAME = "Müller^Jürgen"
+
+
+@pytest.fixture(scope="module")
+def study(loc_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict]:
+    """One study of four DICOM variants of synthetic fractured radiographs, and a PNG; predicted once."""
+    require()
+    from pydicom.uid import generate_uid
+
+    import cv2
+
+    folder = tmp_path_factory.mktemp("dicomstudy")
+    uid = generate_uid()
+    pictures = [np.rint(255 * radiograph_and_boxes(np.random.default_rng(seed), True, FRACTURE_TYPES[seed % len(FRACTURE_TYPES)])[0]).astype(np.uint8) for seed in range(4)]
+    variants = [dict(sop_class=DX, bits=12, PatientName=NAME, SpecificCharacterSet="ISO_IR 192", PatientAge="045Y"),
+                dict(sop_class=CR, bits=8, photometric="MONOCHROME1", PatientName=NAME, SpecificCharacterSet="ISO_IR 192"),
+                dict(sop_class=SC, bits=8, PatientName=NAME, SpecificCharacterSet="ISO_IR 192"),
+                dict(sop_class=DX, bits=12, PatientName=NAME, SpecificCharacterSet="ISO_IR 192", BodyPartExamined="CHEST", PatientAge="012Y")]
+    files = []
+    for i, (picture, tags) in enumerate(zip(pictures, variants)):
+        files.append(folder / f"image{i}.dcm")
+        files[-1].write_bytes(radiograph(picture, uid, **tags))
+    png = folder / "plain.png"
+    cv2.imwrite(str(png), pictures[0])
+    out, preds = folder / "answer", folder / "preds.json"
+    assert predict.main([str(loc_onnx), *map(str, files), str(png), "--dicom-out", str(out), "--out", str(preds), "--quiet"]) == 1  # the PNG
+    rows = {Path(r["path"]).name: r for r in json.loads(preds.read_text())}
+    return out, files, rows
+
+
+def _read(out: Path) -> dict[str, list]:
+    import pydicom
+
+    found: dict[str, list] = {"SR": [], "PR": [], "SC": []}
+    for path in sorted(out.glob("*.dcm")):
+        found[path.name[:2]].append(pydicom.dcmread(path))
+    return found
+
+
+def _scoords(item, found: list) -> list:
+    """Every SCOORD in an SR content tree, with the SOP instance it refers to."""
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "SCOORD":
+            ref = child.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            found.append((str(ref), np.array(child.GraphicData, float).reshape(-1, 2)))
+        _scoords(child, found)
+    return found
+
+
+def _text(ds) -> str:
+    """Every value in a dataset, nested sequences included, untruncated (``str(ds)`` shortens long values)."""
+    return "\n".join(f"{e.keyword}={e.value}" for e in ds.iterall() if e.VR != "SQ")
+
+
+def _box(points: np.ndarray) -> tuple[float, ...]:
+    return (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
+
+
+def test_the_answer_is_an_sr_a_gsps_and_an_sc_per_image_of_the_source_study(study, loc_onnx: Path) -> None:
+    import pydicom
+
+    out, files, rows = study
+    found = _read(out)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert (len(found["SR"]), len(found["PR"]), len(found["SC"])) == (1, 4, 4)
+    every = [d for kind in found.values() for d in kind]
+    assert {str(d.StudyInstanceUID) for d in every} == {str(sources[0].StudyInstanceUID)}
+    assert len({str(d.SeriesInstanceUID) for d in every}) == 1
+    assert {str(d.SeriesInstanceUID) for d in every}.isdisjoint({str(s.SeriesInstanceUID) for s in sources})
+    assert {str(d.PatientName) for d in every} == {NAME}  # written and read back in ISO_IR 192
+    sr = found["SR"][0]
+    text = _text(sr)
+    assert "125605004" in text and "Fracture of bone" in text and "Research tool, not for diagnosis" in text
+    sha = predict.Predictor(loc_onnx).sha256
+    assert sha in text  # TID 4019: the algorithm's version is the model file's sha256
+    assert all(re.fullmatch(r"99[A-Z0-9]+|SCT|DCM|UCUM|RFC5646", str(v)) for v in re.findall(r"CodingSchemeDesignator=(.*)", text))
+    assert all(str(s.SOPInstanceUID) in text for s in sources)
+
+
+def test_sr_and_gsps_coordinates_are_the_predictors_boxes(study) -> None:
+    import pydicom
+
+    out, files, rows = study
+    found = _read(out)
+    uid_of = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.name for f in files}
+    boxes = {name: sorted(tuple(b[k] for k in ("x0", "y0", "x1", "y1")) for b in row["boxes"]) for name, row in rows.items() if name.endswith(".dcm")}
+    assert sum(len(b) for b in boxes.values()) >= 2, "the tiny localiser should find boxes on these fractured pictures"
+    in_sr: dict[str, list] = {}
+    for ref, points in _scoords(found["SR"][0], []):
+        assert np.allclose(points[0], points[-1])  # a closed rectangle
+        in_sr.setdefault(uid_of[ref], []).append(_box(points))
+    for name, expected in boxes.items():
+        assert np.allclose(sorted(in_sr.get(name, [])), expected, atol=1e-3) if expected else name not in in_sr
+    screening = min(float(g.GraphicLayerDescription.split("threshold ")[1]) for g in found["PR"][0].GraphicLayerSequence
+                    if g.GraphicLayer == "SCREENING")
+    for gsps in found["PR"]:
+        name = uid_of[str(gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID)]
+        assert {g.GraphicLayer for g in gsps.GraphicLayerSequence} == {"SCREENING", "BALANCED"}
+        drawn = [_box(np.array(g.GraphicData, float).reshape(-1, 2)) for a in gsps.GraphicAnnotationSequence if a.GraphicLayer == "SCREENING"
+                 for g in a.get("GraphicObjectSequence", [])]
+        assert all(g.GraphicAnnotationUnits == "PIXEL" for a in gsps.GraphicAnnotationSequence for g in a.get("GraphicObjectSequence", []))
+        labels = " ".join(t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence for t in a.TextObjectSequence)
+        assert f"p={rows[name]['probability']:.2f}" in labels
+        expected = boxes[name] if rows[name]["probability"] > screening else []
+        assert np.allclose(sorted(drawn), expected, atol=1e-3)
+
+
+def test_monochrome1_keeps_its_inverse_presentation_and_scope_is_flagged(study) -> None:
+    import pydicom
+
+    out, files, rows = study
+    found = _read(out)
+    by_source = {str(g.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID): g for g in found["PR"]}
+    mono1 = pydicom.dcmread(files[1], stop_before_pixels=True)
+    assert by_source[str(mono1.SOPInstanceUID)].PresentationLUTShape == "INVERSE"
+    assert by_source[str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)].PresentationLUTShape == "IDENTITY"
+    assert out_of_scope(pydicom.dcmread(files[3], stop_before_pixels=True)) == ["body part CHEST", "patient under 18"]
+    assert out_of_scope(pydicom.dcmread(files[0], stop_before_pixels=True)) == []
+    assert _text(found["SR"][0]).count("Outside the model's scope") == 2
+    for sc in found["SC"]:
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+
+
+def test_the_same_inputs_give_the_same_uids_and_other_inputs_are_refused(study, loc_onnx: Path, tmp_path: Path, capsys) -> None:
+    out, files, _ = study
+    again = tmp_path / "again"
+    assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(again), "--quiet"]) == 0
+    assert sorted(p.name for p in again.glob("*.dcm")) == sorted(p.name for p in out.glob("*.dcm"))
+    png = files[0].parent / "plain.png"
+    assert predict.main([str(loc_onnx), str(png), "--dicom-out", str(tmp_path / "none"), "--quiet"]) == 1
+    assert "not DICOM; --dicom-out answers DICOM inputs only" in capsys.readouterr().err
+
+
+def dciodvfy_problems(paths: list[Path]) -> list[str]:
+    """Every dciodvfy error, and every warning not in the checked-in list (each entry there says why)."""
+    allowed = [line.split(" #")[0].strip() for line in ALLOWED.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    problems = []
+    for path in paths:
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        for line in (done.stdout + done.stderr).splitlines():
+            if line.startswith("Error") or (line.startswith("Warning") and not any(a in line for a in allowed)):
+                problems.append(f"{path.name}: {line}")
+    return problems
+
+
+def test_every_object_passes_dciodvfy(study) -> None:
+    require("dciodvfy")
+    out, _, _ = study
+    paths = sorted(out.glob("*.dcm"))
+    assert len(paths) == 9
+    assert dciodvfy_problems(paths) == []
