@@ -38,6 +38,7 @@ def radiograph(picture: np.ndarray, study: str, sop_class: str = DX, photometric
         tags = {"WindowCenter": (2**bits - 1) / 2, "WindowWidth": 2**bits, **tags}
     else:
         pixels = stored.astype(np.uint8)
+    tags = {"Modality": {CR: "CR", SC: "OT"}.get(sop_class, "DX"), **tags}
     return dicom_bytes(*picture.shape, pixels.tobytes(), EXPLICIT, bits=16 if bits > 8 else 8, photometric=photometric, sop_class=sop_class,
                        bits_stored=bits, StudyInstanceUID=study, **tags)
 

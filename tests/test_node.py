@@ -1,0 +1,176 @@
+"""The DICOM node as a child process on loopback, a pynetdicom sender as the modality and a counting Storage SCP
+as the PACS: studies are answered and delivered, refusals are clean and logged, a late image supersedes the
+answer, and nothing is lost when the node is SIGKILLed or the destination is down."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pacs import CR, DX, SC, Destination, free_port, radiograph, require, send, start_node, stop
+
+from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
+
+SECRET = "PID-7731-SECRET"
+NAME = "Østergård^Åse"
+
+
+def pictures(n: int, seed: int = 0) -> list[np.ndarray]:
+    return [np.rint(255 * radiograph_and_boxes(np.random.default_rng(seed + i), i % 2 == 0, FRACTURE_TYPES[i % 4] if i % 2 == 0 else "")[0])
+            .astype(np.uint8) for i in range(n)]
+
+
+def study_files(n: int, seed: int = 0, **tags) -> list[bytes]:
+    from pydicom.uid import generate_uid
+
+    uid = generate_uid()
+    classes = [DX, CR, SC]
+    return [radiograph(p, uid, sop_class=classes[i % 3], bits=12 if classes[i % 3] == DX else 8, PatientID=SECRET, PatientName=NAME,
+                       SpecificCharacterSet="ISO_IR 192", **tags) for i, p in enumerate(pictures(n, seed))]
+
+
+def sop_uid(data: bytes) -> str:
+    import io
+
+    import pydicom
+
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
+def of_study(received: list, data: bytes) -> list:
+    import io
+
+    import pydicom
+
+    study = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID
+    return [d for d in received if d.StudyInstanceUID == study]
+
+
+@pytest.fixture()
+def destination():
+    require()
+    dest = Destination()
+    yield dest
+    dest.stop()
+
+
+def test_a_study_is_answered_in_dicom_and_the_spool_keeps_no_patient_data_in_sight(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5")
+    try:
+        files = study_files(3)
+        assert send(files, port) == [0, 0, 0]
+        got = destination.wait(7)  # a GSPS and an SC per image, one SR
+        time.sleep(0.5)
+    finally:
+        stop(node)
+    kinds = sorted(str(d.Modality) for d in got)
+    assert kinds == ["OT", "OT", "OT", "PR", "PR", "PR", "SR"]
+    assert max(destination.counts.values()) == 1
+    sr = next(d for d in got if d.Modality == "SR")
+    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence
+                for i in r.ReferencedSOPSequence}
+    assert evidence == {sop_uid(f) for f in files}
+    assert {str(d.PatientName) for d in got} == {NAME} and {str(d.PatientID) for d in got} == {SECRET}
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    assert not list((spool / "incoming").rglob("*.dcm")) and not list((spool / "outbox").iterdir())  # emptied once delivered
+    names = " ".join(str(p.relative_to(spool)) for p in spool.rglob("*"))
+    log = (tmp_path / "node.log").read_text(encoding="utf-8")
+    for secret in (SECRET, NAME, "Østergård", sop_uid(files[0])):
+        assert secret not in log and secret not in names
+    assert "answered study" in log and "delivered 7 object(s)" in log
+
+
+def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5", "--allow", "MODALITY", "PROBE")
+    try:
+        good = study_files(1)
+        assert send(good, port, calling="INTRUDER") == [None]  # association rejected: calling AE title not allowed
+        ct = radiograph(pictures(1)[0], "1.2.3.4", sop_class="1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+        raw = radiograph(pictures(1)[0], "1.2.3.5", sop_class="1.2.840.10008.5.1.4.1.1.1.1.1")  # DX for processing
+        assert send([ct], port) == [None] and send([raw], port) == [None]
+        assert send(good, port, syntaxes=("1.2.840.10008.1.2.1.99",)) == [None]  # Deflated: not a syntax the gate decodes
+        from fracture.data.synth import dicom_bytes
+
+        short = dicom_bytes(512, 512, b"\0" * 1000, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.6")  # pixel data shorter than declared
+        huge = dicom_bytes(20000, 20000, b"\0" * 64, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.7")
+        statuses = send([short, huge], port)
+        assert statuses == [0xC000, 0xC000]
+        time.sleep(1.5)
+    finally:
+        stop(node)
+    log = (tmp_path / "node.log").read_text()
+    assert "refused an association from INTRUDER" in log
+    assert "1.2.840.10008.5.1.4.1.1.2 (SOP class not a radiograph this model reads)" in log
+    assert "DX for processing (raw detector data the model never saw)" in log
+    assert "transfer syntax not decoded here" in log
+    assert "shorter than the" in log and "over the 100 MP limit" in log
+    assert "Traceback" not in log
+    assert not list((spool / "incoming").rglob("*.dcm")) and destination.counts == {}
+
+
+def test_a_late_image_gets_a_new_answer_that_supersedes_the_first(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5")
+    try:
+        files = study_files(2)
+        assert send(files[:1], port) == [0]
+        first = destination.wait(3)
+        assert send(files[1:], port) == [0]
+        every = destination.wait(6)
+        assert send(files[1:], port) == [0]  # the same instance again: already answered, nothing new
+        time.sleep(2)
+    finally:
+        stop(node)
+    assert len(destination.received) == 6 and max(destination.counts.values()) == 1
+    srs = [d for d in every if d.Modality == "SR"]
+    assert len(srs) == 2
+    old, new = (srs[0], srs[1]) if srs[0].SOPInstanceUID == next(d for d in first if d.Modality == "SR").SOPInstanceUID else (srs[1], srs[0])
+    predecessor = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert predecessor == old.SOPInstanceUID
+    assert len({str(i.ReferencedSOPInstanceUID) for s in new.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence
+                for i in r.ReferencedSOPSequence}) == 2
+    assert old.SeriesInstanceUID != new.SeriesInstanceUID
+    assert sum(d.Modality == "PR" for d in every) == 2  # one presentation state per image, made once
+
+
+def test_nothing_is_lost_when_the_node_is_killed_and_the_destination_is_down(loc_onnx: Path, tmp_path: Path) -> None:
+    require()
+    port, spool, dest_port = free_port(), tmp_path / "spool", free_port()
+    forward = f"DEST@127.0.0.1:{dest_port}"
+    a, b = study_files(2, seed=0), study_files(2, seed=10)
+    node = start_node(loc_onnx, spool, forward, port, "--quiet", "0.5", "--retry-max", "1")
+    try:
+        assert send(a, port) == [0, 0]  # study A: answered, but the destination is down
+        end, log = time.monotonic() + 60, tmp_path / "node.log"
+        while "could not deliver" not in log.read_text() and time.monotonic() < end:  # built, tried, failed: waiting to retry
+            time.sleep(0.1)
+        built = sorted(p.name for p in (spool / "outbox").glob("[!.]*/*.dcm"))
+        assert len(built) == 5
+        assert send(b[:1], port) == [0]  # study B half received ...
+    finally:
+        node.send_signal(signal.SIGKILL)  # ... when the node dies
+        node.wait()
+    import pydicom
+
+    before = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (spool / "outbox").glob("[!.]*/*.dcm")}
+    destination = Destination(dest_port)
+    node = start_node(loc_onnx, spool, forward, port, "--quiet", "0.5", "--retry-max", "1")
+    try:
+        assert send(b[1:], port) == [0]
+        got = destination.wait(10)
+        time.sleep(1)
+    finally:
+        stop(node)
+        destination.stop()
+    assert len(destination.counts) == 10 and max(destination.counts.values()) <= 2  # at most one resend per object
+    assert {str(d.SOPInstanceUID) for d in of_study(got, a[0])} == before  # the same UIDs as built before the crash
+    sr_b = next(d for d in of_study(got, b[0]) if d.Modality == "SR")
+    assert {str(i.ReferencedSOPInstanceUID) for s in sr_b.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence
+            for i in r.ReferencedSOPSequence} == {sop_uid(f) for f in b}
+    assert not list((spool / "incoming").rglob("*.dcm"))
