@@ -20,6 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CR, DX, SC = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+RLE, J2K, JLS = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"
 
 
 def free_port() -> int:
@@ -28,8 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def radiograph(picture: np.ndarray, study: str, sop_class: str = DX, photometric: str = "MONOCHROME2", bits: int = 12, **tags: object) -> bytes:
-    """A picture as a single-frame DICOM radiograph of ``study``: 12 bits stored in 16 with a window, or 8-bit."""
+def radiograph(picture: np.ndarray, study: str, sop_class: str = DX, photometric: str = "MONOCHROME2", bits: int = 12, syntax: str = EXPLICIT,
+               **tags: object) -> bytes:
+    """A picture as a single-frame DICOM radiograph of ``study``: 12 bits stored in 16 with a window, or 8-bit;
+    compressed by pydicom's encoders when ``syntax`` says (RLE, JPEG 2000 or JPEG-LS lossless)."""
     from fracture.data.synth import dicom_bytes
 
     stored = 255.0 - picture if photometric == "MONOCHROME1" else picture.astype(np.float64)
@@ -39,8 +42,19 @@ def radiograph(picture: np.ndarray, study: str, sop_class: str = DX, photometric
     else:
         pixels = stored.astype(np.uint8)
     tags = {"Modality": {CR: "CR", SC: "OT"}.get(sop_class, "DX"), **tags}
-    return dicom_bytes(*picture.shape, pixels.tobytes(), EXPLICIT, bits=16 if bits > 8 else 8, photometric=photometric, sop_class=sop_class,
+    data = dicom_bytes(*picture.shape, pixels.tobytes(), EXPLICIT, bits=16 if bits > 8 else 8, photometric=photometric, sop_class=sop_class,
                        bits_stored=bits, StudyInstanceUID=study, **tags)
+    if syntax == EXPLICIT:
+        return data
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.compress(syntax)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 class Destination:
@@ -139,7 +153,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-ORTHANC = shutil.which("Orthanc") or shutil.which("orthanc")
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")  # Debian installs it in sbin
 
 
 class Orthanc:
@@ -190,7 +204,7 @@ def require(*tools: str) -> None:
 
     import pytest
 
-    missing = [t for t in tools if not shutil.which(t)] + [m for m in ("pynetdicom", "highdicom") if importlib.util.find_spec(m) is None]
+    missing = [t for t in tools if not (ORTHANC if t == "Orthanc" else shutil.which(t))] + [m for m in ("pynetdicom", "highdicom") if importlib.util.find_spec(m) is None]
     if missing:
         message = f"needs {', '.join(missing)} (Debian packages orthanc, dcmtk, dicom3tools; pip install '.[pacs]')"
         if os.environ.get("FRACTURE_REQUIRE_PACS"):

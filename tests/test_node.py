@@ -174,3 +174,36 @@ def test_nothing_is_lost_when_the_node_is_killed_and_the_destination_is_down(loc
     assert {str(i.ReferencedSOPInstanceUID) for s in sr_b.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence
             for i in r.ReferencedSOPSequence} == {sop_uid(f) for f in b}
     assert not list((spool / "incoming").rglob("*.dcm"))
+
+
+def test_idle_associations_and_silent_connections_cannot_block_a_real_sender(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    import socket
+
+    from pynetdicom import AE
+
+    port = free_port()
+    node = start_node(loc_onnx, tmp_path / "spool", f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5", "--max-associations", "2",
+                      "--timeout", "2")
+    idle, silent = [], []
+    try:
+        for _ in range(2):  # associations that are opened and then say nothing
+            ae = AE("IDLER")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+            idle.append(ae.associate("127.0.0.1", port, ae_title="NODE"))
+            assert idle[-1].is_established
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]  # TCP connections that never associate
+        files = study_files(1)
+        started = time.monotonic()
+        assert send(files, port) == [None]  # every slot taken: refused at once, not left hanging
+        assert time.monotonic() - started < 2
+        time.sleep(3)  # past --timeout: the node has closed the idle associations and the silent connections
+        assert not any(a.is_established for a in idle)
+        assert send(files, port) == [0]
+        destination.wait(3)
+    finally:
+        for s in silent:
+            s.close()
+        for a in idle:
+            a.abort() if a.is_established else None
+        stop(node)

@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pacs import CR, DX, SC, Orthanc, free_port, radiograph, require, start_node, stop
+from pacs import CR, DX, J2K, JLS, RLE, SC, Orthanc, free_port, radiograph, require, start_node, stop
 
 from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
 
 
 def _study(folder: Path, uid: str, n: int, seed: int) -> list[Path]:
-    variants = [dict(sop_class=DX, bits=12), dict(sop_class=CR, bits=8, photometric="MONOCHROME1"), dict(sop_class=SC, bits=8)]
+    variants = [dict(sop_class=DX, bits=12), dict(sop_class=CR, bits=8, photometric="MONOCHROME1", syntax=RLE), dict(sop_class=SC, bits=8),
+                dict(sop_class=DX, bits=12, syntax=J2K), dict(sop_class=DX, bits=12, syntax=JLS)]
     files = []
     for i in range(n):
         picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(seed + i), True, FRACTURE_TYPES[i % 4])[0]).astype(np.uint8)
         files.append(folder / f"s{seed}-{i}.dcm")
-        files[-1].write_bytes(radiograph(picture, uid, PatientName="Ünal^Zoë", SpecificCharacterSet="ISO_IR 192", **variants[i % 3]))
+        files[-1].write_bytes(radiograph(picture, uid, PatientName="Ünal^Zoë", SpecificCharacterSet="ISO_IR 192", **variants[i % len(variants)]))
     return files
 
 
@@ -53,12 +54,17 @@ def test_storescu_to_the_node_to_orthanc_and_an_orthanc_push_back(loc_onnx: Path
     try:
         node = start_node(loc_onnx, tmp_path / "spool", f"ORTHANC@127.0.0.1:{orthanc.dicom}", port, "--quiet", "1")
         first = generate_uid()
-        files = _study(tmp_path, first, 3, seed=0)
-        done = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "FRACTURE", "127.0.0.1", str(port), *map(str, files)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        answers = _answers(orthanc, first, 7)
-        assert _counts(answers) == {"SR": 1, "PR": 3, "OT": 3}
+        files = _study(tmp_path, first, 5, seed=0)  # explicit 12-bit, RLE MONOCHROME1, 8-bit SC, JPEG 2000, JPEG-LS
+        # a modality sends in its own syntax: storescu proposes one compressed syntax (and the uncompressed ones) per run
+        for flag, name in (("-xe", "s0-0"), ("-xr", "s0-1"), ("-xe", "s0-2"), ("-xv", "s0-3"), ("-xt", "s0-4")):
+            done = subprocess.run(["storescu", flag, "-aet", "MODALITY", "-aec", "FRACTURE", "127.0.0.1", str(port), str(tmp_path / f"{name}.dcm")],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0 and "Failed" not in done.stderr, done.stderr
+        log = (tmp_path / "node.log").read_text()
+        for syntax in ("RLE Lossless", "JPEG 2000 Image Compression (Lossless Only)", "JPEG-LS Lossless Image Compression", "Explicit VR Little Endian"):
+            assert syntax in log  # received as the modality compressed it, not converted on the way
+        answers = _answers(orthanc, first, 11)
+        assert _counts(answers) == {"SR": 1, "PR": 5, "OT": 5}
         assert {t["PatientName"] for kind in answers.values() for t in kind} == {"Ünal^Zoë"}
         assert answers["SR"][0]["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 

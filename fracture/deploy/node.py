@@ -39,7 +39,12 @@ ACCEPTED = {"1.2.840.10008.5.1.4.1.1.1": "CR", "1.2.840.10008.5.1.4.1.1.1.1": "D
             "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture"}
 REFUSED = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing (raw detector data the model never saw)",
            "1.2.840.10008.5.1.4.1.1.1.2.1": "mammography for processing", "1.2.840.10008.5.1.4.1.1.1.3.1": "intra-oral for processing"}
-SYNTAXES = sorted(budget.READABLE)  # Deflated is not among them: its size is only known after inflating it
+# The syntaxes the gate decodes (Deflated is not among them: its size is only known after inflating it), in the
+# order the node prefers when a sender offers several in one context: lossless compressed as the modality made
+# them, then uncompressed, then lossy (only ever offered for files that are lossy already).
+LOSSLESS = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+SYNTAXES = [s for s in LOSSLESS if s in budget.READABLE] + sorted(budget.READABLE - set(LOSSLESS))
 PRODUCED = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.7")  # 3D SR, GSPS, SC
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, NOT_AUTHORISED = 0x0000, 0xA700, 0xC000, 0x0124
 
@@ -79,6 +84,7 @@ class Node:
     def on_store(self, event) -> int | tuple:
         """One C-STORE: the gate decodes it (within the byte budget); only then is it spooled and acknowledged."""
         from pydicom.dataset import Dataset
+        from pydicom.uid import UID
 
         caller = event.assoc.requestor.ae_title
         sop_class = str(event.request.AffectedSOPClassUID)
@@ -108,7 +114,8 @@ class Node:
         self.spool.receive(study, instance, data)  # on disk before the answer below leaves
         with self.lock:
             self.last_seen[spooling.digest(study)] = time.monotonic()
-        log.info("received instance %s of study %s from %s", spooling.digest(instance), spooling.digest(study), caller)
+        log.info("received instance %s of study %s from %s (%s, %s)", spooling.digest(instance), spooling.digest(study), caller,
+                 ACCEPTED.get(sop_class, sop_class), UID(event.context.transfer_syntax).name)
         return SUCCESS
 
     def on_accepted(self, event) -> None:
