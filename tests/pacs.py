@@ -66,6 +66,7 @@ class Destination:
         self.port, self.ae_title = port or free_port(), ae_title
         self.received: list = []
         self.counts: Counter = Counter()
+        self.first_seen: dict[str, float] = {}  # SOP Instance UID -> when it first arrived (time.monotonic)
         self.lock = threading.Lock()
         ae = AE(ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
@@ -77,6 +78,7 @@ class Destination:
         with self.lock:
             self.received.append(ds)
             self.counts[str(ds.SOPInstanceUID)] += 1
+            self.first_seen.setdefault(str(ds.SOPInstanceUID), time.monotonic())
         return 0x0000
 
     def wait(self, n: int, timeout: float = 60.0) -> list:

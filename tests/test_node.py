@@ -207,3 +207,20 @@ def test_idle_associations_and_silent_connections_cannot_block_a_real_sender(loc
         for a in idle:
             a.abort() if a.is_established else None
         stop(node)
+
+
+def test_the_node_benchmark_loses_nothing_at_two_senders_by_three_studies(loc_onnx: Path, tmp_path: Path) -> None:
+    """CI's small run of ``scripts/benchmark_node.py`` (the full one is 4 x 25): every object arrives, once."""
+    import json
+    import subprocess
+    import sys
+
+    require()
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, "scripts/benchmark_node.py", str(loc_onnx), "--senders", "2", "--studies", "3", "--size", "384",
+                           "--quiet", "0.5", "--json", str(out)], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert (figures["lost"], figures["objects_received"], figures["resent"], figures["studies_answered"]) == (0, 30, 0, 6)
+    assert figures["instances_acknowledged"] == figures["instances_sent"] == 12
+    assert 0.5 <= figures["latency_p50_s"] <= figures["latency_p95_s"]

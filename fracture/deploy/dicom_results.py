@@ -337,8 +337,11 @@ def burn_in(picture: np.ndarray, p: Prediction, points: Sequence[tuple[str, floa
         lines.append(f"fracture probability {p.probability:.2f}  " + "  ".join(f"{n}: {'YES' if p.probability > t else 'no'}" for n, t in points))
         if len(points) > 1:
             lines.append("boxes: dashed yellow = screening point, solid red = balanced point")
+    size = min(size, out.shape[1] / 440)  # the longest line fits a narrow picture
+    font, scale_f = cv2.FONT_HERSHEY_SIMPLEX, 0.7 * size
+    step, margin = int(28 * size) + 2, int(8 * size) + 4
+    width = max(cv2.getTextSize(t, font, scale_f, thick)[0][0] for t in lines)
+    cv2.rectangle(out, (0, 0), (min(out.shape[1] - 1, width + 2 * margin), step * len(lines) + margin), (0, 0, 0), -1)  # a band: legible on bone
     for i, text in enumerate(lines):
-        at = (int(8 * size) + 4, int(28 * size * (i + 1)) + 6)
-        cv2.putText(out, text, at, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * size, (0, 0, 0), thick + 2, cv2.LINE_AA)
-        cv2.putText(out, text, at, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * size, (255, 255, 255), thick, cv2.LINE_AA)
+        cv2.putText(out, text, (margin, step * (i + 1)), font, scale_f, (255, 255, 255), thick, cv2.LINE_AA)
     return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)

@@ -15,7 +15,6 @@ not for diagnosis. Needs ``pip install 'fracture[pacs]'``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -62,7 +61,7 @@ def parse_destination(text: str) -> tuple[str, str, int]:
 
 
 class Node:
-    """The Storage SCP, the study clock, and the one worker thread that answers studies and delivers answers."""
+    """The Storage SCP, the study clock, a thread that answers quiet studies and one that delivers the answers."""
 
     def __init__(self, predictor: Predictor, spool_dir: str | os.PathLike, forward: tuple[str, str, int], ae_title: str = "FRACTURE",
                  quiet: float = 10.0, allowed_callers: list[str] | None = None, secondary_capture: bool = True,
@@ -145,16 +144,17 @@ class Node:
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification: C-ECHO
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected)]
         self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-        self.worker = threading.Thread(target=self.work, name="fracture-node-worker", daemon=True)
-        self.worker.start()
+        self.threads = [threading.Thread(target=self.work, name="answer", daemon=True), threading.Thread(target=self.send, name="deliver", daemon=True)]
+        for thread in self.threads:
+            thread.start()
         log.info("listening as %s on port %d; answers go to %s@%s:%d", self.ae_title, port, *self.forward)
 
     def shutdown(self) -> None:
         self.stop.set()
         if self.server is not None:
             self.server.shutdown()
-        if getattr(self, "worker", None) is not None:
-            self.worker.join(timeout=60)
+        for thread in getattr(self, "threads", []):
+            thread.join(timeout=60)
 
     # --- answering and delivering ---------------------------------------------------------------------------------
     def work(self) -> None:
@@ -170,10 +170,19 @@ class Node:
                             continue
                         self.last_seen.pop(study, None)
                     self.answer(study)
-                if self.spool.outbox() and time.monotonic() >= self.next_try:
+            except Exception:  # noqa: BLE001 - the thread must outlive one bad study; the study stays spooled
+                log.exception("error while answering (the spool keeps everything; retrying)")
+                self.stop.wait(5.0)
+            self.stop.wait(0.2)
+
+    def send(self) -> None:
+        """The delivery thread: apart from answering, so a slow or absent destination never delays an answer."""
+        while not self.stop.is_set():
+            try:
+                if time.monotonic() >= self.next_try and self.spool.outbox():
                     self.deliver()
-            except Exception:  # noqa: BLE001 - the worker must outlive one bad study; the study stays spooled
-                log.exception("worker error (the spool keeps everything; retrying)")
+            except Exception:  # noqa: BLE001 - as above: what is not delivered stays in the outbox
+                log.exception("error while delivering (the outbox keeps everything; retrying)")
                 self.stop.wait(5.0)
             self.stop.wait(0.2)
 
@@ -181,7 +190,7 @@ class Node:
         """Predict a quiet study's new instances; write the study's new result set to the outbox, then the ledger."""
         files = self.spool.pending().get(study, [])
         ledger = self.spool.ledger(study)
-        waiting = {s for d in self.spool.outbox() for s in json.loads((d / "manifest.json").read_text())["sources"]}
+        waiting = self.spool.waiting_sources()
         repeats = [f.stem for f in files if f.stem in ledger["images"] and f.stem not in waiting]
         if repeats:  # an instance sent again after its answer was delivered: same UIDs, same answer
             self.spool.forget(study, repeats)

@@ -46,8 +46,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class Spool:
-    """The node's files. Methods are called from the association threads (``receive``) and the node's one
-    worker thread (everything else); ``receive`` touches only ``incoming/``."""
+    """The node's files. ``receive`` is called from the association threads and touches only ``incoming/``; the
+    answering thread writes ``reported/`` and whole sets into ``outbox/``; the delivering thread empties ``outbox/``
+    and, once a set is delivered, its sources in ``incoming/``."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -60,6 +61,9 @@ class Spool:
             leftover.unlink(missing_ok=True)
         for leftover in self.root.glob("outbox/.tmp-*"):  # a result set half written
             shutil.rmtree(leftover, ignore_errors=True)
+        for folder in (self.root / "incoming").iterdir():  # studies delivered whole
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     # --- received instances ---------------------------------------------------------------------------------------
     def receive(self, study_uid: str, instance_uid: str, data: bytes) -> Path:
@@ -71,16 +75,16 @@ class Spool:
 
     def pending(self) -> dict[str, list[Path]]:
         """Study → its received instance files (answered or not)."""
-        return {d.name: sorted(d.glob("[!.]*.dcm")) for d in sorted((self.root / "incoming").iterdir()) if d.is_dir()}
+        found = {d.name: sorted(d.glob("[!.]*.dcm")) for d in sorted((self.root / "incoming").iterdir()) if d.is_dir()}
+        return {study: files for study, files in found.items() if files}
 
     def forget(self, study: str, instances: list[str]) -> None:
         """Remove delivered instances (their pixels): the header and answer stay in ``reported/``."""
         folder = self.root / "incoming" / study
         for name in instances:
             (folder / f"{name}.dcm").unlink(missing_ok=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        _fsync_dir(folder.parent)
+        if folder.is_dir():  # the empty folder stays until the next start: an instance may be arriving into it now
+            _fsync_dir(folder)
 
     # --- what each study has been answered --------------------------------------------------------------------
     def ledger(self, study: str) -> dict:
@@ -121,10 +125,23 @@ class Spool:
         _fsync_dir(final.parent)
         return final
 
+    def _manifests(self) -> list[tuple[Path, dict]]:
+        found = []
+        for folder in (self.root / "outbox").iterdir():
+            try:
+                if not folder.name.startswith("."):
+                    found.append((folder, json.loads((folder / "manifest.json").read_text())))
+            except (FileNotFoundError, NotADirectoryError):  # delivered and removed meanwhile by the other thread
+                pass
+        return sorted(found, key=lambda item: item[1]["created"])
+
     def outbox(self) -> list[Path]:
         """Result sets not yet delivered, oldest first."""
-        sets = [d for d in (self.root / "outbox").iterdir() if d.is_dir() and not d.name.startswith(".")]
-        return sorted(sets, key=lambda d: json.loads((d / "manifest.json").read_text())["created"])
+        return [folder for folder, _ in self._manifests()]
+
+    def waiting_sources(self) -> set[str]:
+        """The instances whose answer waits in the outbox (their pixels stay until it is delivered)."""
+        return {name for _, manifest in self._manifests() for name in manifest["sources"]}
 
     def sent(self, path: Path) -> None:
         """One object acknowledged by the destination: it is not sent again (a crash before this: once more)."""

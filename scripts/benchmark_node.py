@@ -1,0 +1,147 @@
+"""Load test of the DICOM node on loopback: several modalities send studies at once; every answer is counted.
+
+    python scripts/benchmark_node.py MODEL.onnx [--senders 4] [--studies 25] [--images 2] [--size 1024] [--quiet 2]
+
+Starts ``python -m fracture.node MODEL`` on a free loopback port with a counting Storage SCP as its
+destination (the tests' own, ``tests/pacs.py``), then ``--senders`` threads each send ``--studies``
+studies of ``--images`` synthetic 12-bit DX radiographs (``--size`` px on the long side), one association
+per study. Prints instances sent and acknowledged, result objects expected and received, **lost** (expected
+but never received) and resent objects, and the latency from a study's last instance acknowledged to its
+Structured Report stored at the destination (the SR is each answer's last object): p50 / p95, with and
+without the ``--quiet`` wait the node keeps before answering; the node's peak memory (VmHWM) and the CPU.
+``--json`` writes the figures. The senders and the destination share the CPU with the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pacs", REPO / "tests" / "pacs.py")
+pacs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pacs)
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def make_studies(n: int, images: int, size: int, seed: int) -> list[list[bytes]]:
+    from pydicom.uid import generate_uid
+
+    from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
+
+    rng = np.random.default_rng(seed)
+    shape = (size, int(size * 0.8))
+    out = []
+    for s in range(n):
+        uid = generate_uid()
+        pictures = [radiograph_and_boxes(rng, bool(rng.random() < 0.5), str(rng.choice(FRACTURE_TYPES)), shape=shape)[0] for _ in range(images)]
+        out.append([pacs.radiograph(np.rint(255 * p).astype(np.uint8), uid, PatientID=f"bench{seed}-{s}") for p in pictures])
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python scripts/benchmark_node.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--studies", type=int, default=25, help="studies per sender")
+    parser.add_argument("--images", type=int, default=2, help="images per study")
+    parser.add_argument("--size", type=int, default=1024, help="long side of each synthetic radiograph in pixels")
+    parser.add_argument("--quiet", type=float, default=2.0, help="the node's --quiet: seconds a study must be still before it is answered")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for answers after this many seconds")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    ns = parser.parse_args(args)
+
+    print(f"writing {ns.senders} x {ns.studies} studies of {ns.images} image(s) ...", file=sys.stderr)
+    batches = [make_studies(ns.studies, ns.images, ns.size, seed) for seed in range(ns.senders)]
+    study_of = {}
+    import io
+
+    import pydicom
+
+    for batch in batches:
+        for files in batch:
+            study_of[str(pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True).StudyInstanceUID)] = files
+    expected = len(study_of) * (1 + 2 * ns.images)  # an SR per study, a GSPS and an SC per image
+
+    destination = pacs.Destination()
+    work = Path(tempfile.mkdtemp(prefix="bench-node-"))
+    port = pacs.free_port()
+    node = pacs.start_node(ns.model, work / "spool", f"DEST@127.0.0.1:{destination.port}", port, "--quiet", str(ns.quiet), log=work / "node.log")
+    last_ack: dict[str, float] = {}
+    statuses: list[int | None] = []
+    lock = threading.Lock()
+
+    def sender(k: int) -> None:
+        for files in batches[k]:
+            got = pacs.send(files, port, calling=f"MODALITY{k}")
+            study = str(pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True).StudyInstanceUID)
+            with lock:
+                statuses.extend(got)
+                last_ack[study] = time.monotonic()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(ns.senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent_s = time.monotonic() - started
+    end = time.monotonic() + ns.timeout
+    while len(destination.counts) < expected and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(1.0)  # anything resent arrives now
+    try:
+        peak = next(int(line.split()[1]) for line in open(f"/proc/{node.pid}/status") if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        peak = float("nan")
+    pacs.stop(node)
+    destination.stop()
+    total_s = time.monotonic() - started
+
+    arrived = {str(d.StudyInstanceUID): destination.first_seen[str(d.SOPInstanceUID)] for d in destination.received if d.Modality == "SR"}
+    latency = [arrived[s] - last_ack[s] for s in study_of if s in arrived and s in last_ack]
+    figures = {
+        "cpu": cpu_name(), "cores": os.cpu_count(), "model": ns.model.name, "senders": ns.senders, "studies": len(study_of), "images_per_study": ns.images,
+        "size": ns.size, "quiet_s": ns.quiet, "instances_sent": len(statuses), "instances_acknowledged": sum(s == 0 for s in statuses),
+        "objects_expected": expected, "objects_received": len(destination.counts), "lost": expected - len(destination.counts),
+        "resent": sum(c - 1 for c in destination.counts.values()), "studies_answered": len(arrived),
+        "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+        "latency_beyond_quiet_p50_s": percentile([v - ns.quiet for v in latency], 50),
+        "latency_beyond_quiet_p95_s": percentile([v - ns.quiet for v in latency], 95),
+        "sending_s": sent_s, "total_s": total_s, "node_peak_mb": peak,
+    }
+    print(f"CPU: {figures['cpu']}, {figures['cores']} cores; model {ns.model.name}; {ns.senders} senders x {ns.studies} studies x {ns.images} images "
+          f"of {ns.size} px; --quiet {ns.quiet:g} s")
+    print(f"instances: {figures['instances_sent']} sent, {figures['instances_acknowledged']} acknowledged in {sent_s:.1f} s")
+    print(f"answers:   {figures['objects_received']} of {expected} objects received, {figures['lost']} lost, {figures['resent']} resent; "
+          f"{len(arrived)} of {len(study_of)} studies answered")
+    print(f"last instance acknowledged -> SR stored: p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s "
+          f"(beyond the quiet wait: p50 {figures['latency_beyond_quiet_p50_s']:.2f} s, p95 {figures['latency_beyond_quiet_p95_s']:.2f} s)")
+    print(f"node peak memory {peak:.0f} MB; {total_s:.1f} s in all")
+    if ns.json:
+        ns.json.write_text(json.dumps(figures, indent=1))
+    return 0 if figures["lost"] == 0 and figures["instances_acknowledged"] == figures["instances_sent"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
