@@ -5,7 +5,8 @@
 Starts ``python -m fracture.node MODEL`` on a free loopback port with a counting Storage SCP as its
 destination (the tests' own, ``tests/pacs.py``), then ``--senders`` threads each send ``--studies``
 studies of ``--images`` synthetic 12-bit DX radiographs (``--size`` px on the long side), one association
-per study. Prints instances sent and acknowledged, result objects expected and received, **lost** (expected
+per study, all at once (a burst: later studies queue behind earlier ones). Before the burst, ``--alone``
+studies go one at a time, each answered before the next: the latency without a queue. Prints instances sent and acknowledged, result objects expected and received, **lost** (expected
 but never received) and resent objects, and the latency from a study's last instance acknowledged to its
 Structured Report stored at the destination (the SR is each answer's last object): p50 / p95, with and
 without the ``--quiet`` wait the node keeps before answering; the node's peak memory (VmHWM) and the CPU.
@@ -68,6 +69,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="long side of each synthetic radiograph in pixels")
     parser.add_argument("--quiet", type=float, default=2.0, help="the node's --quiet: seconds a study must be still before it is answered")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for answers after this many seconds")
+    parser.add_argument("--alone", type=int, default=3, help="studies sent one at a time first, each answered before the next (latency without a queue)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(args)
 
@@ -90,6 +92,17 @@ def main(args: list[str] | None = None) -> int:
     last_ack: dict[str, float] = {}
     statuses: list[int | None] = []
     lock = threading.Lock()
+
+    alone = []  # first, studies one at a time, each answered before the next: latency without a queue
+    for files in make_studies(ns.alone, ns.images, ns.size, seed=1000):
+        assert pacs.send(files, port, calling="ALONE") == [0] * len(files)
+        sent = time.monotonic()
+        before = len(destination.counts)
+        while len(destination.counts) < before + 1 + 2 * ns.images and time.monotonic() < sent + ns.timeout:
+            time.sleep(0.02)
+        alone.append(time.monotonic() - sent)
+    destination.counts.clear()
+    destination.received.clear()
 
     def sender(k: int) -> None:
         for files in batches[k]:
@@ -128,7 +141,9 @@ def main(args: list[str] | None = None) -> int:
         "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
         "latency_beyond_quiet_p50_s": percentile([v - ns.quiet for v in latency], 50),
         "latency_beyond_quiet_p95_s": percentile([v - ns.quiet for v in latency], 95),
-        "sending_s": sent_s, "total_s": total_s, "node_peak_mb": peak,
+        "alone_latency_p50_s": percentile(alone, 50), "alone_latency_max_s": max(alone) if alone else float("nan"),
+        "burst_answered_s": (max(arrived.values()) - started) if arrived else float("nan"),
+        "studies_per_s": len(arrived) / (max(arrived.values()) - started) if arrived else float("nan"), "sending_s": sent_s, "total_s": total_s, "node_peak_mb": peak,
     }
     print(f"CPU: {figures['cpu']}, {figures['cores']} cores; model {ns.model.name}; {ns.senders} senders x {ns.studies} studies x {ns.images} images "
           f"of {ns.size} px; --quiet {ns.quiet:g} s")
@@ -137,7 +152,11 @@ def main(args: list[str] | None = None) -> int:
           f"{len(arrived)} of {len(study_of)} studies answered")
     print(f"last instance acknowledged -> SR stored: p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s "
           f"(beyond the quiet wait: p50 {figures['latency_beyond_quiet_p50_s']:.2f} s, p95 {figures['latency_beyond_quiet_p95_s']:.2f} s)")
-    print(f"node peak memory {peak:.0f} MB; {total_s:.1f} s in all")
+    if alone:
+        print(f"one study at a time ({len(alone)}): p50 {figures['alone_latency_p50_s']:.2f} s, max {figures['alone_latency_max_s']:.2f} s "
+              f"(beyond the quiet wait: p50 {figures['alone_latency_p50_s'] - ns.quiet:.2f} s)")
+    print(f"node peak memory {peak:.0f} MB; burst answered in {figures['burst_answered_s']:.1f} s ({figures['studies_per_s']:.2f} studies/s); "
+          f"{total_s:.1f} s in all")
     if ns.json:
         ns.json.write_text(json.dumps(figures, indent=1))
     return 0 if figures["lost"] == 0 and figures["instances_acknowledged"] == figures["instances_sent"] else 1

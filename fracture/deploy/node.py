@@ -75,7 +75,7 @@ class Node:
         self.decoding = threading.Semaphore(decode_slots)  # each decode may hold --max-decode-mb: at most this many at once
         self.lock = threading.Lock()
         self.last_seen = {study: time.monotonic() for study in self.spool.pending()}  # after a restart: quiet again first
-        self.stop = threading.Event()
+        self.stop, self.ready = threading.Event(), threading.Event()
         self.failures, self.next_try = 0, 0.0
         self.server = None
 
@@ -151,6 +151,7 @@ class Node:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self.ready.set()
         if self.server is not None:
             self.server.shutdown()
         for thread in getattr(self, "threads", []):
@@ -173,7 +174,7 @@ class Node:
             except Exception:  # noqa: BLE001 - the thread must outlive one bad study; the study stays spooled
                 log.exception("error while answering (the spool keeps everything; retrying)")
                 self.stop.wait(5.0)
-            self.stop.wait(0.2)
+            self.stop.wait(0.1)
 
     def send(self) -> None:
         """The delivery thread: apart from answering, so a slow or absent destination never delays an answer."""
@@ -184,7 +185,8 @@ class Node:
             except Exception:  # noqa: BLE001 - as above: what is not delivered stays in the outbox
                 log.exception("error while delivering (the outbox keeps everything; retrying)")
                 self.stop.wait(5.0)
-            self.stop.wait(0.2)
+            self.ready.wait(0.5)  # woken as soon as an answer is in the outbox
+            self.ready.clear()
 
     def answer(self, study: str) -> None:
         """Predict a quiet study's new instances; write the study's new result set to the outbox, then the ledger."""
@@ -213,6 +215,7 @@ class Node:
         sr.SeriesInstanceUID, sr.SOPInstanceUID = set_uids(key)
         ledger["sets"].append({"key": key, "sr": sr.to_json_dict()})
         self.spool.save_ledger(study, ledger)
+        self.ready.set()
         log.info("answered study %s: %d new image(s), %d before, %d earlier answer(s) superseded, in %.2f s", study, len(fresh),
                  len(reported), len(predecessors), time.monotonic() - started)
 
