@@ -233,14 +233,14 @@ class ResultWriter:
             for k, (x0, y0, x1, y1, score) in enumerate(p.boxes or [] if positive else []):
                 polyline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
                 graphics.append(GraphicObject("POLYLINE", polyline, "PIXEL", tracking_id=f"{name} box {k}",
-                                              tracking_uid=uid("gsps-box", header.SOPInstanceUID, name, k, self.predictor.sha256)))
+                                              tracking_uid=uid("gsps-box", header.SOPInstanceUID, name, k, series_uid)))
                 texts.append(TextObject(f"{score:.2f}", "PIXEL", anchor_point=(float(x0), float(max(y0 - 4, 0))), anchor_point_visible=False))
             annotations.append(GraphicAnnotation([header], layer, graphic_objects=graphics or None, text_objects=texts))
         inverse = str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
         lut = PresentationLUTTransformation(presentation_lut_shape=PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY)
         gsps = GrayscaleSoftcopyPresentationState(
             referenced_images=[header], series_instance_uid=series_uid, series_number=9901,
-            sop_instance_uid=uid("gsps", header.SOPInstanceUID, self.predictor.sha256), instance_number=number,
+            sop_instance_uid=uid("gsps", header.SOPInstanceUID, series_uid), instance_number=number,
             content_label="FRACTURE", content_description=f"{self.release}: {NOTICE}"[:64], graphic_annotations=annotations,
             graphic_layers=layers, presentation_lut_transformation=lut, **self._common())
         return self._finish(gsps, header)
@@ -254,7 +254,7 @@ class ResultWriter:
         known = len(given) == 2 and all(re.fullmatch(r"[APLRHF]", v) for v in given)  # what highdicom's enum takes
         sc = SCImage.from_ref_dataset(r.header, picture, "RGB", 8, coordinate_system="PATIENT", patient_orientation=tuple(given) if known else ("L", "F"),
                                       series_instance_uid=series_uid, series_number=9901,
-                                      sop_instance_uid=uid("sc", r.header.SOPInstanceUID, self.predictor.sha256),
+                                      sop_instance_uid=uid("sc", r.header.SOPInstanceUID, series_uid),
                                       instance_number=number, manufacturer="fracture", transfer_syntax_uid="1.2.840.10008.1.2.1")
         if not known:  # type 2: present and empty when the source does not say (or says it in letters pairs the enum lacks)
             sc.PatientOrientation = r.header.get("PatientOrientation") or None
@@ -271,8 +271,10 @@ class ResultWriter:
         key = set_key(self.predictor.sha256, [r.header.SOPInstanceUID for r in every])
         series = set_uids(key)[0]
         for i, r in enumerate(new):
+            if r.prediction.error:  # nothing to draw on: the SR lists it as not read, with the reason
+                continue
             yield "gsps", self.presentation_state(r, series, 2 + 2 * i)
-            if self.secondary_capture and r.source is not None and not r.prediction.error:
+            if self.secondary_capture and r.source is not None:
                 picture = preprocess.read_image(r.source, **({"max_bytes": max_bytes} if max_bytes else {}))
                 yield "sc", self.capture(r, picture, series, 3 + 2 * i)
                 del picture
