@@ -95,8 +95,10 @@ class Destination:
 
 
 def send(files: list[bytes] | list[Path], port: int, ae_title: str = "NODE", calling: str = "MODALITY",
-         syntaxes: tuple[str, ...] = (EXPLICIT, IMPLICIT)) -> list[int | None]:
-    """C-STORE each file to a node; returns each status (None: no answer, or no accepted context)."""
+         syntaxes: tuple[str, ...] | None = None) -> list[int | None]:
+    """C-STORE each file to a node, as a modality does: one presentation context per SOP class and transfer
+    syntax, each file's own syntax (or only ``syntaxes``) plus the uncompressed ones; returns each status
+    (None: no answer, or no accepted context for it)."""
     import io
 
     import pydicom
@@ -104,8 +106,10 @@ def send(files: list[bytes] | list[Path], port: int, ae_title: str = "NODE", cal
 
     datasets = [pydicom.dcmread(io.BytesIO(f) if isinstance(f, bytes) else f) for f in files]
     ae = AE(calling)
-    for sop_class in sorted({str(d.SOPClassUID) for d in datasets}):
-        ae.add_requested_context(sop_class, list(syntaxes))
+    pairs = {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets} if syntaxes is None else set()
+    pairs |= {(str(d.SOPClassUID), ts) for d in datasets for ts in (syntaxes or (EXPLICIT, IMPLICIT))}
+    for sop_class, ts in sorted(pairs):
+        ae.add_requested_context(sop_class, [ts])
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
     if not assoc.is_established:
         return [None] * len(datasets)
@@ -122,23 +126,31 @@ def send(files: list[bytes] | list[Path], port: int, ae_title: str = "NODE", cal
     return statuses
 
 
+def echo(port: int, ae_title: str = "NODE") -> bool:
+    """Whether a C-ECHO to the node succeeds."""
+    from pynetdicom import AE
+
+    ae = AE("PROBE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
 def start_node(model: Path, spool: Path, forward: str, port: int, *extra: str, log: Path | None = None) -> subprocess.Popen:
     """``python -m fracture.node`` as a child on loopback; returns once it answers a C-ECHO."""
     out = open(log or spool.parent / "node.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "fracture.node", str(model), "--port", str(port), "--host", "127.0.0.1", "--forward", forward,
                              "--spool", str(spool), *extra], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-    from pynetdicom import AE
 
     end = time.monotonic() + 60
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"the node exited with {proc.returncode}")
-        ae = AE("PROBE")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
-        if assoc.is_established:
-            assoc.send_c_echo()
-            assoc.release()
+        if echo(port):
             return proc
         time.sleep(0.2)
     proc.kill()

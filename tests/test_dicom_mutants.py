@@ -211,3 +211,29 @@ def test_twenty_mutants_through_audit_and_fit(tmp_path: Path, synth_root: Path, 
     assert fit.main(tiny_fit_args(root, tmp_path / "out", "--data.val_fraction", "0.05")) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "20 image(s) cannot be used" in err
+
+
+def test_twenty_mutants_through_the_dicom_node(tmp_path: Path, tiny_onnx: Path) -> None:
+    """Each is refused by its C-STORE status (or never gets past the sender's own encoder); none is spooled, no
+    traceback, and the node still answers afterwards."""
+    from pacs import Destination, echo, free_port, require, send, start_node, stop
+
+    require()
+    files = _twenty(tmp_path)
+    destination, port = Destination(), free_port()
+    node = start_node(tiny_onnx, tmp_path / "spool", f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5")
+    try:
+        statuses = []
+        for path in files:
+            try:
+                statuses += send([path], port)
+            except Exception:  # noqa: BLE001 - pydicom or pynetdicom on the sending side could not even read or encode it
+                statuses.append(None)
+        assert echo(port)  # still up
+    finally:
+        stop(node)
+        destination.stop()
+    assert 0 not in statuses and sum(s in (0xC000, 0xA700) for s in statuses) >= 10, statuses
+    log = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in log and log.count("refused an instance") == sum(s in (0xC000, 0xA700) for s in statuses)
+    assert not list((tmp_path / "spool" / "incoming").rglob("*.dcm")) and destination.counts == {}

@@ -87,7 +87,8 @@ def test_a_study_is_answered_in_dicom_and_the_spool_keeps_no_patient_data_in_sig
 
 def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Path) -> None:
     port, spool = free_port(), tmp_path / "spool"
-    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5", "--allow", "MODALITY", "PROBE")
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5", "--allow", "MODALITY", "PROBE",
+                      "--max-decode-mb", "8")
     try:
         good = study_files(1)
         assert send(good, port, calling="INTRUDER") == [None]  # association rejected: calling AE title not allowed
@@ -99,8 +100,10 @@ def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Pa
 
         short = dicom_bytes(512, 512, b"\0" * 1000, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.6")  # pixel data shorter than declared
         huge = dicom_bytes(20000, 20000, b"\0" * 64, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.7")
-        statuses = send([short, huge], port)
-        assert statuses == [0xC000, 0xC000]
+        costly = dicom_bytes(1500, 1500, b"\0" * 1500 * 1500 * 2, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.8")  # 4.5 MB: its decode is not
+        bulky = dicom_bytes(2100, 2100, b"\0" * 2100 * 2100 * 2, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.9")  # 8.8 MB: the file is not
+        statuses = send([short, huge, costly, bulky], port)
+        assert statuses == [0xC000, 0xC000, 0xC000, 0xA700]
         time.sleep(1.5)
     finally:
         stop(node)
@@ -109,7 +112,8 @@ def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Pa
     assert "1.2.840.10008.5.1.4.1.1.2 (SOP class not a radiograph this model reads)" in log
     assert "DX for processing (raw detector data the model never saw)" in log
     assert "transfer syntax not decoded here" in log
-    assert "shorter than the" in log and "over the 100 MP limit" in log
+    assert "shorter than the" in log and "over the 100 MP limit" in log and "over the 8 MB decode budget" in log
+    assert "8.4 MB, over the 8 MB decode budget" in log
     assert "Traceback" not in log
     assert not list((spool / "incoming").rglob("*.dcm")) and destination.counts == {}
 

@@ -97,7 +97,7 @@ class Node:
         path = Path(event.dataset_path)
         size = path.stat().st_size
         if size > self.predictor.max_bytes:
-            return refuse(OUT_OF_RESOURCES, f"{size / 2**20:.0f} MB is over the decode budget")
+            return refuse(OUT_OF_RESOURCES, f"{size / 2**20:.1f} MB, over the {self.predictor.max_bytes / 2**20:.0f} MB decode budget")
         data = path.read_bytes()
         try:
             header = dicom.read_header(data)
