@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from fracture.boxes import detection
-from fracture.scoring import selection
 from fracture.train.data import FractureDataModule
 from fracture.train.module import FractureClassifier
 from fracture.train.networks import EfficientNetLite, ResNet
@@ -166,7 +165,7 @@ def main(args: list[str] | None = None) -> int:
     print(f"\nvalidation, {len(items)} images: forward {forward:.1f} s\n\n| box choice | s | validation / training epoch |\n|---|---|---|")
     for label, seconds in choice.items():
         print(f"| {label} | {seconds:.2f} | {(forward + seconds) / epoch:.2f} |")
-    print(f"\n(a validation holds the decoding except at the first, the last, one about to be the best, and every model.box_search_every)")
+    print("\n(a validation holds the decoding except at the first, the last, one about to be the best, and every model.box_search_every)")
     return 0
 
 

@@ -15,7 +15,7 @@ from pacs import CR, DX, SC, radiograph, require
 
 from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
 from fracture.deploy import predict
-from fracture.deploy.dicom_results import out_of_scope
+from fracture.deploy.dicom_source import out_of_scope
 
 ALLOWED = Path(__file__).parent / "dciodvfy_allowed.txt"
 NAME = "Müller^Jürgen"
@@ -181,3 +181,23 @@ def test_every_object_passes_dciodvfy(study) -> None:
     paths = sorted(out.glob("*.dcm"))
     assert len(paths) == 9
     assert dciodvfy_problems(paths) == []
+
+
+@pytest.mark.parametrize("tags", [dict(PatientSex="U"), dict(StudyDate="2023-01-01", StudyTime="12:00", PatientBirthDate="1990"),
+                                  dict(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"),
+                                  dict(SpecificCharacterSet="ISO_IR 100", PatientName="José^Núñez"), dict(PatientOrientation=["AP", "F"])],
+                         ids=["sex U", "dates and times not in DICOM's form", "ISO 2022 Japanese name", "Latin-1 name", "orientation pair"])
+def test_headers_as_real_archives_hold_them_still_get_an_answer(loc_onnx: Path, tmp_path: Path, tags: dict) -> None:
+    """Values highdicom would refuse to copy are emptied; names are decoded from the source's set and written in UTF-8."""
+    require("dciodvfy")
+    import pydicom
+
+    source = tmp_path / "messy.dcm"
+    picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(1), True, "oblique")[0]).astype(np.uint8)
+    source.write_bytes(radiograph(picture, "1.2.826.0.1.3680043.10.999.1", **tags))
+    assert predict.main([str(loc_onnx), str(source), "--dicom-out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert [p.name[:2] for p in written] == ["PR", "SC", "SR"]
+    name = str(pydicom.dcmread(source).get("PatientName", ""))
+    assert {str(pydicom.dcmread(p).PatientName) for p in written} == {name}
+    assert dciodvfy_problems(written) == []

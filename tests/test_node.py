@@ -228,3 +228,29 @@ def test_the_node_benchmark_loses_nothing_at_two_senders_by_three_studies(loc_on
     assert (figures["lost"], figures["objects_received"], figures["resent"], figures["studies_answered"]) == (0, 30, 0, 6)
     assert figures["instances_acknowledged"] == figures["instances_sent"] == 12
     assert 0.5 <= figures["latency_p50_s"] <= figures["latency_p95_s"]
+
+
+def test_a_study_that_cannot_be_answered_is_set_aside_not_lost_and_does_not_hold_up_others(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    import io
+
+    import pydicom
+
+    from fracture.deploy.spool import digest
+
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.3")
+    try:
+        bad, good = study_files(1, seed=30), study_files(1, seed=40)
+        study = digest(str(pydicom.dcmread(io.BytesIO(bad[0]), stop_before_pixels=True).StudyInstanceUID))
+        (spool / "reported" / f"{study}.json").write_text("{ damaged")  # its record of earlier answers is unreadable
+        assert send(bad, port) == [0]
+        log, end = tmp_path / "node.log", time.monotonic() + 60
+        while "set aside after 3 attempts" not in log.read_text() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert send(good, port) == [0]
+        got = destination.wait(3)
+    finally:
+        stop(node)
+    assert len(list(spool.glob(f"failed/{study}-*/*.dcm"))) == 1  # kept for a person to look at
+    assert {str(d.StudyInstanceUID) for d in got} == {str(pydicom.dcmread(io.BytesIO(good[0]), stop_before_pixels=True).StudyInstanceUID)}
+    assert log.read_text().count(f"could not answer study {study}") == 3

@@ -54,7 +54,7 @@ def test_storescu_to_the_node_to_orthanc_and_an_orthanc_push_back(loc_onnx: Path
     try:
         node = start_node(loc_onnx, tmp_path / "spool", f"ORTHANC@127.0.0.1:{orthanc.dicom}", port, "--quiet", "1")
         first = generate_uid()
-        files = _study(tmp_path, first, 5, seed=0)  # explicit 12-bit, RLE MONOCHROME1, 8-bit SC, JPEG 2000, JPEG-LS
+        _study(tmp_path, first, 5, seed=0)  # explicit 12-bit, RLE MONOCHROME1, 8-bit SC, JPEG 2000, JPEG-LS
         # a modality sends in its own syntax: storescu proposes one compressed syntax (and the uncompressed ones) per run
         for flag, name in (("-xe", "s0-0"), ("-xr", "s0-1"), ("-xe", "s0-2"), ("-xv", "s0-3"), ("-xt", "s0-4")):
             done = subprocess.run(["storescu", flag, "-aet", "MODALITY", "-aec", "FRACTURE", "127.0.0.1", str(port), str(tmp_path / f"{name}.dcm")],

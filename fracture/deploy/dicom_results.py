@@ -8,10 +8,8 @@ Every UID is derived from the sources and the model, so a result set rebuilt aft
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import cv2
 import numpy as np
 
 from fracture.boxes import heatmap
+from fracture.deploy.dicom_source import header_of, out_of_scope, set_key, set_uids, uid
 from fracture.deploy.predictor import Prediction, Predictor
 from fracture.imaging import preprocess
 from fracture.scoring import metrics
@@ -27,7 +26,6 @@ from fracture.scoring import metrics
 NOTICE = "Research tool, not for diagnosis"
 SERIES_DESCRIPTION = "fracture AI results - research use, not for diagnosis"
 SCHEME = "99FRACTURE"  # private codes live only under a 99-prefixed coding scheme (PS3.16 8.2)
-OUT_OF_SCOPE_PARTS = {"CHEST", "SKULL", "HEAD", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "COCCYX"}
 LAYER_COLOURS = {"screening": (97.0, -22.0, 94.0), "balanced": (54.0, 80.0, 67.0), "default": (54.0, 80.0, 67.0)}  # CIELab: yellow, red
 SC_COLOURS = {"screening": (0, 230, 255), "balanced": (40, 40, 255), "default": (40, 40, 255)}  # BGR for the burnt-in copy
 SC_MAX_SIDE = 2048  # a Secondary Capture is for looking at: larger pictures are scaled down (its boxes with them)
@@ -37,34 +35,6 @@ def code(value: str, meaning: str, scheme: str = SCHEME):
     from highdicom.sr import CodedConcept
 
     return CodedConcept(value, scheme, meaning)
-
-
-UID_NAMESPACE = uuid.UUID("5d2f6c1e-8a41-5b7e-9c3d-f4a0e2b1c7d8")  # this project's name-based UUIDs (any fixed value works)
-
-
-def uid(*parts: object) -> str:
-    """A UID under 2.25 (PS3.5 B.2) from a name-based UUID of its parts: the same sources and model give the same
-    UID after any restart. (pydicom's ``generate_uid`` ignores its entropy sources when there is no prefix.)"""
-    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join(str(p) for p in parts)).int}"
-
-
-TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-          "AccessionNumber")  # empty but present in every object that copies the patient and study modules
-
-
-def header_of(ds: object) -> object:
-    """A source's header without its pixels, the patient and study attributes every result copies present (empty
-    when the modality left them out: many do, and highdicom, like the standard, needs them there)."""
-    from pydicom.dataset import Dataset
-
-    header = Dataset()
-    for element in ds:
-        if element.tag.group != 0x7FE0 and element.tag.group > 0x0002:
-            header.add(element)
-    for keyword in TYPE_2:
-        if keyword not in header:
-            setattr(header, keyword, "")
-    return header
 
 
 @dataclass
@@ -80,28 +50,6 @@ def operating_points(predictor: Predictor) -> list[tuple[str, float]]:
     """The model's screening and balanced thresholds (the two GSPS layers); its default when it stores neither."""
     named = [(n, predictor.thresholds[n]) for n in ("screening", "balanced") if n in predictor.thresholds]
     return named or [("default", predictor.thresholds.get("default", 0.5))]
-
-
-def out_of_scope(header: object) -> list[str]:
-    """Why an image lies outside what the model was trained on: body part chest, skull or spine; a patient under 18."""
-    reasons = []
-    part = str(header.get("BodyPartExamined", "") or "").upper().replace(" ", "")
-    if part in OUT_OF_SCOPE_PARTS:
-        reasons.append(f"body part {part}")
-    age = str(header.get("PatientAge", "") or "")
-    match = re.fullmatch(r"(\d{3})([DWMY])", age)
-    if match:
-        years = int(match[1]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[match[2]]
-    else:
-        try:
-            born = dt.datetime.strptime(str(header.get("PatientBirthDate", "")), "%Y%m%d").date()
-            seen = dt.datetime.strptime(str(header.get("StudyDate", "")), "%Y%m%d").date()
-            years = (seen - born).days / 365.25
-        except ValueError:
-            years = None
-    if years is not None and years < 18:
-        reasons.append("patient under 18")
-    return reasons
 
 
 def study_answer(predictor: Predictor, results: Sequence[ImageResult]) -> tuple[float, str] | None:
@@ -131,9 +79,9 @@ class ResultWriter:
 
     @staticmethod
     def _finish(ds: object, header: object, image_series: bool = True) -> object:
-        """The source's character set (a non-ASCII name stays as it was written), the series' notice, and in an
+        """UTF-8 text (a non-ASCII name survives whatever set the source used), the series' notice, and in an
         image series the General Series module's laterality (type 2C: the source's, else present and empty)."""
-        ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 192") or "ISO_IR 192"
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: any name the source held, in whichever set it was
         ds.SeriesDescription = SERIES_DESCRIPTION
         if image_series and "Laterality" not in ds:
             side = str(header.get("Laterality", "") or header.get("ImageLaterality", "") or "")
@@ -256,8 +204,10 @@ class ResultWriter:
                                       series_instance_uid=series_uid, series_number=9901,
                                       sop_instance_uid=uid("sc", r.header.SOPInstanceUID, series_uid),
                                       instance_number=number, manufacturer="fracture", transfer_syntax_uid="1.2.840.10008.1.2.1")
-        if not known:  # type 2: present and empty when the source does not say (or says it in letters pairs the enum lacks)
-            sc.PatientOrientation = r.header.get("PatientOrientation") or None
+        if not known:  # type 2C: the source's when valid (e.g. "AL\\F", which highdicom's enum lacks), else present and empty
+            valid = len(given) == 2 and all(re.fullmatch(r"[APLRHF]{1,3}", v) and not any(set(pair) <= set(v) for pair in ("AP", "LR", "HF"))
+                                            for v in given)
+            sc.PatientOrientation = given if valid else None
         sc.BurnedInAnnotation, sc.ConversionType = "YES", "WSD"
         sc.ImageComments = NOTICE
         return self._finish(sc, r.header)
@@ -281,16 +231,6 @@ class ResultWriter:
         yield "sr", self.report(every, series, key, predecessors)
 
 
-def set_key(model_sha256: str, sop_instance_uids: Sequence[str]) -> str:
-    """A result set's identity: the model and the study's source instances, in any order."""
-    return uid("set", model_sha256, *sorted(sop_instance_uids))
-
-
-def set_uids(key: str) -> tuple[str, str]:
-    """A result set's series and SR instance UIDs."""
-    return uid("series", key), uid("sr", key)
-
-
 def write_files(writer: ResultWriter, rows: Sequence[Prediction], out_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """``predict --dicom-out``: each study's result set from files as ``SR-``, ``PR-`` and ``SC-<SOP Instance UID>.dcm``.
 
@@ -306,8 +246,8 @@ def write_files(writer: ResultWriter, rows: Sequence[Prediction], out_dir: str |
         try:
             header = header_of(dicom.read_header(preprocess.read_bytes(r.path, writer.predictor.max_bytes), r.path))
             studies.setdefault(str(header.StudyInstanceUID), []).append(ImageResult(header, r, r.path))
-        except (preprocess.ImageError, AttributeError) as exc:
-            refused.append(f"{r.path}: no DICOM answer ({exc if isinstance(exc, preprocess.ImageError) else 'no Study Instance UID'})")
+        except (preprocess.ImageError, ValueError) as exc:
+            refused.append(f"{r.path}: no DICOM answer ({exc})")
     out.mkdir(parents=True, exist_ok=True)
     for results in studies.values():
         for kind, ds in writer.result_set([], results, max_bytes=writer.predictor.max_bytes):

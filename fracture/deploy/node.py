@@ -77,6 +77,7 @@ class Node:
         self.last_seen = {study: time.monotonic() for study in self.spool.pending()}  # after a restart: quiet again first
         self.stop, self.ready = threading.Event(), threading.Event()
         self.failures, self.next_try = 0, 0.0
+        self.attempts: dict[str, int] = {}
         self.server = None
 
     # --- receiving ------------------------------------------------------------------------------------------------
@@ -105,11 +106,12 @@ class Node:
                 return refuse(CANNOT_UNDERSTAND, "for-processing data: not what the model was trained on")
             with self.decoding:
                 preprocess.gate(data, "instance.dcm", contract=self.predictor.contract, max_bytes=self.predictor.max_bytes)
+            header_of(header)  # what every answer copies from it: the UIDs it must refer to
             study, instance = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
         except ImageError as exc:
             return refuse(CANNOT_UNDERSTAND, str(exc).removeprefix("instance.dcm: "))
-        except AttributeError:
-            return refuse(CANNOT_UNDERSTAND, "no Study or SOP Instance UID")
+        except ValueError as exc:
+            return refuse(CANNOT_UNDERSTAND, str(exc))
         self.spool.receive(study, instance, data)  # on disk before the answer below leaves
         with self.lock:
             self.last_seen[spooling.digest(study)] = time.monotonic()
@@ -170,11 +172,28 @@ class Node:
                         if now - self.last_seen.get(study, now) < self.quiet:
                             continue
                         self.last_seen.pop(study, None)
-                    self.answer(study)
-            except Exception:  # noqa: BLE001 - the thread must outlive one bad study; the study stays spooled
-                log.exception("error while answering (the spool keeps everything; retrying)")
-                self.stop.wait(5.0)
+                    self.answer_or_set_aside(study)
+            except Exception:  # noqa: BLE001 - the thread must outlive anything; what is spooled stays spooled
+                log.exception("error in the answering thread (the spool keeps everything)")
+                self.stop.wait(1.0)
             self.stop.wait(0.1)
+
+    def answer_or_set_aside(self, study: str, attempts: int = 3) -> None:
+        """Answer a study; one that fails ``attempts`` times in a row is moved to ``failed/`` (kept, not lost) so
+        that it cannot hold up the others."""
+        try:
+            self.answer(study)
+            self.attempts.pop(study, None)
+        except Exception:  # noqa: BLE001 - a damaged ledger, a header highdicom will not copy, a full disk
+            self.attempts[study] = self.attempts.get(study, 0) + 1
+            log.exception("could not answer study %s (attempt %d of %d)", study, self.attempts[study], attempts)
+            if self.attempts[study] >= attempts:
+                where = self.spool.set_aside(study)
+                log.error("study %s set aside after %d attempts: its instances are kept in %s", study, attempts, where)
+                self.attempts.pop(study)
+            else:
+                with self.lock:
+                    self.last_seen.setdefault(study, time.monotonic())  # again after the quiet wait
 
     def send(self) -> None:
         """The delivery thread: apart from answering, so a slow or absent destination never delays an answer."""

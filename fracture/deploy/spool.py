@@ -9,6 +9,7 @@ patient data::
     reported/<study>.json             per study: each answered instance's header and answer, the result sets made
     outbox/<set>/NN-kind.dcm          a built result set; each file removed once the destination acknowledged it
     receiving/                        pynetdicom's temporary files while an instance arrives (emptied at start)
+    failed/<study>-<time>/            a study that could not be answered three times in a row, kept for a person
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class Spool:
             (folder / f"{name}.dcm").unlink(missing_ok=True)
         if folder.is_dir():  # the empty folder stays until the next start: an instance may be arriving into it now
             _fsync_dir(folder)
+
+    def set_aside(self, study: str) -> Path:
+        """A study that cannot be answered: its instances move to ``failed/<study>/`` (kept for a person to look at)."""
+        target = self.root / "failed" / f"{study}-{int(time.time())}"
+        target.parent.mkdir(exist_ok=True, mode=0o700)
+        os.replace(self.root / "incoming" / study, target)
+        _fsync_dir(target.parent)
+        return target
 
     # --- what each study has been answered --------------------------------------------------------------------
     def ledger(self, study: str) -> dict:

@@ -142,7 +142,7 @@ def read_dicom(path: Path, data: bytes, max_pixels: int, max_bytes: int = int(bu
 
     try:
         pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - a decoder's own text stays out of the reason
+    except Exception:  # noqa: BLE001 - a decoder's own text stays out of the reason
         hint = ("the installed decoders could not decode it (damaged or unusual data)" if _decoders_installed()
                 else "`pip install 'fracture[dicom]'` installs the decoders for compressed files")
         raise ImageError(f"{path}: cannot decode the DICOM pixels ({UID(syntax).name}); {hint}") from None
