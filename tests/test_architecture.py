@@ -22,7 +22,7 @@ TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
 DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.froc",
           "scoring.selection", "scoring.folds", "data.labels", "data.synth", "data.duplicates", "deploy.predictor", "deploy.predict",
-          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_source", "deploy.dicom_results", "deploy.spool",
+          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_source", "deploy.dicom_results", "deploy.spool", "deploy.forward",
           "deploy.node", "progress"]
 # torch-free, with the data and report tools' pandas / matplotlib
 DATA_AND_REPORT = ["data.annotations", "data.audit", "data.datasets", "scoring.localisation", "scoring.compare", "report.plots", "report.evaluate",

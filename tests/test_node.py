@@ -104,6 +104,10 @@ def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Pa
         bulky = dicom_bytes(2100, 2100, b"\0" * 2100 * 2100 * 2, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.9")  # 8.8 MB: the file is not
         statuses = send([short, huge, costly, bulky], port)
         assert statuses == [0xC000, 0xC000, 0xC000, 0xA700]
+        endless = dicom_bytes(4000, 4000, b"\0" * 4000 * 4000 * 2, "1.2.840.10008.1.2.1", StudyInstanceUID="1.2.3.10")  # 32 MB
+        assert send([endless], port) == [None]  # cut off while it arrives: the association is aborted
+        time.sleep(0.5)
+        assert not list((spool / "receiving").iterdir())  # and what had arrived is gone
         time.sleep(1.5)
     finally:
         stop(node)
@@ -114,6 +118,7 @@ def test_refusals_are_clean_and_logged(loc_onnx: Path, destination, tmp_path: Pa
     assert "transfer syntax not decoded here" in log
     assert "shorter than the" in log and "over the 100 MP limit" in log and "over the 8 MB decode budget" in log
     assert "8.4 MB, over the 8 MB decode budget" in log
+    assert "aborted an association from MODALITY: an instance over the 8 MB decode budget was still arriving" in log
     assert "Traceback" not in log
     assert not list((spool / "incoming").rglob("*.dcm")) and destination.counts == {}
 

@@ -143,7 +143,7 @@ class ResultWriter:
             finding_type=code("125605004", "Fracture of bone", "SCT"), algorithm_id=self._algorithm(), measurements=measurements,
             qualitative_evaluations=[notice, *decisions])]
 
-    def report(self, results: Sequence[ImageResult], series_uid: str, set_key: str, predecessors: Sequence[object] = ()) -> object:
+    def report(self, results: Sequence[ImageResult], series_uid: str, key: str, predecessors: Sequence[object] = ()) -> object:
         """The study's TID 1500 measurement report: per image its probability, decisions and boxes; the study's answer."""
         from highdicom.sr import Comprehensive3DSR, DeviceObserverIdentifyingAttributes, MeasurementReport, ObservationContext, ObserverContext
 
@@ -156,7 +156,7 @@ class ResultWriter:
                                     procedure_reported=code("363680008", "Radiographic imaging procedure", "SCT"),
                                     imaging_measurements=groups, title=code("126000", "Imaging Measurement Report", "DCM"))
         sr = Comprehensive3DSR(evidence=[r.header for r in results], content=content, series_instance_uid=series_uid, series_number=9901,
-                               sop_instance_uid=set_uids(set_key)[1], instance_number=1, manufacturer="fracture", is_complete=True,
+                               sop_instance_uid=set_uids(key)[1], instance_number=1, manufacturer="fracture", is_complete=True,
                                previous_versions=list(predecessors) or None, institution_name=None)
         return self._finish(sr, results[0].header, image_series=False)
 

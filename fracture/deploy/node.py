@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import signal
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from fracture.deploy import spool as spooling
-from fracture.deploy.dicom_results import ImageResult, ResultWriter, header_of, set_key, set_uids
+from fracture.deploy.dicom_results import ImageResult, ResultWriter
+from fracture.deploy.dicom_source import header_of, set_key, set_uids
+from fracture.deploy.forward import PRODUCED, Forwarder, parse_destination
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
 from fracture.imaging import budget, dicom, preprocess
 from fracture.imaging.pixels import ImageError
@@ -44,20 +46,7 @@ REFUSED = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing (raw detector dat
 LOSSLESS = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.57",
             "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
 SYNTAXES = [s for s in LOSSLESS if s in budget.READABLE] + sorted(budget.READABLE - set(LOSSLESS))
-PRODUCED = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.7")  # 3D SR, GSPS, SC
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, NOT_AUTHORISED = 0x0000, 0xA700, 0xC000, 0x0124
-
-
-def parse_destination(text: str) -> tuple[str, str, int]:
-    """``AE@HOST:PORT`` → (AE title, host, port)."""
-    try:
-        ae, rest = text.split("@", 1)
-        host, port = rest.rsplit(":", 1)
-        if not ae or len(ae) > 16 or not host:
-            raise ValueError
-        return ae, host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, the AE title at most 16 characters") from None
 
 
 class Node:
@@ -70,14 +59,15 @@ class Node:
         self.predictor, self.forward, self.ae_title, self.quiet = predictor, forward, ae_title, quiet
         self.writer = ResultWriter(predictor, secondary_capture)
         self.spool = spooling.Spool(spool_dir)
-        self.allowed, self.max_associations, self.timeout, self.retry_max = allowed_callers, max_associations, timeout, retry_max
+        self.allowed, self.max_associations, self.timeout = allowed_callers, max_associations, timeout
+        self.forwarder = Forwarder(self.spool, ae_title, forward, timeout, retry_max)
         self.keep_days = keep_days
         self.decoding = threading.Semaphore(decode_slots)  # each decode may hold --max-decode-mb: at most this many at once
         self.lock = threading.Lock()
         self.last_seen = {study: time.monotonic() for study in self.spool.pending()}  # after a restart: quiet again first
-        self.stop, self.ready = threading.Event(), threading.Event()
-        self.failures, self.next_try = 0, 0.0
+        self.stop = threading.Event()
         self.attempts: dict[str, int] = {}
+        self.arriving: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # association -> bytes of the instance arriving
         self.server = None
 
     # --- receiving ------------------------------------------------------------------------------------------------
@@ -95,6 +85,7 @@ class Node:
             answer.Status, answer.ErrorComment = status, reason[:64]
             return answer
 
+        self.arriving[event.assoc] = 0  # the next instance on this association counts from zero
         path = Path(event.dataset_path)
         size = path.stat().st_size
         if size > self.predictor.max_bytes:
@@ -118,6 +109,20 @@ class Node:
         log.info("received instance %s of study %s from %s (%s, %s)", spooling.digest(instance), spooling.digest(study), caller,
                  ACCEPTED.get(sop_class, sop_class), UID(event.context.transfer_syntax).name)
         return SUCCESS
+
+    def on_data(self, event) -> None:
+        """Bytes arriving: an instance larger than the decode budget is cut off while it arrives (the association is
+        aborted), so a sender cannot fill the spool's disk with one endless dataset."""
+        arriving = self.arriving.get(event.assoc, 0) + len(event.data)
+        self.arriving[event.assoc] = arriving
+        if arriving > self.predictor.max_bytes + (1 << 20) and not getattr(event.assoc, "_fracture_cut", False):
+            event.assoc._fracture_cut = True
+            log.warning("aborted an association from %s: an instance over the %.0f MB decode budget was still arriving",
+                        event.assoc.requestor.ae_title, self.predictor.max_bytes / 2**20)
+            event.assoc.abort(block=False)
+            partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)  # pynetdicom's file, if it says
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)  # else the sweep in work() removes it
 
     def on_accepted(self, event) -> None:
         for context in event.assoc.rejected_contexts:
@@ -144,16 +149,18 @@ class Node:
         for sop_class in ACCEPTED:
             ae.add_supported_context(sop_class, SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification: C-ECHO
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected)]
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected),
+                    (evt.EVT_DATA_RECV, self.on_data)]
         self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-        self.threads = [threading.Thread(target=self.work, name="answer", daemon=True), threading.Thread(target=self.send, name="deliver", daemon=True)]
+        self.threads = [threading.Thread(target=self.work, name="answer", daemon=True),
+                        threading.Thread(target=self.forwarder.run, args=(self.stop,), name="deliver", daemon=True)]
         for thread in self.threads:
             thread.start()
         log.info("listening as %s on port %d; answers go to %s@%s:%d", self.ae_title, port, *self.forward)
 
     def shutdown(self) -> None:
         self.stop.set()
-        self.ready.set()
+        self.forwarder.ready.set()
         if self.server is not None:
             self.server.shutdown()
         for thread in getattr(self, "threads", []):
@@ -162,9 +169,13 @@ class Node:
     # --- answering and delivering ---------------------------------------------------------------------------------
     def work(self) -> None:
         self.spool.prune(self.keep_days)
+        swept = time.monotonic()
         while not self.stop.is_set():
             try:
                 now = time.monotonic()
+                if now - swept > 60:  # half-received files of associations that died: older than any live one could be
+                    self.spool.sweep(older_than=4 * self.timeout + 60)
+                    swept = now
                 with self.lock:
                     due = [s for s, t in self.last_seen.items() if now - t >= self.quiet]
                 for study in due:
@@ -195,18 +206,6 @@ class Node:
                 with self.lock:
                     self.last_seen.setdefault(study, time.monotonic())  # again after the quiet wait
 
-    def send(self) -> None:
-        """The delivery thread: apart from answering, so a slow or absent destination never delays an answer."""
-        while not self.stop.is_set():
-            try:
-                if time.monotonic() >= self.next_try and self.spool.outbox():
-                    self.deliver()
-            except Exception:  # noqa: BLE001 - as above: what is not delivered stays in the outbox
-                log.exception("error while delivering (the outbox keeps everything; retrying)")
-                self.stop.wait(5.0)
-            self.ready.wait(0.5)  # woken as soon as an answer is in the outbox
-            self.ready.clear()
-
     def answer(self, study: str) -> None:
         """Predict a quiet study's new instances; write the study's new result set to the outbox, then the ledger."""
         files = self.spool.pending().get(study, [])
@@ -234,42 +233,9 @@ class Node:
         sr.SeriesInstanceUID, sr.SOPInstanceUID = set_uids(key)
         ledger["sets"].append({"key": key, "sr": sr.to_json_dict()})
         self.spool.save_ledger(study, ledger)
-        self.ready.set()
+        self.forwarder.ready.set()
         log.info("answered study %s: %d new image(s), %d before, %d earlier answer(s) superseded, in %.2f s", study, len(fresh),
                  len(reported), len(predecessors), time.monotonic() - started)
-
-    def deliver(self) -> None:
-        """C-STORE every waiting object to --forward; each acknowledged one leaves the outbox. Failure: back off."""
-        from pynetdicom import AE
-
-        ae_title, host, port = self.forward
-        ae = AE(self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
-        for sop_class in PRODUCED:
-            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        assoc = ae.associate(host, port, ae_title=ae_title)
-        try:
-            if not assoc.is_established:
-                raise ConnectionError("association not established")
-            for folder in self.spool.outbox():
-                for path in sorted(folder.glob("[0-9]*.dcm")):
-                    status = assoc.send_c_store(path)
-                    code = int(status.Status) if status else None
-                    if code is None or not (code == 0 or 0xB000 <= code <= 0xBFFF):
-                        raise ConnectionError(f"C-STORE of {path.name} answered {code if code is None else hex(code)}")
-                    self.spool.sent(path)
-                manifest = self.spool.delivered(folder)
-                log.info("delivered %d object(s) for study %s to %s", manifest["count"], manifest["study"], ae_title)
-            self.failures = 0
-        except (ConnectionError, OSError) as exc:
-            self.failures += 1
-            wait = min(self.retry_max, 2.0 ** min(self.failures, 16)) * random.uniform(0.8, 1.2)
-            self.next_try = time.monotonic() + wait
-            log.warning("could not deliver to %s@%s:%d (%s); retrying in %.0f s", ae_title, host, port, exc, wait)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
 
 def _encode(ds) -> bytes:
     import io

@@ -66,6 +66,15 @@ class Spool:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
+    def sweep(self, older_than: float) -> None:
+        """Remove files in ``receiving/`` not written to for ``older_than`` seconds (an aborted association's)."""
+        for path in (self.root / "receiving").iterdir():
+            try:
+                if time.time() - path.stat().st_mtime > older_than:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
     # --- received instances ---------------------------------------------------------------------------------------
     def receive(self, study_uid: str, instance_uid: str, data: bytes) -> Path:
         folder = self.root / "incoming" / digest(study_uid)
