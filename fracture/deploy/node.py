@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -280,6 +281,10 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     for chatty in ("pynetdicom", "highdicom"):  # their INFO lines name every association and copied module; ours say what matters
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # no patient data in the log: pydicom's and highdicom's warnings quote values ("The string "Smith John" is unlikely
+    # to represent ..."; "Invalid value for VR CS: ...")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\..*)?$")
     os.umask(0o077)
     try:
         predictor = Predictor(ns.model, ns.threads, ns.max_decode_mb)
