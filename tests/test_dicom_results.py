@@ -158,6 +158,9 @@ def test_the_same_inputs_give_the_same_uids_and_other_inputs_are_refused(study, 
     fewer = tmp_path / "fewer"  # another set of sources is another answer, in its own series: no UID in common
     assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(fewer), "--quiet"]) == 0
     assert len(list(fewer.glob("*.dcm"))) == 9 and not {p.name for p in fewer.glob("*.dcm")} & {p.name for p in out.glob("*.dcm")}
+    plain = tmp_path / "plain"
+    assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(plain), "--no-secondary-capture", "--quiet"]) == 0
+    assert sorted(p.name[:2] for p in plain.glob("*.dcm")) == ["PR"] * 4 + ["SR"]
     png = files[0].parent / "plain.png"
     assert predict.main([str(loc_onnx), str(png), "--dicom-out", str(tmp_path / "none"), "--quiet"]) == 1
     assert "not DICOM; --dicom-out answers DICOM inputs only" in capsys.readouterr().err
