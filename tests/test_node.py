@@ -132,12 +132,12 @@ def test_a_late_image_gets_a_new_answer_that_supersedes_the_first(loc_onnx: Path
         assert send(files[:1], port) == [0]
         first = destination.wait(3)
         assert send(files[1:], port) == [0]
-        every = destination.wait(6)
+        every = destination.wait(7)  # the new answer: an SR, a GSPS for both images, an SC for the new one
         assert send(files[1:], port) == [0]  # the same instance again: already answered, nothing new
         time.sleep(2)
     finally:
         stop(node)
-    assert len(destination.received) == 6 and max(destination.counts.values()) == 1
+    assert len(destination.received) == 7 and max(destination.counts.values()) == 1
     srs = [d for d in every if d.Modality == "SR"]
     assert len(srs) == 2
     old, new = (srs[0], srs[1]) if srs[0].SOPInstanceUID == next(d for d in first if d.Modality == "SR").SOPInstanceUID else (srs[1], srs[0])
@@ -146,7 +146,10 @@ def test_a_late_image_gets_a_new_answer_that_supersedes_the_first(loc_onnx: Path
     assert len({str(i.ReferencedSOPInstanceUID) for s in new.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence
                 for i in r.ReferencedSOPSequence}) == 2
     assert old.SeriesInstanceUID != new.SeriesInstanceUID
-    assert sum(d.Modality == "PR" for d in every) == 2  # one presentation state per image, made once
+    in_new = [d for d in every if d.SeriesInstanceUID == new.SeriesInstanceUID]
+    assert sorted(str(d.Modality) for d in in_new) == ["OT", "PR", "PR", "SR"]  # the whole study's states, the new image's SC
+    states = {str(d.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID) for d in in_new if d.Modality == "PR"}
+    assert states == {sop_uid(f) for f in files}
 
 
 def test_nothing_is_lost_when_the_node_is_killed_and_the_destination_is_down(loc_onnx: Path, tmp_path: Path) -> None:

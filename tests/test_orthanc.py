@@ -49,7 +49,7 @@ def test_storescu_to_the_node_to_orthanc_and_an_orthanc_push_back(loc_onnx: Path
     from pydicom.uid import generate_uid
 
     port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", {"node": ["FRACTURE", "127.0.0.1", port]})
+    orthanc = Orthanc(tmp_path / "orthanc")
     node = None
     try:
         node = start_node(loc_onnx, tmp_path / "spool", f"ORTHANC@127.0.0.1:{orthanc.dicom}", port, "--quiet", "1")
@@ -68,7 +68,9 @@ def test_storescu_to_the_node_to_orthanc_and_an_orthanc_push_back(loc_onnx: Path
         assert {t["PatientName"] for kind in answers.values() for t in kind} == {"Ünal^Zoë"}
         assert answers["SR"][0]["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
-        second = generate_uid()  # a study already in the PACS, pushed to the node
+        second = generate_uid()  # a study already in the PACS, pushed to the node once it is registered there
+        orthanc.put("/modalities/node", {"AET": "FRACTURE", "Host": "127.0.0.1", "Port": port})
+        assert orthanc.post("/modalities/node/echo", {}) in ({}, None)
         ids = [orthanc.post("/instances", path.read_bytes())["ID"] for path in _study(tmp_path, second, 2, seed=20)]
         pushed = orthanc.post("/modalities/node/store", {"Resources": ids, "Synchronous": True})
         assert pushed["FailedInstancesCount"] == 0 and pushed["InstancesCount"] == 2

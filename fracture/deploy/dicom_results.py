@@ -214,17 +214,20 @@ class ResultWriter:
 
     def result_set(self, reported: Sequence[ImageResult], new: Sequence[ImageResult], predecessors: Sequence[object] = (),
                    max_bytes: int | None = None) -> Iterator[tuple[str, object]]:
-        """The answer for a study whose images are ``reported`` (in earlier answers) + ``new``, as (kind, dataset):
-        a GSPS (and SC) for each new image, then one SR over all of them, in a series of the set's own. One picture
-        is decoded at a time, so a study of many large images holds one. UIDs come from the source UIDs and the model."""
+        """The answer for a study whose images are ``reported`` (in earlier answers) + ``new``, as (kind, dataset),
+        in a series of the set's own: a GSPS for every image (from its header), an SC for each new one (its pixels,
+        decoded again through the gate: those of earlier images left the spool once delivered, and their SCs, in
+        the earlier series, show the same answer), then one SR over all of them. One picture is decoded at a time,
+        so a study of many large images holds one. UIDs come from the source UIDs and the model."""
         every = [*reported, *new]
         key = set_key(self.predictor.sha256, [r.header.SOPInstanceUID for r in every])
         series = set_uids(key)[0]
-        for i, r in enumerate(new):
+        fresh = {id(r) for r in new}
+        for i, r in enumerate(every):
             if r.prediction.error:  # nothing to draw on: the SR lists it as not read, with the reason
                 continue
             yield "gsps", self.presentation_state(r, series, 2 + 2 * i)
-            if self.secondary_capture and r.source is not None:
+            if self.secondary_capture and r.source is not None and id(r) in fresh:
                 picture = preprocess.read_image(r.source, **({"max_bytes": max_bytes} if max_bytes else {}))
                 yield "sc", self.capture(r, picture, series, 3 + 2 * i)
                 del picture

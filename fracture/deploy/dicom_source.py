@@ -34,7 +34,9 @@ def header_of(ds: object) -> object:
 
     header = Dataset()
     for element in ds:
-        if element.tag.group != 0x7FE0 and element.tag.group > 0x0002 and element.keyword != "SpecificCharacterSet":
+        bulk = element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and len(element.value or b"") > 1024
+        if (element.tag.group > 0x0002 and element.tag.group != 0x7FE0 and not 0x6000 <= element.tag.group <= 0x60FF and not bulk
+                and element.keyword not in ("SpecificCharacterSet", "IconImageSequence")):  # no pixels, overlays, icons, blobs
             header.add(element)
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not str(header.get(k, "") or "")]
     if missing:
