@@ -41,19 +41,39 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def make_studies(n: int, images: int, size: int, seed: int) -> list[list[bytes]]:
+def make_studies(n: int, images: int, size: int, seed: int, real: list[Path] | None = None) -> list[list[bytes]]:
+    """``n`` studies of ``images`` 12-bit DX each: synthetic pictures, or the next of ``real`` radiographs (read
+    through the gate, as they are)."""
     from pydicom.uid import generate_uid
 
     from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
+    from fracture.imaging import preprocess
 
     rng = np.random.default_rng(seed)
     shape = (size, int(size * 0.8))
     out = []
     for s in range(n):
         uid = generate_uid()
-        pictures = [radiograph_and_boxes(rng, bool(rng.random() < 0.5), str(rng.choice(FRACTURE_TYPES)), shape=shape)[0] for _ in range(images)]
-        out.append([pacs.radiograph(np.rint(255 * p).astype(np.uint8), uid, PatientID=f"bench{seed}-{s}") for p in pictures])
+        if real:
+            pictures = [preprocess.read_image(real.pop(0)) for _ in range(images)]
+        else:
+            pictures = [np.rint(255 * radiograph_and_boxes(rng, bool(rng.random() < 0.5), str(rng.choice(FRACTURE_TYPES)), shape=shape)[0])
+                        .astype(np.uint8) for _ in range(images)]
+        out.append([pacs.radiograph(p, uid, PatientID=f"bench{seed}-{s}") for p in pictures])
     return out
+
+
+def dciodvfy_errors(datasets: list, folder: Path) -> list[str]:
+    """Every error dicom3tools' validator reports on the objects received."""
+    import subprocess
+
+    errors = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors += [f"{ds.Modality}: {line}" for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    return errors
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,11 +90,20 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=2.0, help="the node's --quiet: seconds a study must be still before it is answered")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for answers after this many seconds")
     parser.add_argument("--alone", type=int, default=3, help="studies sent one at a time first, each answered before the next (latency without a queue)")
+    parser.add_argument("--pictures", type=Path, help="a folder of real radiographs to send (as 12-bit DX) instead of synthetic ones")
+    parser.add_argument("--validate", action="store_true", help="run dciodvfy (dicom3tools) on every object received and count its errors")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(args)
 
     print(f"writing {ns.senders} x {ns.studies} studies of {ns.images} image(s) ...", file=sys.stderr)
-    batches = [make_studies(ns.studies, ns.images, ns.size, seed) for seed in range(ns.senders)]
+    from fracture.imaging import preprocess
+
+    real = sorted(p for p in ns.pictures.rglob("*") if preprocess.is_image_file(p)) if ns.pictures else None
+    if real is not None:
+        np.random.default_rng(0).shuffle(real)
+        if len(real) < ns.senders * ns.studies * ns.images:
+            parser.error(f"{ns.pictures} holds {len(real)} images; {ns.senders * ns.studies * ns.images} are needed")
+    batches = [make_studies(ns.studies, ns.images, ns.size, seed, real) for seed in range(ns.senders)]
     study_of = {}
     import io
 
@@ -133,6 +162,7 @@ def main(args: list[str] | None = None) -> int:
 
     arrived = {str(d.StudyInstanceUID): destination.first_seen[str(d.SOPInstanceUID)] for d in destination.received if d.Modality == "SR"}
     latency = [arrived[s] - last_ack[s] for s in study_of if s in arrived and s in last_ack]
+    errors = dciodvfy_errors(destination.received, work) if ns.validate else []
     figures = {
         "cpu": cpu_name(), "cores": os.cpu_count(), "model": ns.model.name, "senders": ns.senders, "studies": len(study_of), "images_per_study": ns.images,
         "size": ns.size, "quiet_s": ns.quiet, "instances_sent": len(statuses), "instances_acknowledged": sum(s == 0 for s in statuses),
@@ -143,10 +173,11 @@ def main(args: list[str] | None = None) -> int:
         "latency_beyond_quiet_p95_s": percentile([v - ns.quiet for v in latency], 95),
         "alone_latency_p50_s": percentile(alone, 50), "alone_latency_max_s": max(alone) if alone else float("nan"),
         "burst_answered_s": (max(arrived.values()) - started) if arrived else float("nan"),
-        "studies_per_s": len(arrived) / (max(arrived.values()) - started) if arrived else float("nan"), "sending_s": sent_s, "total_s": total_s, "node_peak_mb": peak,
+        "studies_per_s": len(arrived) / (max(arrived.values()) - started) if arrived else float("nan"), "sending_s": sent_s,
+        "pictures": str(ns.pictures or "synthetic"), "dciodvfy_errors": len(errors) if ns.validate else None, "total_s": total_s, "node_peak_mb": peak,
     }
     print(f"CPU: {figures['cpu']}, {figures['cores']} cores; model {ns.model.name}; {ns.senders} senders x {ns.studies} studies x {ns.images} images "
-          f"of {ns.size} px; --quiet {ns.quiet:g} s")
+          f"of {ns.pictures or f'{ns.size} px synthetic'}; --quiet {ns.quiet:g} s")
     print(f"instances: {figures['instances_sent']} sent, {figures['instances_acknowledged']} acknowledged in {sent_s:.1f} s")
     print(f"answers:   {figures['objects_received']} of {expected} objects received, {figures['lost']} lost, {figures['resent']} resent; "
           f"{len(arrived)} of {len(study_of)} studies answered")
@@ -157,9 +188,11 @@ def main(args: list[str] | None = None) -> int:
               f"(beyond the quiet wait: p50 {figures['alone_latency_p50_s'] - ns.quiet:.2f} s)")
     print(f"node peak memory {peak:.0f} MB; burst answered in {figures['burst_answered_s']:.1f} s ({figures['studies_per_s']:.2f} studies/s); "
           f"{total_s:.1f} s in all")
+    if ns.validate:
+        print(f"dciodvfy: {len(errors)} error(s) over {len(destination.received)} objects" + "".join(f"\n  {e}" for e in sorted(set(errors))[:10]))
     if ns.json:
         ns.json.write_text(json.dumps(figures, indent=1))
-    return 0 if figures["lost"] == 0 and figures["instances_acknowledged"] == figures["instances_sent"] else 1
+    return 0 if figures["lost"] == 0 and figures["instances_acknowledged"] == figures["instances_sent"] and not errors else 1
 
 
 if __name__ == "__main__":
