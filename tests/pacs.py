@@ -60,21 +60,26 @@ def radiograph(picture: np.ndarray, study: str, sop_class: str = DX, photometric
 class Destination:
     """A Storage SCP that keeps what it receives and counts each SOP Instance UID: the PACS in the tests."""
 
-    def __init__(self, port: int | None = None, ae_title: str = "DEST") -> None:
+    def __init__(self, port: int | None = None, ae_title: str = "DEST", refuse=None, without: tuple[str, ...] = ()) -> None:
+        """``refuse(dataset)``: a failure status to answer instead of storing, or None; ``without``: SOP classes
+        it does not negotiate."""
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-        self.port, self.ae_title = port or free_port(), ae_title
+        self.port, self.ae_title, self.refuse = port or free_port(), ae_title, refuse
         self.received: list = []
         self.counts: Counter = Counter()
         self.first_seen: dict[str, float] = {}  # SOP Instance UID -> when it first arrived (time.monotonic)
         self.lock = threading.Lock()
         ae = AE(ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        ae.supported_contexts = [cx for cx in AllStoragePresentationContexts if cx.abstract_syntax not in without]
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
 
     def _store(self, event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
+        status = self.refuse(ds) if self.refuse else None
+        if status:
+            return status
         with self.lock:
             self.received.append(ds)
             self.counts[str(ds.SOPInstanceUID)] += 1

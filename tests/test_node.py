@@ -263,3 +263,37 @@ def test_a_study_that_cannot_be_answered_is_set_aside_not_lost_and_does_not_hold
     assert len(list(spool.glob(f"failed/{study}-*/*.dcm"))) == 1  # kept for a person to look at
     assert {str(d.StudyInstanceUID) for d in got} == {str(pydicom.dcmread(io.BytesIO(good[0]), stop_before_pixels=True).StudyInstanceUID)}
     assert log.read_text().count(f"could not answer study {study}") == 3
+
+
+def test_a_refusing_or_limited_destination_holds_up_nothing(loc_onnx: Path, tmp_path: Path) -> None:
+    """A destination that refuses one study's objects and does not take presentation states at all: the other
+    study is delivered meanwhile, the refused one once it is accepted, the presentation states kept aside."""
+    require()
+    import io
+
+    import pydicom
+
+    a, b = study_files(1, seed=50), study_files(1, seed=60)
+    refused_study = str(pydicom.dcmread(io.BytesIO(a[0]), stop_before_pixels=True).StudyInstanceUID)
+    refusing = {"on": True}
+    gsps = "1.2.840.10008.5.1.4.1.1.11.1"
+    destination = Destination(refuse=lambda ds: 0xA700 if refusing["on"] and ds.StudyInstanceUID == refused_study else None, without=(gsps,))
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.3", "--retry-max", "1")
+    try:
+        assert send(a, port) == [0]
+        log, end = tmp_path / "node.log", time.monotonic() + 60
+        while "refused" not in log.read_text().split("listening", 1)[1] and time.monotonic() < end:
+            time.sleep(0.1)
+        assert send(b, port) == [0]
+        got = destination.wait(2)  # study B's SR and SC, while A's answer waits
+        assert {str(d.StudyInstanceUID) for d in got} == {str(pydicom.dcmread(io.BytesIO(b[0]), stop_before_pixels=True).StudyInstanceUID)}
+        refusing["on"] = False
+        got = destination.wait(4)  # and A's, once the destination takes it
+    finally:
+        stop(node)
+        destination.stop()
+    assert sorted(str(d.Modality) for d in got) == ["OT", "OT", "SR", "SR"] and max(destination.counts.values()) == 1
+    text = log.read_text()
+    assert f"does not take SOP class {gsps}" in text and "(status 0xA700); that answer waits" in text
+    assert len(list(spool.glob("undeliverable/*/*-gsps.dcm"))) == 2 and not list(spool.glob("outbox/*/*.dcm"))

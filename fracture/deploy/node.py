@@ -47,7 +47,7 @@ REFUSED = {"1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing (raw detector dat
 LOSSLESS = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.57",
             "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
 SYNTAXES = [s for s in LOSSLESS if s in budget.READABLE] + sorted(budget.READABLE - set(LOSSLESS))
-SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, NOT_AUTHORISED = 0x0000, 0xA700, 0xC000, 0x0124
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 class Node:
@@ -230,13 +230,14 @@ class Node:
         for r in fresh:
             ledger["images"][spooling.digest(r.header.SOPInstanceUID)] = {"header": r.header.to_json_dict(), "prediction": _answer(r.prediction)}
         sr = _dataset(None)  # what a later answer's Predecessor Documents Sequence names
-        sr.StudyInstanceUID, sr.SOPClassUID = fresh[0].header.StudyInstanceUID, PRODUCED[0]
+        sr.StudyInstanceUID, sr.SOPClassUID = fresh[0].header.StudyInstanceUID, PRODUCED["sr"]
         sr.SeriesInstanceUID, sr.SOPInstanceUID = set_uids(key)
         ledger["sets"].append({"key": key, "sr": sr.to_json_dict()})
         self.spool.save_ledger(study, ledger)
         self.forwarder.ready.set()
         log.info("answered study %s: %d new image(s), %d before, %d earlier answer(s) superseded, in %.2f s", study, len(fresh),
                  len(reported), len(predecessors), time.monotonic() - started)
+
 
 def _encode(ds) -> bytes:
     import io

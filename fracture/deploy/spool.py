@@ -10,6 +10,7 @@ patient data::
     outbox/<set>/NN-kind.dcm          a built result set; each file removed once the destination acknowledged it
     receiving/                        pynetdicom's temporary files while an instance arrives (emptied at start)
     failed/<study>-<time>/            a study that could not be answered three times in a row, kept for a person
+    undeliverable/<set>/              objects of a SOP class the destination will not negotiate, kept for a person
 """
 
 from __future__ import annotations
@@ -165,6 +166,14 @@ class Spool:
         """One object acknowledged by the destination: it is not sent again (a crash before this: once more)."""
         path.unlink()
         _fsync_dir(path.parent)
+
+    def undeliverable(self, path: Path) -> Path:
+        """An object the destination will not take at all: kept in ``undeliverable/<set>/``, out of the outbox."""
+        target = self.root / "undeliverable" / path.parent.name
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(path, target / path.name)
+        _fsync_dir(path.parent)
+        return target
 
     def delivered(self, folder: Path) -> dict:
         """A whole set acknowledged: its sources' pixels go, the set's folder goes; returns its manifest."""
