@@ -204,3 +204,23 @@ def test_headers_as_real_archives_hold_them_still_get_an_answer(loc_onnx: Path, 
     name = str(pydicom.dcmread(source).get("PatientName", ""))
     assert {str(pydicom.dcmread(p).PatientName) for p in written} == {name}
     assert dciodvfy_problems(written) == []
+
+
+def test_a_viewer_shows_the_source_through_the_presentation_state_as_the_model_saw_it(study, tmp_path: Path) -> None:
+    """dcmtk's presentation-state renderer (``dcmp2pgm``: the library dcmtk's viewers use) applies each GSPS's
+    windows and presentation LUT to its source: the picture equals the gate's, MONOCHROME1 within a grey level."""
+    require("dcmp2pgm")
+    import cv2
+    import pydicom
+
+    from fracture.imaging import preprocess
+
+    out, files, _ = study
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    for gsps in sorted(out.glob("PR-*.dcm")):
+        source = by_uid[str(pydicom.dcmread(gsps).ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID)]
+        shown = tmp_path / f"{source.stem}.pgm"
+        done = subprocess.run(["dcmp2pgm", "-p", str(gsps), str(source), str(shown)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        difference = np.abs(cv2.imread(str(shown), cv2.IMREAD_UNCHANGED).astype(int) - preprocess.read_image(source).astype(int))
+        assert difference.max() <= 1, (source.name, difference.max())
