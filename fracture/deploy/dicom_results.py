@@ -131,7 +131,7 @@ class ResultWriter:
     def _study_group(self, results: Sequence[ImageResult]) -> list:
         from highdicom.sr import Measurement, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation, TrackingIdentifier
 
-        notice = QualitativeEvaluation(code("NOTICE", "Intended use"), code("RESEARCH", f"{NOTICE}"))
+        notice = QualitativeEvaluation(code("NOTICE", "Intended use"), code("RESEARCH", NOTICE))
         answer = study_answer(self.predictor, results)
         measurements, decisions = None, []
         if answer is not None:
@@ -172,11 +172,10 @@ class ResultWriter:
         for order, (name, t) in enumerate(self.points, 1):
             layer = GraphicLayer(name.upper(), order, f"{name} operating point, threshold {t:.4f}", CIELabColor(*LAYER_COLOURS[name]))
             layers.append(layer)
-            positive = p.probability is not None and p.probability > t
-            label = f"{name}: fracture p={p.probability:.2f}" if positive else (
-                f"{name}: no fracture p={p.probability:.2f}" if p.probability is not None else f"{name}: not read")
-            width = float(header.Columns)
-            texts = [TextObject(f"{label} - {NOTICE}"[:64], "PIXEL", bounding_box=(0.0, 2.0 + 40.0 * (order - 1), width, 38.0 + 40.0 * (order - 1)))]
+            positive = p.probability > t  # called only for images that were read
+            label = f"{name}: {'fracture' if positive else 'no fracture'} p={p.probability:.2f}"
+            line = max(20.0, float(header.Rows) / 30)  # a text box in proportion to the image: viewers fit text to it
+            texts = [TextObject(f"{label} - {NOTICE}"[:64], "PIXEL", bounding_box=(0.0, line * (order - 1), float(header.Columns), line * order))]
             graphics = []
             for k, (x0, y0, x1, y1, score) in enumerate(p.boxes or [] if positive else []):
                 polyline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
