@@ -104,6 +104,8 @@ class Node:
             return refuse(CANNOT_UNDERSTAND, str(exc).removeprefix("instance.dcm: "))
         except ValueError as exc:
             return refuse(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert: a reason, not a traceback
+            return refuse(CANNOT_UNDERSTAND, f"a header this node cannot copy ({type(exc).__name__})")
         self.spool.receive(study, instance, data)  # on disk before the answer below leaves
         with self.lock:
             self.last_seen[spooling.digest(study)] = time.monotonic()
