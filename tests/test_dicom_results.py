@@ -224,3 +224,19 @@ def test_a_viewer_shows_the_source_through_the_presentation_state_as_the_model_s
         assert done.returncode == 0, done.stderr
         difference = np.abs(cv2.imread(str(shown), cv2.IMREAD_UNCHANGED).astype(int) - preprocess.read_image(source).astype(int))
         assert difference.max() <= 1, (source.name, difference.max())
+
+
+def test_a_colour_secondary_capture_is_answered_by_the_sr_and_sc_without_a_grayscale_state(loc_onnx: Path, tmp_path: Path) -> None:
+    """A screenshot sent as an RGB Secondary Capture: no GSPS can refer to it (highdicom refuses, rightly)."""
+    require("dciodvfy")
+    from fracture.data.synth import dicom_bytes
+
+    picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(2), True, "transverse")[0]).astype(np.uint8)
+    rgb = np.repeat(picture[:, :, None], 3, axis=2)
+    source = tmp_path / "screenshot.dcm"
+    source.write_bytes(dicom_bytes(*picture.shape, rgb.tobytes(), "1.2.840.10008.1.2.1", samples=3, bits=8, photometric="RGB", sop_class=SC,
+                                   Modality="OT", PatientName=NAME, SpecificCharacterSet="ISO_IR 192"))
+    assert predict.main([str(loc_onnx), str(source), "--dicom-out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert [p.name[:2] for p in written] == ["SC", "SR"]
+    assert dciodvfy_problems(written) == []

@@ -225,12 +225,19 @@ class ResultWriter:
         for i, r in enumerate(every):
             if r.prediction.error:  # nothing to draw on: the SR lists it as not read, with the reason
                 continue
-            yield "gsps", self.presentation_state(r, series, 2 + 2 * i)
+            if grey(r.header):  # a colour source (a screenshot as Secondary Capture) gets its boxes in the SR and SC only
+                yield "gsps", self.presentation_state(r, series, 2 + 2 * i)
             if self.secondary_capture and r.source is not None and id(r) in fresh:
                 picture = preprocess.read_image(r.source, **({"max_bytes": max_bytes} if max_bytes else {}))
                 yield "sc", self.capture(r, picture, series, 3 + 2 * i)
                 del picture
         yield "sr", self.report(every, series, key, predecessors)
+
+
+def grey(header: object) -> bool:
+    """A source a grayscale presentation state can refer to: one sample per pixel, not a palette. (A colour state
+    needs the source's ICC profile, which a screenshot rarely carries, as an input device's: not invented here.)"""
+    return int(header.get("SamplesPerPixel", 1) or 1) == 1 and str(header.get("PhotometricInterpretation", "")).upper() != "PALETTE COLOR"
 
 
 def write_files(writer: ResultWriter, rows: Sequence[Prediction], out_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
