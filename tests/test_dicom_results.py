@@ -23,7 +23,8 @@ NAME = "Müller^Jürgen"
 
 @pytest.fixture(scope="module")
 def study(loc_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict]:
-    """One study of four DICOM variants of synthetic fractured radiographs, and a PNG; predicted once."""
+    """One study of six DICOM variants of synthetic fractured radiographs (12-bit windowed DX, MONOCHROME1 CR, 8-bit
+    SC, an out-of-scope DX, rescaled values, a VOI LUT table), a DICOM the gate refuses and a PNG; predicted once."""
     require()
     from pydicom.uid import generate_uid
 
@@ -40,7 +41,20 @@ def study(loc_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     for i, (picture, tags) in enumerate(zip(pictures, variants)):
         files.append(folder / f"image{i}.dcm")
         files[-1].write_bytes(radiograph(picture, uid, **tags))
+    from pydicom.dataset import Dataset
+
     from fracture.data.synth import dicom_bytes
+
+    more = np.rint(255 * radiograph_and_boxes(np.random.default_rng(4), True, "oblique")[0]).astype(np.uint16)
+    lut = Dataset()  # a VOI LUT table, LUT Data read back as US values (highdicom wanted bytes: a crash, found here)
+    lut.LUTDescriptor, lut.LUTData = [4096, 0, 16], [min(i // 16, 255) * 257 for i in range(4096)]
+    lut["LUTData"].VR = "US"
+    common = dict(StudyInstanceUID=uid, PatientName=NAME, SpecificCharacterSet="ISO_IR 192", bits_stored=12)
+    for name, stored, tags in [("rescaled", more * 8 + 512, dict(RescaleSlope=2, RescaleIntercept=-1024, RescaleType="US", WindowCenter=2040.5,
+                                                                  WindowWidth=4081)),
+                               ("voilut", more * 16, dict(VOILUTSequence=[lut]))]:
+        files.append(folder / f"{name}.dcm")
+        files[-1].write_bytes(dicom_bytes(*stored.shape, stored.astype(np.uint16).tobytes(), "1.2.840.10008.1.2.1", **common, **tags))
 
     broken = folder / "broken.dcm"  # its header is fine, its pixel data 1,000 bytes short: listed in the SR as not read
     broken.write_bytes(dicom_bytes(256, 256, b"\0" * 1000, "1.2.840.10008.1.2.1", StudyInstanceUID=uid, PatientName=NAME,
@@ -87,7 +101,7 @@ def test_the_answer_is_an_sr_a_gsps_and_an_sc_per_image_of_the_source_study(stud
     out, files, rows = study
     found = _read(out)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    assert (len(found["SR"]), len(found["PR"]), len(found["SC"])) == (1, 4, 4)
+    assert (len(found["SR"]), len(found["PR"]), len(found["SC"])) == (1, 6, 6)
     every = [d for kind in found.values() for d in kind]
     assert {str(d.StudyInstanceUID) for d in every} == {str(sources[0].StudyInstanceUID)}
     assert len({str(d.SeriesInstanceUID) for d in every}) == 1
@@ -157,10 +171,10 @@ def test_the_same_inputs_give_the_same_uids_and_other_inputs_are_refused(study, 
     assert sorted(p.name for p in again.glob("*.dcm")) == sorted(p.name for p in out.glob("*.dcm"))
     fewer = tmp_path / "fewer"  # another set of sources is another answer, in its own series: no UID in common
     assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(fewer), "--quiet"]) == 0
-    assert len(list(fewer.glob("*.dcm"))) == 9 and not {p.name for p in fewer.glob("*.dcm")} & {p.name for p in out.glob("*.dcm")}
+    assert len(list(fewer.glob("*.dcm"))) == 13 and not {p.name for p in fewer.glob("*.dcm")} & {p.name for p in out.glob("*.dcm")}
     plain = tmp_path / "plain"
     assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(plain), "--no-secondary-capture", "--quiet"]) == 0
-    assert sorted(p.name[:2] for p in plain.glob("*.dcm")) == ["PR"] * 4 + ["SR"]
+    assert sorted(p.name[:2] for p in plain.glob("*.dcm")) == ["PR"] * 6 + ["SR"]
     png = files[0].parent / "plain.png"
     assert predict.main([str(loc_onnx), str(png), "--dicom-out", str(tmp_path / "none"), "--quiet"]) == 1
     assert "not DICOM; --dicom-out answers DICOM inputs only" in capsys.readouterr().err
@@ -182,7 +196,7 @@ def test_every_object_passes_dciodvfy(study) -> None:
     require("dciodvfy")
     out, _, _ = study
     paths = sorted(out.glob("*.dcm"))
-    assert len(paths) == 9
+    assert len(paths) == 13
     assert dciodvfy_problems(paths) == []
 
 

@@ -258,8 +258,13 @@ def write_files(writer: ResultWriter, rows: Sequence[Prediction], out_dir: str |
         except (preprocess.ImageError, ValueError) as exc:
             refused.append(f"{r.path}: no DICOM answer ({exc})")
     out.mkdir(parents=True, exist_ok=True)
-    for results in studies.values():
-        for kind, ds in writer.result_set([], results, max_bytes=writer.predictor.max_bytes):
+    for study, results in studies.items():
+        try:
+            objects = list(writer.result_set([], results, max_bytes=writer.predictor.max_bytes))
+        except Exception as exc:  # noqa: BLE001 - one study's odd header must not cost the others their answers
+            refused.append(f"study of {', '.join(str(r.source) for r in results)}: no DICOM answer ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        for kind, ds in objects:
             path = out / f"{ {'sr': 'SR', 'gsps': 'PR', 'sc': 'SC'}[kind]}-{ds.SOPInstanceUID}.dcm"
             ds.save_as(path, enforce_file_format=True)
             written.append(path)

@@ -3,10 +3,13 @@ it (cleaned of values real archives hold but highdicom will not copy), the model
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
 import uuid
 from collections.abc import Sequence
+
+import numpy as np
 
 OUT_OF_SCOPE_PARTS = {"CHEST", "SKULL", "HEAD", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "COCCYX"}
 UID_NAMESPACE = uuid.UUID("5d2f6c1e-8a41-5b7e-9c3d-f4a0e2b1c7d8")  # this project's name-based UUIDs (any fixed value works)
@@ -50,6 +53,14 @@ def header_of(ds: object) -> object:
             setattr(header, keyword, "")
     if str(header.get("PatientSex", "") or "").upper() not in ("M", "F", "O"):
         header.PatientSex = ""
+    if "VOILUTSequence" in header:  # a VOI LUT table as pydicom reads it (US: a list) → the OW bytes highdicom copies
+        header.VOILUTSequence = copy.deepcopy(header.VOILUTSequence)
+        for item in header.VOILUTSequence:
+            data = item.get("LUTData")
+            if data is not None and not isinstance(data, bytes):
+                bits = int(item.LUTDescriptor[2])
+                table = np.asarray([data] if isinstance(data, int) else list(data), np.uint8 if bits == 8 else np.uint16)
+                item.add_new(0x00283006, "OW", table.tobytes())  # LUT Data, as bytes whatever VR it came in
     return header
 
 
