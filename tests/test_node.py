@@ -138,6 +138,18 @@ def test_a_late_image_gets_a_new_answer_that_supersedes_the_first(loc_onnx: Path
     finally:
         stop(node)
     assert len(destination.received) == 7 and max(destination.counts.values()) == 1
+    sc = next(d for d in every if d.Modality == "OT")  # a routing rule sends the node its own Secondary Capture
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5")
+    try:
+        import io
+
+        out = io.BytesIO()
+        sc.save_as(out, enforce_file_format=True)
+        assert send([out.getvalue()], port) == [0]  # acknowledged, not answered: answering it would answer forever
+        time.sleep(2)
+    finally:
+        stop(node)
+    assert len(destination.received) == 7 and "one of this node's own answers" in (tmp_path / "node.log").read_text()
     srs = [d for d in every if d.Modality == "SR"]
     assert len(srs) == 2
     old, new = (srs[0], srs[1]) if srs[0].SOPInstanceUID == next(d for d in first if d.Modality == "SR").SOPInstanceUID else (srs[1], srs[0])

@@ -27,7 +27,7 @@ import weakref
 from pathlib import Path
 
 from fracture.deploy import spool as spooling
-from fracture.deploy.dicom_results import ImageResult, ResultWriter
+from fracture.deploy.dicom_results import SERIES_DESCRIPTION, ImageResult, ResultWriter
 from fracture.deploy.dicom_source import header_of, set_key, set_uids
 from fracture.deploy.forward import PRODUCED, Forwarder, parse_destination
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
@@ -94,6 +94,9 @@ class Node:
         data = path.read_bytes()
         try:
             header = dicom.read_header(data)
+            if str(header.get("Manufacturer", "")) == "fracture" and str(header.get("SeriesDescription", "")) == SERIES_DESCRIPTION:
+                log.info("ignored an instance from %s: one of this node's own answers (a routing rule sent it back)", caller)
+                return SUCCESS  # acknowledged, so the PACS does not retry it; answering it would answer forever
             if str(header.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
                 return refuse(CANNOT_UNDERSTAND, "for-processing data: not what the model was trained on")
             with self.decoding:
