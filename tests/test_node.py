@@ -60,7 +60,7 @@ def destination():
 
 def test_a_study_is_answered_in_dicom_and_the_spool_keeps_no_patient_data_in_sight(loc_onnx: Path, destination, tmp_path: Path) -> None:
     port, spool = free_port(), tmp_path / "spool"
-    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.5")
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "2")  # a study's images well within it
     try:
         # values libraries like to quote in warnings: a one-component name, a code string that is not one
         files = study_files(3) + study_files(1, seed=9, PatientName="Kowalski Jan", BodyPartExamined=f"hand {SECRET.lower()}")
@@ -169,7 +169,7 @@ def test_nothing_is_lost_when_the_node_is_killed_and_the_destination_is_down(loc
     port, spool, dest_port = free_port(), tmp_path / "spool", free_port()
     forward = f"DEST@127.0.0.1:{dest_port}"
     a, b = study_files(2, seed=0), study_files(2, seed=10)
-    node = start_node(loc_onnx, spool, forward, port, "--quiet", "0.5", "--retry-max", "1")
+    node = start_node(loc_onnx, spool, forward, port, "--quiet", "2", "--retry-max", "1")
     try:
         assert send(a, port) == [0, 0]  # study A: answered, but the destination is down
         end, log = time.monotonic() + 60, tmp_path / "node.log"
@@ -185,7 +185,10 @@ def test_nothing_is_lost_when_the_node_is_killed_and_the_destination_is_down(loc
 
     before = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (spool / "outbox").glob("[!.]*/*.dcm")}
     destination = Destination(dest_port)
-    node = start_node(loc_onnx, spool, forward, port, "--quiet", "0.5", "--retry-max", "1")
+    # a restarted node waits --quiet before answering what it holds, as it would for a study still arriving; 5 s
+    # (not 0.5) so that study B's second image, sent at once, is in time on a loaded machine (else B is answered
+    # twice, correctly: once alone, then superseded - 12 objects, not the 10 counted below; seen once in CI)
+    node = start_node(loc_onnx, spool, forward, port, "--quiet", "5", "--retry-max", "1")
     try:
         assert send(b[1:], port) == [0]
         got = destination.wait(10)
@@ -243,12 +246,12 @@ def test_the_node_benchmark_loses_nothing_at_two_senders_by_three_studies(loc_on
     require()
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, "scripts/benchmark_node.py", str(loc_onnx), "--senders", "2", "--studies", "3", "--size", "384",
-                           "--quiet", "0.5", "--json", str(out)], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+                           "--quiet", "2", "--alone", "1", "--json", str(out)], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(out.read_text())
     assert (figures["lost"], figures["objects_received"], figures["resent"], figures["studies_answered"]) == (0, 30, 0, 6)
     assert figures["instances_acknowledged"] == figures["instances_sent"] == 12
-    assert 0.5 <= figures["latency_p50_s"] <= figures["latency_p95_s"]
+    assert 2 <= figures["latency_p50_s"] <= figures["latency_p95_s"]
 
 
 def test_a_study_that_cannot_be_answered_is_set_aside_not_lost_and_does_not_hold_up_others(loc_onnx: Path, destination, tmp_path: Path) -> None:
