@@ -318,3 +318,34 @@ def test_a_refusing_or_limited_destination_holds_up_nothing(loc_onnx: Path, tmp_
     text = log.read_text()
     assert f"does not take SOP class {gsps}" in text and "(status 0xA700); that answer waits" in text
     assert len(list(spool.glob("undeliverable/*/*-gsps.dcm"))) == 2 and not list(spool.glob("outbox/*/*.dcm"))
+
+
+def test_a_nearly_full_spool_disk_refuses_instances_and_a_full_one_never_sets_a_study_aside(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    """Out of disk, the sender keeps its image (status A700, it retries later) rather than the node acknowledging what
+    it cannot keep; a full disk while answering is retried after the quiet wait, never counted against the study."""
+    import errno
+
+    from fracture.deploy.node import Node
+    from fracture.deploy.predictor import Predictor
+
+    port, spool = free_port(), tmp_path / "spool"
+    node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--min-free-mb", str(2**40))  # more than any disk
+    try:
+        assert send(study_files(2, seed=70), port) == [0xA700, 0xA700]
+    finally:
+        stop(node)
+    log = (tmp_path / "node.log").read_text()
+    assert log.count("spool disk nearly full") == 2 and "Traceback" not in log
+    assert not list((spool / "incoming").rglob("*.dcm"))
+
+    inside = Node(Predictor(str(loc_onnx)), tmp_path / "spool2", ("DEST", "127.0.0.1", destination.port), quiet=0.0)
+
+    def full(study: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    inside.answer = full
+    for _ in range(5):
+        inside.last_seen.pop("0123456789abcdef", None)
+        inside.answer_or_set_aside("0123456789abcdef")
+        assert "0123456789abcdef" in inside.last_seen  # due again after the quiet wait
+    assert inside.attempts == {} and not (tmp_path / "spool2" / "failed").exists()

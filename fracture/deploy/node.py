@@ -15,8 +15,10 @@ not for diagnosis. Needs ``pip install 'fracture[pacs]'``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -56,13 +58,13 @@ class Node:
     def __init__(self, predictor: Predictor, spool_dir: str | os.PathLike, forward: tuple[str, str, int], ae_title: str = "FRACTURE",
                  quiet: float = 10.0, allowed_callers: list[str] | None = None, secondary_capture: bool = True,
                  max_associations: int = 8, timeout: float = 30.0, decode_slots: int = 2, retry_max: float = 300.0,
-                 keep_days: float = 30.0) -> None:
+                 keep_days: float = 30.0, min_free_mb: float = 1024.0) -> None:
         self.predictor, self.forward, self.ae_title, self.quiet = predictor, forward, ae_title, quiet
         self.writer = ResultWriter(predictor, secondary_capture)
         self.spool = spooling.Spool(spool_dir)
         self.allowed, self.max_associations, self.timeout = allowed_callers, max_associations, timeout
         self.forwarder = Forwarder(self.spool, ae_title, forward, timeout, retry_max)
-        self.keep_days = keep_days
+        self.keep_days, self.min_free = keep_days, int(min_free_mb * 2**20)
         self.decoding = threading.Semaphore(decode_slots)  # each decode may hold --max-decode-mb: at most this many at once
         self.lock = threading.Lock()
         self.last_seen = {study: time.monotonic() for study in self.spool.pending()}  # after a restart: quiet again first
@@ -109,7 +111,13 @@ class Node:
             return refuse(CANNOT_UNDERSTAND, str(exc))
         except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert: a reason, not a traceback
             return refuse(CANNOT_UNDERSTAND, f"a header this node cannot copy ({type(exc).__name__})")
-        self.spool.receive(study, instance, data)  # on disk before the answer below leaves
+        free = shutil.disk_usage(self.spool.root).free
+        if free - len(data) < self.min_free:  # the sender keeps it and retries later; answers still need room to be written
+            return refuse(OUT_OF_RESOURCES, f"spool disk nearly full ({free / 2**20:.0f} MB free)")
+        try:
+            self.spool.receive(study, instance, data)  # on disk before the answer below leaves
+        except OSError as exc:
+            return refuse(OUT_OF_RESOURCES, f"could not write the spool ({exc.strerror or type(exc).__name__})")
         with self.lock:
             self.last_seen[spooling.digest(study)] = time.monotonic()
         log.info("received instance %s of study %s from %s (%s, %s)", spooling.digest(instance), spooling.digest(study), caller,
@@ -201,7 +209,12 @@ class Node:
         try:
             self.answer(study)
             self.attempts.pop(study, None)
-        except Exception:  # noqa: BLE001 - a damaged ledger, a header highdicom will not copy, a full disk
+        except Exception as exc:  # noqa: BLE001 - a damaged ledger, a header highdicom will not copy, a full disk
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the study's fault: never set aside
+                log.error("could not answer study %s: the spool's disk is full (%s); trying again", study, exc.strerror)
+                with self.lock:
+                    self.last_seen.setdefault(study, time.monotonic())
+                return
             self.attempts[study] = self.attempts.get(study, 0) + 1
             log.exception("could not answer study %s (attempt %d of %d)", study, self.attempts[study], attempts)
             if self.attempts[study] >= attempts:
@@ -282,6 +295,8 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--decode-slots", type=int, default=2, help="instances decoded at once while receiving (memory: slots x budget)")
     parser.add_argument("--retry-max", type=float, default=300.0, help="longest wait between delivery attempts in seconds (default 300)")
     parser.add_argument("--keep-days", type=float, default=30.0, help="how long a study's answer is remembered, so that a late image supersedes it")
+    parser.add_argument("--min-free-mb", type=float, default=1024.0, help="disk space the spool keeps free: below it an instance is refused "
+                        "(status A700, the sender retries later) so answers still have room (default 1024)")
     parser.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores)")
     ns = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
@@ -303,7 +318,7 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: the DICOM node needs `pip install 'fracture[pacs]'` ({exc.name} is missing)", file=sys.stderr)
         return 2
     node = Node(predictor, ns.spool, ns.forward, ns.ae_title, ns.quiet, ns.allow, not ns.no_secondary_capture, ns.max_associations,
-                ns.timeout, ns.decode_slots, ns.retry_max, ns.keep_days)
+                ns.timeout, ns.decode_slots, ns.retry_max, ns.keep_days, ns.min_free_mb)
     try:
         node.start(ns.port, ns.host)
     except OSError as exc:
