@@ -66,3 +66,54 @@ def test_multiframe_and_oversized_dicom_are_refused_by_name(picture: np.ndarray,
     variants._dataset(tmp_path / "x", picture[:10, :10], 8).save_as(str(tmp_path / "tiny.dcm"), enforce_file_format=True)
     with pytest.raises(preprocess.ImageError, match="too small"):
         preprocess.read_image(tmp_path / "tiny.dcm")
+
+
+@pytest.mark.parametrize("tags", [dict(RescaleSlope="NaN"), dict(RescaleIntercept="inf"), dict(RescaleSlope=0), dict(WindowCenter="NaN", WindowWidth=400),
+                                  dict(WindowCenter=[100, "inf"], WindowWidth=[400, 400])], ids=["slope NaN", "intercept inf", "slope 0", "centre NaN", "second centre inf"])
+def test_a_rescale_or_window_that_is_not_a_number_is_refused_not_shown_blank(picture: np.ndarray, tmp_path: Path, tags: dict) -> None:
+    """NaN through the modality LUT made every pixel one value and the model was shown a blank picture (found by
+    sending such a file to the DICOM node): now a reason."""
+    variants._dataset(tmp_path / "x", picture.astype(np.uint16) * 16, 16, **tags).save_as(str(tmp_path / "odd.dcm"), enforce_file_format=True)
+    with pytest.raises(preprocess.ImageError, match="display values .* cannot be applied"):
+        preprocess.read_image(tmp_path / "odd.dcm")
+    variants._dataset(tmp_path / "x", picture.astype(np.uint16) * 16, 16, RescaleSlope=1, RescaleIntercept=0, WindowCenter=2048,
+                      WindowWidth=4096).save_as(str(tmp_path / "fine.dcm"), enforce_file_format=True)
+    assert preprocess.read_image(tmp_path / "fine.dcm").std() > 10
+
+
+def test_a_header_nested_too_deep_is_refused_before_anything_copies_it(picture: np.ndarray, tmp_path: Path) -> None:
+    """Sequences nested hundreds deep parse, then overflow the stack of whatever copies or serialises them later
+    (the node's ledger, highdicom): read_header refuses them by name."""
+    import struct
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    from fracture.imaging import dicom
+
+    def nested(depth: int) -> bytes:
+        variants._dataset(tmp_path / "x", picture, 8).save_as(str(tmp_path / "plain.dcm"), enforce_file_format=True)
+        import pydicom
+
+        ds = pydicom.dcmread(tmp_path / "plain.dcm")
+        out = DicomBytesIO()
+        out.is_little_endian, out.is_implicit_VR = True, False
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(out, ds.file_meta)
+        low, high = pydicom.Dataset(), pydicom.Dataset()
+        for element in ds:
+            (low if element.tag < 0x0040A730 else high).add(element)
+        write_dataset(out, low)
+        out.write(struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF))  # Content Sequence, undefined length, inside itself
+        for _ in range(depth - 1):
+            out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF))
+        out.write((struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)) * (depth - 1))
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        write_dataset(out, high)
+        return out.getvalue()
+
+    assert "ContentSequence" in dicom.read_header(nested(5))
+    with pytest.raises(preprocess.ImageError, match="nested over 16 deep"):
+        dicom.read_header(nested(40))
+    with pytest.raises(preprocess.ImageError, match="unreadable DICOM header \\(RecursionError\\)"):  # pydicom's own stack gives out first
+        dicom.read_header(nested(2000))

@@ -202,8 +202,10 @@ def test_every_object_passes_dciodvfy(study) -> None:
 
 @pytest.mark.parametrize("tags", [dict(PatientSex="U"), dict(StudyDate="2023-01-01", StudyTime="12:00", PatientBirthDate="1990"),
                                   dict(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"),
-                                  dict(SpecificCharacterSet="ISO_IR 100", PatientName="José^Núñez"), dict(PatientOrientation=["AP", "F"])],
-                         ids=["sex U", "dates and times not in DICOM's form", "ISO 2022 Japanese name", "Latin-1 name", "orientation pair"])
+                                  dict(SpecificCharacterSet="ISO_IR 100", PatientName="José^Núñez"), dict(PatientOrientation=["AP", "F"]),
+                                  dict(PatientAge="abc", PatientSize="NaN", PatientWeight="inf", AcquisitionDateTime="nonsense")],
+                         ids=["sex U", "dates and times not in DICOM's form", "ISO 2022 Japanese name", "Latin-1 name", "orientation pair",
+                              "age and numbers no reader parses"])
 def test_headers_as_real_archives_hold_them_still_get_an_answer(loc_onnx: Path, tmp_path: Path, tags: dict) -> None:
     """Values highdicom would refuse to copy are emptied; names are decoded from the source's set and written in UTF-8."""
     require("dciodvfy")
@@ -254,3 +256,55 @@ def test_a_colour_secondary_capture_is_answered_by_the_sr_and_sc_without_a_grays
     written = sorted((tmp_path / "out").glob("*.dcm"))
     assert [p.name[:2] for p in written] == ["SC", "SR"]
     assert dciodvfy_problems(written) == []
+
+
+def test_one_image_whose_objects_cannot_be_built_does_not_cost_the_study_its_answer(loc_onnx: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """A header a library refuses to copy into one image's presentation state or capture: that object is left out
+    with a log line naming the exception's type only (its text may quote patient data); the study's SR and the
+    other images' objects are still written."""
+    from fracture.deploy.dicom_results import ResultWriter
+
+    picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(3), True, "transverse")[0]).astype(np.uint8)
+    files = [tmp_path / f"{i}.dcm" for i in range(2)]
+    for i, f in enumerate(files):
+        f.write_bytes(radiograph(picture, "1.2.826.0.1.3680043.10.999.2", sop_class=(DX, CR)[i], PatientName=NAME, SpecificCharacterSet="ISO_IR 192"))
+    refused = str(__import__("pydicom").dcmread(files[1]).SOPInstanceUID)
+    state, capture = ResultWriter.presentation_state, ResultWriter.capture
+
+    def picky(build):
+        def wrapped(self, r, *args):
+            if str(r.header.SOPInstanceUID) == refused:
+                raise ValueError(f"value {NAME} refused")  # as highdicom's and pydicom's messages do: they quote values
+            return build(self, r, *args)
+        return wrapped
+
+    monkeypatch.setattr(ResultWriter, "presentation_state", picky(state))
+    monkeypatch.setattr(ResultWriter, "capture", picky(capture))
+    with caplog.at_level("WARNING", logger="fracture.dicom"):
+        assert predict.main([str(loc_onnx), *map(str, files), "--dicom-out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert [p.name[:2] for p in written] == ["PR", "SC", "SR"]
+    assert "no presentation state (ValueError)" in caplog.text and "no secondary capture (ValueError)" in caplog.text
+    assert NAME not in caplog.text
+    sr = __import__("pydicom").dcmread(next(p for p in written if p.name.startswith("SR")))
+    assert refused in json.dumps(sr.to_json_dict())  # the SR still answers for that image
+
+
+def test_uids_an_answer_could_not_quote_are_refused_and_the_source_is_never_changed() -> None:
+    """A StudyInstanceUID like "../../x" or of 202 digits once got answers that were not DICOM; a leading zero (old
+    archives have them) still passes, since an answer must quote the source's UID as it is."""
+    import pydicom
+
+    from fracture.deploy.dicom_source import header_of
+
+    picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(4), False, "")[0]).astype(np.uint8)
+    for uid, ok in [("../../../tmp/evil", False), ("1." + "2" * 200, False), ("1.2.3 4", False), ("1.2.03.4", True), ("1.2.826.0.1.3680043.10.999.3", True)]:
+        source = pydicom.dcmread(__import__("io").BytesIO(radiograph(picture, uid, PatientAge="abc", PatientSize="NaN")))
+        if not ok:
+            with pytest.raises(ValueError, match="StudyInstanceUID not a valid DICOM UID"):
+                header_of(source)
+            continue
+        header = header_of(source)
+        assert str(header.StudyInstanceUID) == uid
+        assert header.PatientAge in (None, "") and header.PatientSize in (None, "")  # emptied in the copy ...
+        assert str(source.PatientAge) == "abc" and str(source.PatientSize) == "NaN"  # ... never in the source

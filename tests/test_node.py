@@ -332,10 +332,17 @@ def test_a_nearly_full_spool_disk_refuses_instances_and_a_full_one_never_sets_a_
     node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--min-free-mb", str(2**40))  # more than any disk
     try:
         assert send(study_files(2, seed=70), port) == [0xA700, 0xA700]
+        # what the gate refuses is refused for its own reason first: a rescale that is not a number, a UID no answer could quote
+        from fracture.data.synth import dicom_bytes
+
+        blank = dicom_bytes(256, 256, b"\0" * 256 * 256 * 2, "1.2.840.10008.1.2.1", RescaleSlope="NaN")
+        unquotable = dicom_bytes(256, 256, b"\0" * 256 * 256 * 2, "1.2.840.10008.1.2.1", StudyInstanceUID="../../../tmp/x")
+        assert send([blank, unquotable], port) == [0xC000, 0xC000]
     finally:
         stop(node)
     log = (tmp_path / "node.log").read_text()
     assert log.count("spool disk nearly full") == 2 and "Traceback" not in log
+    assert "display values (window, LUT, padding, colour table) cannot be applied" in log and "StudyInstanceUID not a valid DICOM UID" in log
     assert not list((spool / "incoming").rglob("*.dcm"))
 
     inside = Node(Predictor(str(loc_onnx)), tmp_path / "spool2", ("DEST", "127.0.0.1", destination.port), quiet=0.0)

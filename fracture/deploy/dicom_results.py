@@ -8,9 +8,10 @@ Every UID is derived from the sources and the model, so a result set rebuilt aft
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ SERIES_DESCRIPTION = "fracture AI results - research use, not for diagnosis"
 SCHEME = "99FRACTURE"  # private codes live only under a 99-prefixed coding scheme (PS3.16 8.2)
 LAYER_COLOURS = {"screening": (97.0, -22.0, 94.0), "balanced": (54.0, 80.0, 67.0), "default": (54.0, 80.0, 67.0)}  # CIELab: yellow, red
 SC_COLOURS = {"screening": (0, 230, 255), "balanced": (40, 40, 255), "default": (40, 40, 255)}  # BGR for the burnt-in copy
+log = logging.getLogger("fracture.dicom")
 SC_MAX_SIDE = 2048  # a Secondary Capture is for looking at: larger pictures are scaled down (its boxes with them)
 
 
@@ -226,12 +228,26 @@ class ResultWriter:
             if r.prediction.error:  # nothing to draw on: the SR lists it as not read, with the reason
                 continue
             if grey(r.header):  # a colour source (a screenshot as Secondary Capture) gets its boxes in the SR and SC only
-                yield "gsps", self.presentation_state(r, series, 2 + 2 * i)
+                gsps = _or_none(lambda: self.presentation_state(r, series, 2 + 2 * i), "presentation state", i)
+                if gsps is not None:
+                    yield "gsps", gsps
             if self.secondary_capture and r.source is not None and id(r) in fresh:
-                picture = preprocess.read_image(r.source, **({"max_bytes": max_bytes} if max_bytes else {}))
-                yield "sc", self.capture(r, picture, series, 3 + 2 * i)
-                del picture
+                sc = _or_none(lambda: self.capture(r, preprocess.read_image(r.source, **({"max_bytes": max_bytes} if max_bytes else {})),
+                                                   series, 3 + 2 * i), "secondary capture", i)
+                if sc is not None:
+                    yield "sc", sc
         yield "sr", self.report(every, series, key, predecessors)
+
+
+def _or_none(build: Callable[[], object], what: str, index: int) -> object | None:
+    """One image's presentation state or capture, or None with a log line: a header one library will not copy
+    must not cost the rest of the study its answer (the SR still holds that image's probability and boxes). The
+    line names the exception's type only: its text may quote patient data."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - highdicom and pydicom raise many types for headers they refuse
+        log.warning("image %d of the study: no %s (%s); its answer is in the SR", index + 1, what, type(exc).__name__)
+        return None
 
 
 def grey(header: object) -> bool:

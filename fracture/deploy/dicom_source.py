@@ -33,17 +33,24 @@ def header_of(ds: object) -> object:
     real archives hold but highdicom refuses to copy emptied (a date "2023-01-01", a time "12:00", a sex "U");
     text decoded from the source's character set, to be written in UTF-8. Raises ValueError without the UIDs
     an answer must refer to."""
+    from pydicom.config import RAISE
     from pydicom.dataset import Dataset
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import validate_value
 
     header = Dataset()
     for element in ds:
         bulk = element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and len(element.value or b"") > 1024
         if (element.tag.group > 0x0002 and element.tag.group != 0x7FE0 and not 0x6000 <= element.tag.group <= 0x60FF and not bulk
                 and element.keyword not in ("SpecificCharacterSet", "IconImageSequence")):  # no pixels, overlays, icons, blobs
-            header.add(element)
+            header.add(copy.copy(element))  # values below are replaced in the copy, never in the source's dataset
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not str(header.get(k, "") or "")]
     if missing:
         raise ValueError(f"no {', '.join(missing)}: nothing an answer could refer to")
+    invalid = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+               if len(str(header[k].value)) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", str(header[k].value))]
+    if invalid:  # answers must quote it, and could not (a UI is at most 64 digits and dots; a leading zero, seen in old archives, passes)
+        raise ValueError(f"{', '.join(invalid)} not a valid DICOM UID")
     header.SpecificCharacterSet = "ISO_IR 192"  # every name and text decoded above, whatever the source's set was
     for keyword in TYPE_2:
         if keyword not in header:
@@ -51,6 +58,13 @@ def header_of(ds: object) -> object:
     for keyword, pattern in [*((k, r"\d{8}") for k in DATES), *((k, r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?") for k in TIMES)]:
         if keyword in header and not re.fullmatch(pattern, str(header[keyword].value or "").strip()):
             setattr(header, keyword, "")
+    for element in header:  # an age, a number or a date-time no reader could parse (an age "abc", a height "NaN") is emptied
+        if element.VR in ("AS", "DS", "IS", "DT") and element.value not in (None, ""):
+            try:
+                for value in element.value if isinstance(element.value, MultiValue) else [element.value]:
+                    validate_value(element.VR, str(value), RAISE)  # the text as written (DSfloat keeps it)
+            except ValueError:
+                element.value = None
     if str(header.get("PatientSex", "") or "").upper() not in ("M", "F", "O"):
         header.PatientSex = ""
     if "VOILUTSequence" in header:  # a VOI LUT table as pydicom reads it (US: a list) → the OW bytes highdicom copies

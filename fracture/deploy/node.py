@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from pathlib import Path
@@ -95,7 +96,7 @@ class Node:
             return refuse(OUT_OF_RESOURCES, f"{size / 2**20:.1f} MB, over the {self.predictor.max_bytes / 2**20:.0f} MB decode budget")
         data = path.read_bytes()
         try:
-            header = dicom.read_header(data)
+            header = dicom.read_header(data, "instance.dcm")
             if str(header.get("Manufacturer", "")) == "fracture" and str(header.get("SeriesDescription", "")) == SERIES_DESCRIPTION:
                 log.info("ignored an instance from %s: one of this node's own answers (a routing rule sent it back)", caller)
                 return SUCCESS  # acknowledged, so the PACS does not retry it; answering it would answer forever
@@ -216,10 +217,14 @@ class Node:
                     self.last_seen.setdefault(study, time.monotonic())
                 return
             self.attempts[study] = self.attempts.get(study, 0) + 1
-            log.exception("could not answer study %s (attempt %d of %d)", study, self.attempts[study], attempts)
+            frame = traceback.extract_tb(exc.__traceback__)[-1]  # the type and place, not the text: it may quote patient data
+            log.error("could not answer study %s (attempt %d of %d): %s at %s:%d", study, self.attempts[study], attempts,
+                      type(exc).__name__, Path(frame.filename).name, frame.lineno)
+            log.debug("the exception in full", exc_info=exc)
             if self.attempts[study] >= attempts:
                 where = self.spool.set_aside(study)
-                log.error("study %s set aside after %d attempts: its instances are kept in %s", study, attempts, where)
+                log.error("study %s set aside after %d attempts: its instances are kept in %s (`python -m fracture.predict MODEL "
+                          "FILES --dicom-out DIR` on them shows the reason in full)", study, attempts, where)
                 self.attempts.pop(study)
             else:
                 with self.lock:

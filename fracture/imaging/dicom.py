@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 from pathlib import Path
@@ -58,9 +59,25 @@ def read_header(data: bytes, path: str | os.PathLike = "instance") -> object:
     import pydicom
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError(f"{path}: unreadable DICOM header ({type(exc).__name__})") from None
+    if _depth(ds) > MAX_NESTING:  # every library that copies or serialises it recurses, and runs out of stack later
+        raise ImageError(f"{path}: DICOM header with sequences nested over {MAX_NESTING} deep")
+    return ds
+
+
+MAX_NESTING = 16  # a radiograph's header nests 3 or 4 deep (a code sequence inside a view's, ...)
+
+
+def _depth(ds: object) -> int:
+    """How deep a dataset's sequences nest, walked without recursion (stops counting past the limit)."""
+    deepest, todo = 0, [(ds, 0)]
+    while todo and deepest <= MAX_NESTING:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo.extend((nested, depth + 1) for element in item if element.VR == "SQ" for nested in element.value or [])
+    return deepest
 
 
 def transfer_syntax(data: bytes) -> str:
@@ -182,6 +199,18 @@ def _check_pixel_data(path: Path, ds: object, syntax: str, rows: int, cols: int,
                          f"header {cols}x{rows} with {samples}: refused before decoding")
 
 
+def _check_display_values(ds: object) -> None:
+    """A rescale or window that is not a finite number (or a zero slope) would turn every pixel into one value or
+    NaN, and the model would be shown a blank picture: refused instead (the caller gives the reason)."""
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        if not all(math.isfinite(float(v)) for v in values) or (keyword == "RescaleSlope" and float(values[0]) == 0):
+            raise ValueError(f"{keyword} is not a usable number")
+
+
 def _display(ds: object, pixels: np.ndarray, photometric: str) -> np.ndarray:
     """Decoded pixels → the ``uint8`` grey picture a viewer shows."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -190,6 +219,7 @@ def _display(ds: object, pixels: np.ndarray, photometric: str) -> np.ndarray:
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:
         return cv2.cvtColor(to_uint8(pixels), cv2.COLOR_RGB2GRAY)  # pydicom returns RGB (YBR converted)
+    _check_display_values(ds)
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
         lo, hi = 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
