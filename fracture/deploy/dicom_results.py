@@ -24,12 +24,12 @@ from fracture.deploy.predictor import Prediction, Predictor
 from fracture.imaging import preprocess
 from fracture.scoring import metrics
 
+log = logging.getLogger("fracture.dicom")
 NOTICE = "Research tool, not for diagnosis"
 SERIES_DESCRIPTION = "fracture AI results - research use, not for diagnosis"
 SCHEME = "99FRACTURE"  # private codes live only under a 99-prefixed coding scheme (PS3.16 8.2)
 LAYER_COLOURS = {"screening": (97.0, -22.0, 94.0), "balanced": (54.0, 80.0, 67.0), "default": (54.0, 80.0, 67.0)}  # CIELab: yellow, red
 SC_COLOURS = {"screening": (0, 230, 255), "balanced": (40, 40, 255), "default": (40, 40, 255)}  # BGR for the burnt-in copy
-log = logging.getLogger("fracture.dicom")
 SC_MAX_SIDE = 2048  # a Secondary Capture is for looking at: larger pictures are scaled down (its boxes with them)
 
 

@@ -202,11 +202,13 @@ def _check_pixel_data(path: Path, ds: object, syntax: str, rows: int, cols: int,
 def _check_display_values(ds: object) -> None:
     """A rescale or window that is not a finite number (or a zero slope) would turn every pixel into one value or
     NaN, and the model would be shown a blank picture: refused instead (the caller gives the reason)."""
+    from pydicom.multival import MultiValue
+
     for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
         value = ds.get(keyword)
         if value is None or value == "":
             continue
-        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
         if not all(math.isfinite(float(v)) for v in values) or (keyword == "RescaleSlope" and float(values[0]) == 0):
             raise ValueError(f"{keyword} is not a usable number")
 
