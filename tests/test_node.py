@@ -243,6 +243,58 @@ def test_idle_associations_and_silent_connections_cannot_block_a_real_sender(loc
         stop(node)
 
 
+def test_a_pdu_declaring_gigabytes_or_trickling_in_is_cut_off(loc_onnx: Path, destination, tmp_path: Path) -> None:
+    """pynetdicom reads a PDU whole, of any declared length, and waits as long as bytes trickle in: before the node
+    bounded its reads, a 2 GB association request streamed at it grew the node by 600 MB, and two requests
+    trickling a byte every 0.5 s held both slots of a cap of 2 for as long as they liked."""
+    import socket
+    import struct
+    import threading
+
+    from pacs import echo
+
+    port = free_port()
+    node = start_node(loc_onnx, tmp_path / "spool", f"DEST@127.0.0.1:{destination.port}", port, "--max-associations", "2", "--timeout", "2")
+    trickling = []
+    try:
+        big = socket.create_connection(("127.0.0.1", port))
+        big.sendall(struct.pack(">BBL", 1, 0, 2**31))  # A-ASSOCIATE-RQ, 2 GB long
+        sent, chunk = 0, b"\0" * (1 << 20)
+        with pytest.raises(OSError):  # the node closes the connection ...
+            while sent < 256 << 20:
+                big.sendall(chunk)
+                sent += len(chunk)
+        assert sent < 32 << 20  # ... long before it could have been read into memory
+        big.close()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(struct.pack(">BBL", 1, 0, 1000))
+            trickling.append(s)
+
+        def trickle(s: socket.socket) -> None:
+            try:
+                for _ in range(120):
+                    s.sendall(b"\0")
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+        for s in trickling:
+            threading.Thread(target=trickle, args=(s,), daemon=True).start()
+        end = time.monotonic() + 20
+        while not echo(port) and time.monotonic() < end:
+            time.sleep(0.5)
+        assert time.monotonic() < end, "two trickling requests still hold both slots"
+        assert send(study_files(1, seed=80), port) == [0]
+    finally:
+        for s in trickling:
+            s.close()
+        stop(node)
+    log = (tmp_path / "node.log").read_text()
+    assert "a PDU of 2147483648 bytes, over the 1048576 this node reads" in log
+    assert log.count("a PDU still arriving after 2 s") >= 2 and "Traceback" not in log
+
+
 def test_the_node_benchmark_loses_nothing_at_two_senders_by_three_studies(loc_onnx: Path, tmp_path: Path) -> None:
     """CI's small run of ``scripts/benchmark_node.py`` (the full one is 4 x 25): every object arrives, once."""
     import json

@@ -30,6 +30,7 @@ import weakref
 from pathlib import Path
 
 from fracture.deploy import spool as spooling
+from fracture.deploy.connections import bound_pdu_reads
 from fracture.deploy.dicom_results import SERIES_DESCRIPTION, ImageResult, ResultWriter
 from fracture.deploy.dicom_source import header_of, set_key, set_uids
 from fracture.deploy.forward import PRODUCED, Forwarder, parse_destination
@@ -165,7 +166,7 @@ class Node:
             ae.add_supported_context(sop_class, SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification: C-ECHO
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected),
-                    (evt.EVT_DATA_RECV, self.on_data)]
+                    (evt.EVT_DATA_RECV, self.on_data), (evt.EVT_CONN_OPEN, lambda event: bound_pdu_reads(event.assoc, self.timeout))]
         self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
         self.threads = [threading.Thread(target=self.work, name="answer", daemon=True),
                         threading.Thread(target=self.forwarder.run, args=(self.stop,), name="deliver", daemon=True)]
