@@ -41,9 +41,10 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def make_studies(n: int, images: int, size: int, seed: int, real: list[Path] | None = None) -> list[list[bytes]]:
+def make_studies(n: int, images: int, size: int, seed: int, real: list[Path] | None = None, blob_mb: int = 0) -> list[list[bytes]]:
     """``n`` studies of ``images`` 12-bit DX each: synthetic pictures, or the next of ``real`` radiographs (read
-    through the gate, as they are)."""
+    through the gate, as they are); each with a private blob of ``blob_mb`` MB when asked (as some modalities
+    carry raw data or vendor previews in private tags)."""
     from pydicom.uid import generate_uid
 
     from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
@@ -59,8 +60,23 @@ def make_studies(n: int, images: int, size: int, seed: int, real: list[Path] | N
         else:
             pictures = [np.rint(255 * radiograph_and_boxes(rng, bool(rng.random() < 0.5), str(rng.choice(FRACTURE_TYPES)), shape=shape)[0])
                         .astype(np.uint8) for _ in range(images)]
-        out.append([pacs.radiograph(p, uid, PatientID=f"bench{seed}-{s}") for p in pictures])
+        out.append([with_blob(pacs.radiograph(p, uid, PatientID=f"bench{seed}-{s}"), blob_mb) for p in pictures])
     return out
+
+
+def with_blob(data: bytes, mb: int) -> bytes:
+    if not mb:
+        return data
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.add_new((0x0009, 0x0010), "LO", "FRACTURE BENCH")
+    ds.add_new((0x0009, 0x1001), "OB", bytes(mb << 20))
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def dciodvfy_errors(datasets: list, folder: Path) -> list[str]:
@@ -91,6 +107,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for answers after this many seconds")
     parser.add_argument("--alone", type=int, default=3, help="studies sent one at a time first, each answered before the next (latency without a queue)")
     parser.add_argument("--pictures", type=Path, help="a folder of real radiographs to send (as 12-bit DX) instead of synthetic ones")
+    parser.add_argument("--blob-mb", type=int, default=0, help="a private blob of this many MB in each instance (memory under large files)")
     parser.add_argument("--validate", action="store_true", help="run dciodvfy (dicom3tools) on every object received and count its errors")
     parser.add_argument("--json", type=Path, help="write the figures here")
     ns = parser.parse_args(args)
@@ -103,7 +120,7 @@ def main(args: list[str] | None = None) -> int:
         np.random.default_rng(0).shuffle(real)
         if len(real) < ns.senders * ns.studies * ns.images:
             parser.error(f"{ns.pictures} holds {len(real)} images; {ns.senders * ns.studies * ns.images} are needed")
-    batches = [make_studies(ns.studies, ns.images, ns.size, seed, real) for seed in range(ns.senders)]
+    batches = [make_studies(ns.studies, ns.images, ns.size, seed, real, ns.blob_mb) for seed in range(ns.senders)]
     study_of = {}
     import io
 

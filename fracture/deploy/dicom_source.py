@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fracture.imaging import dicom
+
 OUT_OF_SCOPE_PARTS = {"CHEST", "SKULL", "HEAD", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "COCCYX"}
 UID_NAMESPACE = uuid.UUID("5d2f6c1e-8a41-5b7e-9c3d-f4a0e2b1c7d8")  # this project's name-based UUIDs (any fixed value works)
 
@@ -39,7 +41,7 @@ def header_of(ds: object) -> object:
     from pydicom.valuerep import validate_value
 
     header = Dataset()
-    for element in ds:
+    for element in dicom.loaded_elements(ds):  # a value the header read left deferred (over 1 MB) is a blob, never copied
         bulk = element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and len(element.value or b"") > 1024
         if (element.tag.group > 0x0002 and element.tag.group != 0x7FE0 and not 0x6000 <= element.tag.group <= 0x60FF and not bulk
                 and element.keyword not in ("SpecificCharacterSet", "IconImageSequence")):  # no pixels, overlays, icons, blobs

@@ -95,31 +95,31 @@ class Node:
         size = path.stat().st_size
         if size > self.predictor.max_bytes:
             return refuse(OUT_OF_RESOURCES, f"{size / 2**20:.1f} MB, over the {self.predictor.max_bytes / 2**20:.0f} MB decode budget")
-        data = path.read_bytes()
-        try:
-            header = dicom.read_header(data, "instance.dcm")
-            if str(header.get("Manufacturer", "")) == "fracture" and str(header.get("SeriesDescription", "")) == SERIES_DESCRIPTION:
-                log.info("ignored an instance from %s: one of this node's own answers (a routing rule sent it back)", caller)
-                return SUCCESS  # acknowledged, so the PACS does not retry it; answering it would answer forever
-            if str(header.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
-                return refuse(CANNOT_UNDERSTAND, "for-processing data: not what the model was trained on")
-            with self.decoding:
+        with self.decoding:  # its bytes, header and decode: at most --decode-slots instances in memory at once
+            data = path.read_bytes()
+            try:
+                header = dicom.read_header(data, "instance.dcm")
+                if str(header.get("Manufacturer", "")) == "fracture" and str(header.get("SeriesDescription", "")) == SERIES_DESCRIPTION:
+                    log.info("ignored an instance from %s: one of this node's own answers (a routing rule sent it back)", caller)
+                    return SUCCESS  # acknowledged, so the PACS does not retry it; answering it would answer forever
+                if str(header.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
+                    return refuse(CANNOT_UNDERSTAND, "for-processing data: not what the model was trained on")
                 preprocess.gate(data, "instance.dcm", contract=self.predictor.contract, max_bytes=self.predictor.max_bytes)
-            header_of(header)  # what every answer copies from it: the UIDs it must refer to
-            study, instance = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
-        except ImageError as exc:
-            return refuse(CANNOT_UNDERSTAND, str(exc).removeprefix("instance.dcm: "))
-        except ValueError as exc:
-            return refuse(CANNOT_UNDERSTAND, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert: a reason, not a traceback
-            return refuse(CANNOT_UNDERSTAND, f"a header this node cannot copy ({type(exc).__name__})")
-        free = shutil.disk_usage(self.spool.root).free
-        if free - len(data) < self.min_free:  # the sender keeps it and retries later; answers still need room to be written
-            return refuse(OUT_OF_RESOURCES, f"spool disk nearly full ({free / 2**20:.0f} MB free)")
-        try:
-            self.spool.receive(study, instance, data)  # on disk before the answer below leaves
-        except OSError as exc:
-            return refuse(OUT_OF_RESOURCES, f"could not write the spool ({exc.strerror or type(exc).__name__})")
+                header_of(header)  # what every answer copies from it: the UIDs it must refer to
+                study, instance = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+            except ImageError as exc:
+                return refuse(CANNOT_UNDERSTAND, str(exc).removeprefix("instance.dcm: "))
+            except ValueError as exc:
+                return refuse(CANNOT_UNDERSTAND, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a header value pydicom cannot convert: a reason, not a traceback
+                return refuse(CANNOT_UNDERSTAND, f"a header this node cannot copy ({type(exc).__name__})")
+            free = shutil.disk_usage(self.spool.root).free
+            if free - len(data) < self.min_free:  # the sender keeps it and retries later; answers still need room to be written
+                return refuse(OUT_OF_RESOURCES, f"spool disk nearly full ({free / 2**20:.0f} MB free)")
+            try:
+                self.spool.receive(study, instance, data)  # on disk before the answer below leaves
+            except OSError as exc:
+                return refuse(OUT_OF_RESOURCES, f"could not write the spool ({exc.strerror or type(exc).__name__})")
         with self.lock:
             self.last_seen[spooling.digest(study)] = time.monotonic()
         log.info("received instance %s of study %s from %s (%s, %s)", spooling.digest(instance), spooling.digest(study), caller,

@@ -6,6 +6,7 @@ import io
 import math
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -59,7 +60,7 @@ def read_header(data: bytes, path: str | os.PathLike = "instance") -> object:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, defer_size=DEFER_SIZE)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError(f"{path}: unreadable DICOM header ({type(exc).__name__})") from None
     if _depth(ds) > MAX_NESTING:  # every library that copies or serialises it recurses, and runs out of stack later
@@ -68,6 +69,18 @@ def read_header(data: bytes, path: str | os.PathLike = "instance") -> object:
 
 
 MAX_NESTING = 16  # a radiograph's header nests 3 or 4 deep (a code sequence inside a view's, ...)
+# Values over this size are left in the bytes until asked for (pydicom's deferred reading): a private blob of
+# hundreds of MB is then never copied, by the gate or by a header read. Pixel data is asked for; VOI LUT tables
+# (128 KB at 16 bits) stay under it.
+DEFER_SIZE = 1 << 20
+
+
+def loaded_elements(ds: object) -> Iterator:
+    """A dataset's elements, leaving out values deferred by ``DEFER_SIZE``: iterating a dataset reads them all."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not (getattr(raw, "value", 0) is None and getattr(raw, "length", 0) > DEFER_SIZE):
+            yield ds[tag]
 
 
 def _depth(ds: object) -> int:
@@ -76,7 +89,7 @@ def _depth(ds: object) -> int:
     while todo and deepest <= MAX_NESTING:
         item, depth = todo.pop()
         deepest = max(deepest, depth)
-        todo.extend((nested, depth + 1) for element in item if element.VR == "SQ" for nested in element.value or [])
+        todo.extend((nested, depth + 1) for element in loaded_elements(item) if element.VR == "SQ" for nested in element.value or [])
     return deepest
 
 
@@ -96,9 +109,9 @@ def _dataset(path: Path, data: bytes):
 
     try:
         try:
-            return pydicom.dcmread(io.BytesIO(data))
+            return pydicom.dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
         except pydicom.errors.InvalidDicomError:  # no 128-byte preamble and "DICM": many PACS exports; the suffix said DICOM
-            return pydicom.dcmread(io.BytesIO(data), force=True)
+            return pydicom.dcmread(io.BytesIO(data), force=True, defer_size=DEFER_SIZE)
     except Exception as exc:  # pydicom raises many types for broken files
         raise ImageError(f"{path}: unreadable DICOM ({type(exc).__name__})") from None
 
