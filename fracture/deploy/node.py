@@ -295,10 +295,10 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--allow", nargs="+", metavar="AE", help="calling AE titles allowed to send (default: any)")
     parser.add_argument("--no-secondary-capture", action="store_true", help="answer with the SR and presentation states only")
     parser.add_argument("--max-associations", type=int, default=8, help="associations at once; more are refused (default 8)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="network, ACSE and DIMSE timeouts in seconds: an idle or stalled "
-                        "association is closed after this and frees its slot (default 30)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="network, ACSE and DIMSE timeouts in seconds, and the most one PDU "
+                        "may take to arrive: an idle, stalled or trickling association is closed after this and frees its slot (default 30)")
     parser.add_argument("--max-decode-mb", type=float, default=budget.DEFAULT_MAX_DECODE_MB, help="memory one instance's decode may hold")
-    parser.add_argument("--decode-slots", type=int, default=2, help="instances decoded at once while receiving (memory: slots x budget)")
+    parser.add_argument("--decode-slots", type=int, default=2, help="instances read and decoded at once while receiving (memory: slots x budget)")
     parser.add_argument("--retry-max", type=float, default=300.0, help="longest wait between delivery attempts in seconds (default 300)")
     parser.add_argument("--keep-days", type=float, default=30.0, help="how long a study's answer is remembered, so that a late image supersedes it")
     parser.add_argument("--min-free-mb", type=float, default=1024.0, help="disk space the spool keeps free: below it an instance is refused "
