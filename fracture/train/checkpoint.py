@@ -132,6 +132,13 @@ def narrow(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
     return {"before": os.path.getsize(src), "after": os.path.getsize(dst)}
 
 
+def epochs_done(ckpt: str | os.PathLike) -> int:
+    """How many training epochs a checkpoint's run has finished (what a multi-stage recipe checks before moving on)."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", checkpoint.get("epoch", -1) + 1))
+
+
 def main(args: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -141,7 +148,16 @@ def main(args: list[str] | None = None) -> int:
     small = sub.add_parser("narrow", help=narrow.__doc__.split(".")[0])
     small.add_argument("src")
     small.add_argument("dst")
+    count = sub.add_parser("epochs", help="print how many training epochs a checkpoint's run has finished")
+    count.add_argument("ckpt")
     ns = parser.parse_args(args)
+    if ns.command == "epochs":
+        try:
+            print(epochs_done(ns.ckpt))
+        except (OSError, RuntimeError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         sizes = narrow(ns.src, ns.dst)
         load_classifier(ns.dst)  # still loads

@@ -116,7 +116,10 @@ class FractureCLI(LightningCLI):
         parser.link_arguments("data.reduced_decode", "model.reduced_decode")
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: config name + time)")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="where run folders go")
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from a .ckpt, or 'last' for the latest run's last.ckpt")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from a .ckpt; 'last': the newest run's last.ckpt; 'auto' (needs --run_name): that run's "
+                                 "last.ckpt if it has one, else a new run (with --init_from's weights if given) — a rerun of the "
+                                 "same command resumes it, which a multi-stage recipe needs")
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="start a new run from a checkpoint's network weights (same network, preprocessing and split; "
                                  "fresh optimiser, schedule and epochs; the input size may change unless the head depends on it)")
@@ -132,6 +135,11 @@ class FractureCLI(LightningCLI):
         ckpt = cfg["ckpt_path"]
         # a DDP child process (LOCAL_RANK > 0) joins the run folder its parent chose
         name = cfg["run_name"] or (os.environ.get(RUN_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None)
+        if ckpt == "auto":
+            if not cfg["run_name"]:
+                raise DatasetError("--ckpt_path auto resumes the run --run_name names: give --run_name")
+            last = Path(cfg["output_dir"]) / name / "last.ckpt"
+            ckpt = str(last) if last.is_file() else None
         if ckpt == "last" and not name:
             last = newest(cfg["output_dir"], "last.ckpt")
             if last is None:
@@ -262,9 +270,10 @@ def main(args: list[str] | None = None) -> int:
         resume = cli.resume
         if resume == "last":
             resume = str(cli.run_dir / "last.ckpt")
-        if cli.config["init_from"]:
-            if resume:
-                raise DatasetError("--init_from starts a new run from a checkpoint's weights, --ckpt_path resumes a run: give one")
+        if cli.config["init_from"] and resume and cli.config["ckpt_path"] != "auto":
+            raise DatasetError("--init_from starts a new run from a checkpoint's weights, --ckpt_path resumes a run: give one "
+                               "(or --ckpt_path auto: resume the named run if it has a last.ckpt, else start it from --init_from)")
+        if cli.config["init_from"] and not resume:
             for warning in initialise_from(cli.model, cli.config["init_from"], {s: t["path"].tolist() for s, t in tables.items()}):
                 print(f"warning: {warning}", file=sys.stderr)
         if trainer.is_global_zero:
