@@ -15,7 +15,8 @@ from test_predict import BLOCKER
 
 from fracture.deploy.calibrate import list_sha256, main
 from fracture.deploy.predict import _csv_images, read_labels
-from fracture.deploy.predictor import Predictor, file_sha256
+from fracture.deploy.metadata import file_sha256
+from fracture.deploy.predictor import Predictor
 from fracture.scoring import metrics
 
 BLOCKED_CALIBRATE = BLOCKER + "from fracture.deploy.calibrate import main\nsys.exit(main(sys.argv[1:]))\n"

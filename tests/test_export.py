@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fracture.deploy.predictor import file_sha256 as sha256
+from fracture.deploy.metadata import file_sha256 as sha256
 from fracture.export import export as export_mod
 from fracture.export import graph
 from fracture.export.export import export

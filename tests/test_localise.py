@@ -20,7 +20,7 @@ from test_predict import BLOCK_TRAINING_LIBS
 
 from fracture.boxes import detection, heatmap
 from fracture.data.synth import radiograph_and_boxes, write_dataset
-from fracture.deploy.predictor import file_sha256
+from fracture.deploy.metadata import file_sha256
 from fracture.export.export import export
 from fracture.export.graph import Deployable
 from fracture.export.quantize import quantize_int8

@@ -24,7 +24,8 @@ from conftest import REPO
 from test_predict import BLOCKER
 
 from fracture.boxes import heatmap
-from fracture.deploy.predictor import Predictor, file_sha256
+from fracture.deploy.metadata import file_sha256
+from fracture.deploy.predictor import Predictor
 from fracture.imaging import preprocess
 
 pytest.importorskip("starlette")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from fracture.deploy.predict import _csv_images, read_labels
-from fracture.deploy.predictor import METADATA_KEY, ModelError, Predictor
+from fracture.deploy.metadata import write as write_metadata
+from fracture.deploy.predictor import ModelError, Predictor
 from fracture.scoring import metrics
 
 MIN_LABELLED = 20  # fewer images, or fewer than 5 of a class, cannot place a threshold worth shipping
@@ -100,26 +100,6 @@ def calibrate(model: Path, labelled: Path, out: Path, screening_sensitivity: flo
             "calibrations": [*predictor.metadata.get("calibrations", []), record]}
     write_metadata(model, out, meta)
     return record
-
-
-def write_metadata(model: Path, out: Path, meta: dict[str, Any]) -> None:
-    """A copy of ``model`` with new ``fracture`` metadata, checked and installed atomically."""
-    import onnx
-
-    proto = onnx.load(str(model))
-    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
-    del proto.metadata_props[:]
-    for p in kept:
-        proto.metadata_props.add(key=p.key, value=p.value)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def study_answer(predictor: Predictor, results: Sequence[ImageResult]) -> tuple[
     probs = np.array([r.prediction.probability for r in results if not r.prediction.error], float)
     if not len(probs):
         return None
-    method = predictor.metadata.get("study_aggregation", {}).get("method", "max")
+    method = predictor.meta.study_method
     _, aggregated, _ = metrics.aggregate_studies(probs, np.zeros(len(probs), int), method)
     return float(aggregated[0]), method
 

@@ -262,7 +262,7 @@ def main(args: list[str] | None = None) -> int:
     print(f"{len(rows) - len(failed)} predicted, {len(failed)} failed; threshold {threshold[1]:.4f} ({threshold[0]})", file=sys.stderr)
     if ns.out:
         print(f"wrote {ns.out}", file=sys.stderr)
-    method = predictor.metadata.get("study_aggregation", {}).get("method", "max")
+    method = predictor.meta.study_method
     earlier = list({r.path: r for r in writer.previous_rows}.values()) if writer is not None else []
     every = earlier + rows
     studies = study_rows(every, study_keys(ns.inputs, [r.path for r in every], ns.study_column), method, threshold[1])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,20 +12,11 @@ import numpy as np
 import onnxruntime as ort
 
 from fracture.boxes import detection, heatmap
+from fracture.deploy.metadata import METADATA_KEY, MetadataError, ModelMetadata, file_sha256
 from fracture.imaging import preprocess
 from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
-from fracture.imaging.contract import Contract
 from fracture.progress import progress
 
-METADATA_KEY = "fracture"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelError(Exception):
@@ -70,15 +59,13 @@ class Predictor:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types for broken files
             raise ModelError(f"{path}: not a loadable ONNX model, truncated or corrupt? ({str(exc).splitlines()[0][:200]})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise ModelError(f"{path}: no '{METADATA_KEY}' metadata; export models with `python -m fracture.export`")
         try:
-            self.metadata = json.loads(raw)
-            self.contract = Contract.from_dict(self.metadata["contract"])
-            self.thresholds = {str(k): float(v) for k, v in self.metadata["thresholds"].items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"{path}: malformed '{METADATA_KEY}' metadata ({exc})") from None
+            self.meta = ModelMetadata.from_json(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+        except MetadataError as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        self.metadata = self.meta.fields  # the whole entry as written (provenance, quantisation, release), read-only by convention
+        self.contract = self.meta.contract
+        self.thresholds = dict(self.meta.thresholds)
         self._check_graph(path)
         self.threads = threads or os.cpu_count() or 1
         self.sha256 = file_sha256(path)
@@ -91,7 +78,7 @@ class Predictor:
             raise ModelError(f"{path}: expected one input 'image' and an output 'probability'")
         self.has_map = "map" in outputs
         self.has_heatmap = "heatmap" in outputs or self.has_map
-        self.localisation = self.metadata.get("localisation", {}) if self.has_map else {}
+        self.localisation = self.meta.localisation if self.has_map else {}
         problems = detection.decoding_problems(self.localisation) if self.has_map else []
         if problems:
             raise ModelError(f"{path}: " + "; ".join(problems))

@@ -15,7 +15,6 @@ builds differ in the last bits): docs/release.md says how they were measured. To
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import struct
 import sys
@@ -27,6 +26,8 @@ import cv2
 import numpy as np
 
 from fracture.data.synth import radiograph
+from fracture.deploy import metadata
+from fracture.deploy.metadata import file_sha256
 from fracture.deploy.predictor import Predictor
 
 TOLERANCE = {
@@ -113,8 +114,7 @@ def answers(model: str | Path, paths: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+sha256 = file_sha256
 
 
 def record(model: str | Path) -> dict[str, Any]:
@@ -166,12 +166,9 @@ def check(model: str | Path, recorded: dict[str, Any], tol: dict[str, float] = T
 
 def stamp(model: Path, out: Path, name: str, card: str, commit: str) -> dict[str, Any]:
     """A copy of ``model`` whose metadata names the release, its card and the commit that trained it."""
-    from fracture.deploy.calibrate import write_metadata
-
-    meta = Predictor(model).metadata
-    meta["release"] = {"name": name, "card": card, "training_commit": commit, "source_sha256": sha256(model)}
-    write_metadata(model, out, meta)
-    return meta["release"]
+    release = {"name": name, "card": card, "training_commit": commit, "source_sha256": sha256(model)}
+    metadata.write(model, out, Predictor(model).meta.replace(release=release))
+    return release
 
 
 def main(args: list[str] | None = None) -> int:

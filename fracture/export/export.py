@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fracture.deploy.predictor import file_sha256 as sha256
+from fracture.deploy.metadata import file_sha256 as sha256
 from fracture.export.graph import Deployable, ExportError, check_parity, install, parity_inputs, predict_probabilities, to_onnx, write_metadata
 from fracture.export.quantize import quantize_int8
 from fracture.imaging.contract import Contract

@@ -8,7 +8,6 @@ atomically.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -16,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from fracture.data.synth import radiograph
-from fracture.deploy.predictor import METADATA_KEY  # the reader's key: torch-side may import torch-free, not the reverse
+from fracture.deploy import metadata  # the one writer: torch-side may import torch-free, not the reverse
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract, resize
 from fracture.progress import progress
@@ -121,14 +119,8 @@ def check_parity(onnx_path: Path, module: Deployable, inputs: np.ndarray) -> dic
 
 
 def write_metadata(path: Path, meta: dict[str, Any]) -> None:
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
-    model.producer_name = "fracture"
-    model.doc_string = "Bone-fracture classifier (fractured = positive). Research tool, not a medical device."
-    onnx.save(model, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
+    """Set an exported file's metadata in place (the one writer, fracture.deploy.metadata), naming the producer."""
+    metadata.write(path, path, meta, producer=True)
 
 
 def install(tmp: Path, out: Path) -> None:

@@ -6,7 +6,6 @@ drops by at most 0.01 and no operating point loses more than ``MAX_SENSITIVITY_L
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +16,8 @@ import onnx
 import pandas as pd
 
 from fracture.boxes import detection, heatmap
-from fracture.export.graph import METADATA_KEY, ExportError, install, predict_probabilities, session, write_metadata
+from fracture.deploy.metadata import ModelMetadata
+from fracture.export.graph import ExportError, install, predict_probabilities, write_metadata
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract
 from fracture.scoring import metrics
@@ -122,8 +122,8 @@ def quantize_int8(fp32: Path, out: Path, ckpt: Path, calibration: Path, eval_spl
         raise ExportError(f"--int8-eval {eval_split}: the test split is scored once, for a release's final figure; check INT8 on "
                           "validation (the default: the run's validation split) or another labelled split")
 
-    meta = json.loads(session(fp32).get_modelmeta().custom_metadata_map[METADATA_KEY])
-    contract = Contract.from_dict(meta["contract"])
+    read = ModelMetadata.read(fp32)
+    meta, contract = read.fields, read.contract
     trained = run_split(ckpt, "train")
     if (calibration / "train" / "annotations.csv").is_file():  # its train split, less the run's validation images (the check's)
         calib = read_split(calibration / "train")["path"].tolist()

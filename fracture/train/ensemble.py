@@ -40,7 +40,7 @@ import yaml
 
 from fracture.boxes.detection import describe_boxes
 from fracture.data.annotations import DatasetError
-from fracture.deploy.predictor import file_sha256
+from fracture.deploy.metadata import file_sha256
 from fracture.imaging import preprocess
 from fracture.scoring import metrics, selection
 from fracture.train.checkpoint import CheckpointError, load_classifier
