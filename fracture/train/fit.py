@@ -3,6 +3,7 @@
     python -m fracture.fit --config configs/default.yaml [--trainer.max_epochs 5] [--data.batch_size 64]
     python -m fracture.fit --config configs/default.yaml --ckpt_path last      # resume the latest run
     python -m fracture.fit --config configs/default.yaml --init_from RUN/best-….ckpt   # fine-tune: a new run from its weights
+    python -m fracture.fit … --run_name STAGE --ckpt_path auto [--init_from …]   # resume STAGE if it has a last.ckpt, else start it
 
 Everything a run makes lands in ``<output_dir>/<run_name>/``: ``best-….ckpt``
 (by validation AUROC, or ``--best_by``), ``last.ckpt``, ``config.yaml`` (the resolved config),
