@@ -167,3 +167,15 @@ def test_image_bytes_are_decoded_by_the_gate_only() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module in ("PIL", "PIL.Image", "pydicom", "pydicom.pixels"):
                 found.append(f"{module}: from {node.module} import …")
     assert found == []
+
+
+def test_the_model_files_metadata_has_one_reader_and_one_writer() -> None:
+    """Only deploy.metadata touches an ONNX file's metadata entries: every other module goes through ModelMetadata."""
+    found = []
+    for module in modules():
+        if module == "deploy.metadata":
+            continue
+        for node in ast.walk(ast.parse((REPO / "fracture" / (module.replace(".", "/") + ".py")).read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("metadata_props", "custom_metadata_map", "get_modelmeta"):
+                found.append(f"{module}: {node.attr}")
+    assert found == []

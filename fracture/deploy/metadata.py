@@ -92,6 +92,11 @@ class ModelMetadata:
             raise MetadataError(f"malformed '{METADATA_KEY}' metadata (not JSON: {exc})") from None
 
     @classmethod
+    def from_session(cls, session: Any) -> "ModelMetadata":
+        """The metadata of a loaded onnxruntime session (the predictor's: the file is not read twice)."""
+        return cls.from_json(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+
+    @classmethod
     def read(cls, path: str | os.PathLike) -> "ModelMetadata":
         """The metadata of an ONNX file on disk (the graph's weights are not loaded)."""
         import onnx

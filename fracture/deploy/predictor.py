@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fracture.boxes import detection, heatmap
-from fracture.deploy.metadata import METADATA_KEY, MetadataError, ModelMetadata, file_sha256
+from fracture.deploy.metadata import MetadataError, ModelMetadata, file_sha256
 from fracture.imaging import preprocess
 from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
 from fracture.progress import progress
@@ -60,7 +60,7 @@ class Predictor:
         except Exception as exc:  # onnxruntime raises its own types for broken files
             raise ModelError(f"{path}: not a loadable ONNX model, truncated or corrupt? ({str(exc).splitlines()[0][:200]})") from None
         try:
-            self.meta = ModelMetadata.from_json(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+            self.meta = ModelMetadata.from_session(self.session)
         except MetadataError as exc:
             raise ModelError(f"{path}: {exc}") from None
         self.metadata = self.meta.fields  # the whole entry as written (provenance, quantisation, release), read-only by convention
