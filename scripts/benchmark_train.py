@@ -1,6 +1,6 @@
-"""Training-step speed: fp32 vs bf16-mixed, contiguous vs channels_last, for the seed CNN and resnet18.
+"""Training-step speed: fp32 vs bf16-mixed, contiguous vs channels_last, for the seed CNN, resnet18 and EfficientNet-Lite0.
 
-    python scripts/benchmark_train.py [--image-size 224] [--batch-size 32] [--steps 6] [--device cpu|cuda]
+    python scripts/benchmark_train.py [--nets seed resnet18 lite0] [--image-size 224] [--batch-size 32] [--steps 6] [--device cpu|cuda]
 
 One process, same inputs; forward + backward + optimiser step as in training (Lightning's
 ``bf16-mixed`` is ``torch.autocast`` with bfloat16 around forward and loss). Prints the CPU and
@@ -19,7 +19,10 @@ import torch
 
 from fracture.train.losses import image_loss
 from fracture.train.module import FractureClassifier
-from fracture.train.networks import Network, ResNet, SeedCNN
+from fracture.train.networks import EfficientNetLite, Network, ResNet, SeedCNN
+
+# random-init Lite0: the same arithmetic as the ImageNet weights, without the pretrained extra
+NETS = {"seed": SeedCNN, "resnet18": lambda: ResNet(18), "lite0": lambda: EfficientNetLite(0, pretrained=False)}
 from fracture.train.recipe import Recipe, configure
 
 
@@ -59,6 +62,7 @@ def train_step_rate(net: Network, image_size: int, batch_size: int, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS), help="classifier networks to time (default: all)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
@@ -68,7 +72,7 @@ def main() -> None:
     print(f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; {ns.image_size} px, batch {ns.batch_size}, {ns.steps} timed steps\n")
     print("| network | precision | layout | images/s | × fp32 contiguous |")
     print("|---|---|---|---|---|")
-    for net in (SeedCNN(), ResNet(18)):
+    for net in (NETS[name]() for name in ns.nets):
         base = None
         for precision in ("32", "bf16-mixed"):
             for channels_last in (False, True):
