@@ -17,6 +17,8 @@
 # never the recipe: a stage it cuts short is marked "capped" in stages.tsv, and the card must say so.
 # Precision: bf16-mixed on a CPU with native bf16 (AVX512-BF16/AMX) or a GPU, else fp32; channels_last always
 # (scripts/benchmark_loop.py measures both on the machine at hand).
+# With OUT set (a folder fetched back from a lent GPU), the two checkpoints the release needs are also written there
+# without optimiser state, in fp16, in 15 MiB parts, with the logs (`python -m fracture.train.checkpoint narrow`).
 # WHEELS_DIR: wheels for a machine without an index (scripts/offline_wheels.sh). DRY_RUN=1: the same path with
 # 1 epoch of 3 batches per stage, random-init networks (how the script is checked in minutes).
 set -euo pipefail
@@ -90,4 +92,10 @@ if [ ! -f "$RESULTS/model.done" ]; then
 fi
 for run in classify localise localise-ft; do "$PY" scripts/epoch_summary.py "$RESULTS/$run" || true; done
 column -t -s $'\t' "$RESULTS/stages.tsv"
+if [ -n "${OUT:-}" ]; then  # a lent GPU's way back (at most 64 MiB, 16 MiB a file): the two checkpoints in fp16 parts, the logs
+    "$PY" -m fracture.train.checkpoint narrow "$(ls "$RESULTS"/classify/best-*.ckpt | head -1)" "$OUT/classify-best.ckpt"
+    "$PY" -m fracture.train.checkpoint narrow "$RESULTS/localise-ft/last.ckpt" "$OUT/localise-ft-last.ckpt"
+    for f in "$OUT"/*.ckpt; do split -b 15m "$f" "$f.part-" && rm "$f"; done  # cat NAME.ckpt.part-* > NAME.ckpt
+    tar czf "$OUT/logs.tgz" --exclude='*.ckpt' --exclude='*/tensorboard' --exclude='*.onnx' "$RESULTS"
+fi
 echo "== done: $RESULTS/fp32.onnx and, if its guard held, $RESULTS/fp32.int8.onnx; $((SECONDS - START)) s in this call"
