@@ -20,14 +20,15 @@
 # With OUT set (a folder fetched back from a lent GPU), the two checkpoints the release needs are also written there
 # without optimiser state, in fp16, in 15 MiB parts, with the logs (`python -m fracture.train.checkpoint narrow`).
 # WHEELS_DIR: wheels for a machine without an index (scripts/offline_wheels.sh). DRY_RUN=1: the same path with
-# 1 epoch of 3 batches per stage, random-init networks (how the script is checked in minutes).
+# 1 epoch of 3 batches per stage, random-init networks, in checkpoints/release-dry (how the script is checked in minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: bash scripts/train_release.sh DATA_DIR [SECONDS] [WHEELS_DIR]}
 BUDGET=${2:-9000}
 WHEELS=${3:-data/wheels}
 PY=${PYTHON:-python3}
-RESULTS=${RESULTS:-checkpoints/release}
+# a dry run gets its own folder: its 1-epoch stages, marked done, must never stand in for the real ones
+RESULTS=${RESULTS:-checkpoints/release$([ "${DRY_RUN:-0}" = 1 ] && echo -dry)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }

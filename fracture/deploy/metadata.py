@@ -113,9 +113,10 @@ class ModelMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as written: every field, the typed ones as typed, at the current layout version."""
-        return {**self.fields, "contract": self.contract.to_dict(), "thresholds": dict(self.thresholds),
-                **({"localisation": dict(self.localisation)} if self.localisation or "localisation" in self.fields else {}),
-                "study_aggregation": dict(self.study_aggregation), "metadata_version": METADATA_VERSION}
+        typed = {"contract": self.contract.to_dict(), "thresholds": dict(self.thresholds), "study_aggregation": dict(self.study_aggregation)}
+        if self.localisation:
+            typed["localisation"] = dict(self.localisation)
+        return {**self.fields, **typed, "metadata_version": METADATA_VERSION}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -18,7 +18,6 @@ from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
 from fracture.progress import progress
 
 
-
 class ModelError(Exception):
     """A model file the predictor refuses; printed without a traceback."""
 

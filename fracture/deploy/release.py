@@ -27,7 +27,7 @@ import numpy as np
 
 from fracture.data.synth import radiograph
 from fracture.deploy import metadata
-from fracture.deploy.metadata import file_sha256
+from fracture.deploy.metadata import file_sha256 as sha256
 from fracture.deploy.predictor import Predictor
 
 TOLERANCE = {
@@ -112,9 +112,6 @@ def answers(model: str | Path, paths: list[str]) -> list[dict[str, Any]]:
             item["boxes"] = [[round(float(v), 2) for v in b] for b in (row.boxes or [])]
         out.append(item)
     return out
-
-
-sha256 = file_sha256
 
 
 def record(model: str | Path) -> dict[str, Any]:
