@@ -28,7 +28,7 @@ BUDGET=${2:-9000}
 WHEELS=${3:-data/wheels}
 PY=${PYTHON:-python3}
 # a dry run gets its own folder: its 1-epoch stages, marked done, must never stand in for the real ones
-RESULTS=${RESULTS:-checkpoints/release$([ "${DRY_RUN:-0}" = 1 ] && echo -dry)}
+if [ "${DRY_RUN:-0}" = 1 ]; then RESULTS=${RESULTS:-checkpoints/release-dry}; else RESULTS=${RESULTS:-checkpoints/release}; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
