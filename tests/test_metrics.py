@@ -47,7 +47,7 @@ def test_operating_points_meet_their_definitions() -> None:
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 2, 500)
     probs = 1 / (1 + np.exp(-(labels * 2 - 1 + rng.normal(0, 1.2, 500))))
-    points = metrics.operating_points(probs, labels, min_sensitivity=0.95)
+    points = metrics.operating_points(probs, labels, min_sensitivity=0.95, n_boot=0)  # read off the set itself
     assert points["default"] == 0.5
     at = metrics.binary_metrics(probs, labels, points["screening"])
     assert at["sensitivity"] >= 0.95
@@ -56,6 +56,40 @@ def test_operating_points_meet_their_definitions() -> None:
     youden = lambda t: (lambda m: m["sensitivity"] + m["specificity"])(metrics.binary_metrics(probs, labels, t))  # noqa: E731
     best = max(youden(t) for t in np.r_[np.unique(probs), 0.0] - 1e-9)
     assert youden(points["balanced"]) == pytest.approx(best)
+
+
+def _validation_set(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One validation set drawn from a fixed population: 18 % fractured, scores separated by 2.2 SD."""
+    labels = (rng.random(n) < 0.18).astype(int)
+    return 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2.2 * labels - 1.5))), labels
+
+
+def test_resampled_operating_points_move_less_between_validation_sets_than_points_read_off_one_set() -> None:
+    rng = np.random.default_rng(1)
+    sets = [_validation_set(200, rng) for _ in range(40)]
+    edge = [metrics.operating_points(p, y, 0.95, n_boot=0) for p, y in sets]
+    bagged = [metrics.operating_points(p, y, 0.95) for p, y in sets]
+    for name in ("screening", "balanced"):
+        old, new = np.array([d[name] for d in edge]), np.array([d[name] for d in bagged])
+        assert new.std() < 0.97 * old.std(), name  # the spread a site would see from one small validation set to the next
+        assert abs(new.mean() - old.mean()) < 0.02, name  # steadier, not shifted
+    for (p, y), points in zip(sets, bagged):
+        assert not np.isin([points["screening"], points["balanced"]], p).any()  # never on an observed probability
+        assert metrics.binary_metrics(p, y, points["screening"])["sensitivity"] >= 0.95
+
+
+def test_grouped_resampling_moves_copies_of_one_radiograph_together() -> None:
+    for seed in (2, 3, 4):
+        rng = np.random.default_rng(seed)
+        probs, labels = _validation_set(150, rng)
+        hardest = np.flatnonzero(labels == 1)[np.argmin(probs[labels == 1])]  # the fractured image scored lowest, present 6 times
+        copies = np.r_[probs, np.repeat(probs[hardest], 5)], np.r_[labels, np.ones(5, int)]
+        groups = np.r_[np.arange(150), np.full(5, hardest)]
+        grouped, as_images = metrics.operating_points(*copies, 0.95, groups=groups), metrics.operating_points(*copies, 0.95)
+        assert grouped["balanced"] != as_images["balanced"]  # the unit of resampling is the radiograph, not the file
+        assert grouped == metrics.operating_points(*copies, 0.95, groups=groups)  # seeded: the same set gives the same points
+        for points in (grouped, as_images):  # the screening point never falls short of its target where it was chosen
+            assert metrics.binary_metrics(*copies, points["screening"])["sensitivity"] >= 0.95
 
 
 def test_a_proportion_at_zero_or_one_gets_a_wilson_interval_not_a_zero_width_one() -> None:
@@ -75,7 +109,7 @@ def test_a_proportion_at_zero_or_one_gets_a_wilson_interval_not_a_zero_width_one
 def test_the_screening_point_keeps_images_at_probability_zero() -> None:
     """The lowest validation probability exactly 0.0: the threshold goes under it, so "p > t" still flags them."""
     probs, labels = np.array([0.0, 0.0, 0.3, 0.6]), np.array([1, 0, 0, 1])
-    points = metrics.operating_points(probs, labels, min_sensitivity=1.0)
+    points = metrics.operating_points(probs, labels, min_sensitivity=1.0, n_boot=0)
     flagged = probs > points["screening"]
     assert points["screening"] < 0.0 and flagged[labels == 1].all()
-    assert metrics.operating_points(np.array([0.1, 0.2, 0.3, 0.6]), labels, 1.0)["screening"] == pytest.approx(0.1, abs=1e-5)
+    assert metrics.operating_points(np.array([0.1, 0.2, 0.3, 0.6]), labels, 1.0, n_boot=0)["screening"] == pytest.approx(0.1, abs=1e-5)
