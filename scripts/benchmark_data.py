@@ -17,9 +17,10 @@ import tempfile
 import time
 
 import torch
-from benchmark_train import cpu_name, train_step_rate
+from benchmark_train import train_step_rate
 
 from fracture.data.synth import write_dataset
+from fracture.machine import cpu_name
 from fracture.train.data import FractureDataModule
 from fracture.train.networks import ResNet, SeedCNN
 

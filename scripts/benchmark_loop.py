@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fracture.boxes import detection
+from fracture.machine import cpu_name
 from fracture.train.data import FractureDataModule
 from fracture.train.module import FractureClassifier
 from fracture.train.networks import EfficientNetLite, ResNet
@@ -155,8 +156,7 @@ def main(args: list[str] | None = None) -> int:
         choice[label] = time.perf_counter() - start
     detection.region_peaks = new_peaks
 
-    device = torch.cuda.get_device_name() if ns.device == "cuda" else next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
+    device = torch.cuda.get_device_name() if ns.device == "cuda" else cpu_name()
     epoch = n_train / loop
     print(f"{ns.net} localiser{' (random init)' if ns.scratch else ''}, {ns.image_size} px letterbox, {ns.crop} px crops, batch {ns.batch_size}, "
           f"{ns.precision}, channels_last {ns.channels_last}, augment on {ns.augment_on}, {ns.workers} workers; {device}")

@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -32,13 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pacs", REPO / "tests" / "pacs.py")
 pacs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pacs)
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def make_studies(n: int, images: int, size: int, seed: int, real: list[Path] | None = None, blob_mb: int = 0) -> list[list[bytes]]:
@@ -180,6 +172,8 @@ def main(args: list[str] | None = None) -> int:
     arrived = {str(d.StudyInstanceUID): destination.first_seen[str(d.SOPInstanceUID)] for d in destination.received if d.Modality == "SR"}
     latency = [arrived[s] - last_ack[s] for s in study_of if s in arrived and s in last_ack]
     errors = dciodvfy_errors(destination.received, work) if ns.validate else []
+    from fracture.machine import cpu_name
+
     figures = {
         "cpu": cpu_name(), "cores": os.cpu_count(), "model": ns.model.name, "senders": ns.senders, "studies": len(study_of), "images_per_study": ns.images,
         "size": ns.size, "quiet_s": ns.quiet, "instances_sent": len(statuses), "instances_acknowledged": sum(s == 0 for s in statuses),

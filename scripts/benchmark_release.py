@@ -10,7 +10,6 @@ machine slows both alike; the ratio to the first file is the figure to compare a
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +20,7 @@ import onnxruntime as ort
 from fracture.data.synth import write_jpegs
 from fracture.deploy.predictor import Predictor
 from fracture.imaging import preprocess
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from fracture.machine import cpu_name
 
 
 def main() -> None:

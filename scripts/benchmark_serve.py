@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import onnxruntime as ort
 from fracture.data.synth import write_jpegs
 from fracture.deploy.predictor import Predictor
 from fracture.imaging import preprocess
+from fracture.machine import cpu_name
 
 
 def rss_mb(pid: int) -> float:
@@ -324,11 +324,7 @@ def main() -> int:
     assert not any(r.error for r in rows)
     batch = batching(ns.model, paths, cores)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     meta = predictor.metadata
     print(f"CPU: {cpu}, {cores} cores; onnxruntime {ort.__version__}; model {Path(ns.model).name} ({meta.get('head', 'classify')}, "
           f"{predictor.contract.image_size} px); {len(paths)} distinct images; server --workers {ns.workers}; load generator on the same cores")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import time
 
 import torch
 
+from fracture.machine import cpu_name
 from fracture.train.losses import image_loss
 from fracture.train.module import FractureClassifier
 from fracture.train.networks import EfficientNetLite, Network, ResNet, SeedCNN
@@ -24,13 +24,6 @@ from fracture.train.networks import EfficientNetLite, Network, ResNet, SeedCNN
 # random-init Lite0: the same arithmetic as the ImageNet weights, without the pretrained extra
 NETS = {"seed": SeedCNN, "resnet18": lambda: ResNet(18), "lite0": lambda: EfficientNetLite(0, pretrained=False)}
 from fracture.train.recipe import Recipe, configure
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def train_step_rate(net: Network, image_size: int, batch_size: int, steps: int, precision: str = "32", channels_last: bool = False,

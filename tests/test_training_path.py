@@ -122,6 +122,20 @@ def test_two_process_ddp_with_ema_trains_validates_averaged_weights_and_resumes_
     assert val_auroc_of(run / "last.ckpt", synth_root) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
 
 
+def test_the_machine_is_named_and_its_native_bf16_read_from_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fracture import machine
+
+    lines = {"model name": "Example CPU 9000", "flags": "fpu sse4_2 avx512f amx_bf16 amx_tile"}
+    monkeypatch.setattr(machine, "_cpuinfo", lines.get)
+    assert machine.cpu_name() == "Example CPU 9000" and machine.native_bf16()
+    lines["flags"] = "fpu sse4_2 avx512f avx512bw avx512_vnni"  # AVX-512 without bf16: fp32 trains faster there
+    assert not machine.native_bf16()
+    lines["flags"] = "fpu avx512_bf16"
+    assert machine.native_bf16()
+    monkeypatch.setattr(machine, "_cpuinfo", lambda key: None)  # no /proc/cpuinfo (macOS, Windows)
+    assert machine.cpu_name() and not machine.native_bf16()
+
+
 def test_unset_precision_picks_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(fit, "native_bf16", lambda: True)

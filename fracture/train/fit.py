@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import Logger
 
 from fracture import __version__
 from fracture.data.annotations import DatasetError
+from fracture.machine import native_bf16
 from fracture.scoring import metrics
 from fracture.train.checkpoint import CheckpointError, initialise_from, load_classifier
 from fracture.train.data import FractureDataModule, write_splits
@@ -48,16 +49,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def native_bf16() -> bool:
-    """The CPU computes bf16 natively (AVX512-BF16 or AMX): where bf16-mixed trains 2.1-2.5x faster (README table)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_precision(accelerator: str) -> str:
