@@ -122,6 +122,20 @@ def test_two_process_ddp_with_ema_trains_validates_averaged_weights_and_resumes_
     assert val_auroc_of(run / "last.ckpt", synth_root) == pytest.approx(logs["val/auroc"].dropna().iloc[-1], abs=1e-6)
 
 
+def test_a_fine_tune_naming_imagenet_weights_starts_from_a_checkpoint_that_stores_none() -> None:
+    """A checkpoint stores ``pretrained=False`` (its own weights load without the extra); the release recipe's fine-tune
+    names ``pretrained=True`` like the stage before it. The same architecture either way; another one is refused."""
+    from fracture.train import networks
+
+    stored = networks.EfficientNetLite(head="localise", pretrained=False).config()
+    named = {**stored, "init_args": {**stored["init_args"], "pretrained": True}}
+    assert networks.architecture(stored) == networks.architecture(named)
+    other = {**stored, "init_args": {**stored["init_args"], "variant": 1}}
+    assert networks.architecture(other) != networks.architecture(named)
+    assert networks.architecture({**stored, "init_args": {**stored["init_args"], "head": "classify"}}) != networks.architecture(stored)
+    assert networks.from_config(named).args["pretrained"] is False  # a stored config never asks for the weights package
+
+
 def test_the_machine_is_named_and_its_native_bf16_read_from_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     from fracture import machine
 

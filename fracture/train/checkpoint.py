@@ -71,7 +71,7 @@ def initialise_from(model: FractureClassifier, ckpt: str | os.PathLike, splits: 
         raise CheckpointError(f"{ckpt}: an ensemble of {source.hparams.members} networks; start from one of its members")
     if source.hparams.get("classifier"):
         raise CheckpointError(f"{ckpt}: a localiser with a classifier beside it; start from the localiser's own run")
-    if source.spec.config() != model.spec.config():
+    if networks.architecture(source.spec.config()) != networks.architecture(model.spec.config()):  # the starting weights may differ
         raise CheckpointError(f"{ckpt}: its network {source.spec!r} differs from this run's {model.spec!r}")
     size = model.contract.image_size
     if replace(source.contract, train_crop=None, image_size=size) != replace(model.contract, train_crop=None):  # the crop is a training choice

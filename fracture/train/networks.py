@@ -156,6 +156,16 @@ class EfficientNetLite(Network):
 REGISTRY = {cls.__name__: cls for cls in (SeedCNN, ResNet, Torchvision, EfficientNetLite)}
 
 
+STARTING_WEIGHTS = ("weights", "pretrained")  # where a network's first weights come from: not its architecture
+
+
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """A network config without its starting weights: what must match for trained weights to load into it
+    (a checkpoint stores ``pretrained=False``; a fine-tune started from it may name ``pretrained=True``)."""
+    args = {k: v for k, v in (config.get("init_args") or {}).items() if k not in STARTING_WEIGHTS}
+    return {"class_path": str(config.get("class_path", "")).rsplit(".", 1)[-1], "init_args": args}
+
+
 def from_config(config: dict[str, Any], keep_weights: bool = False) -> Network:
     """``{"class_path", "init_args"}`` → the network; a stored config drops ``weights`` and ``pretrained`` (the
     checkpoint has the trained weights: loading it needs no weights file or package)."""
@@ -163,10 +173,8 @@ def from_config(config: dict[str, Any], keep_weights: bool = False) -> Network:
     if name not in REGISTRY:
         raise ValueError(f"unknown network {config.get('class_path')!r}; available: {', '.join(REGISTRY)}")
     args = dict(config.get("init_args") or {})
-    if not keep_weights and "weights" in args:
-        args["weights"] = None
-    if not keep_weights and "pretrained" in args:
-        args["pretrained"] = False
+    if not keep_weights:
+        args.update({k: None if k == "weights" else False for k in STARTING_WEIGHTS if k in args})
     return REGISTRY[name](**args)
 
 
