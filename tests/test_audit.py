@@ -7,11 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_preprocess import _with_exif_orientation
-
 from fracture.data import audit, duplicates
 from fracture.data.annotations import DatasetError
 from fracture.data.synth import write_dataset
+from fracture.deploy.release import with_exif_orientation
 from fracture.train.data import FractureDataModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas-dev"
@@ -169,7 +168,7 @@ def test_rotated_or_mirrored_re_saves_across_splits_are_refused(planted: Path, h
     turned = {"exif-6": np.rot90(img, 1), "turned-90": np.rot90(img, -1), "mirrored": img[:, ::-1], "turned-270-mirrored": np.rot90(img, 1)[::-1]}[how]
     data = cv2.imencode(".jpg", np.ascontiguousarray(turned), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     if how == "exif-6":  # stored turned a quarter left; orientation 6 shows it upright, as training reads it
-        data = _with_exif_orientation(data, 6)
+        data = with_exif_orientation(data, 6)
         from fracture.imaging import preprocess
 
         assert np.abs(preprocess.decode(data, "x.jpg")[0].astype(int) - img).mean() < 3

@@ -213,14 +213,14 @@ def test_box_text_round_trip_and_refusals() -> None:
 def test_boxes_are_in_the_frame_a_viewer_shows_an_exif_rotated_image(tmp_path: Path, orientation: int) -> None:
     # FracAtlas's two boxed images with EXIF orientation (IMG0002628: 8, IMG0002588: 3) were boxed as a viewer shows
     # them (the box lands on the clavicle only in that frame): pixels and boxes both live in the EXIF-applied frame
-    from test_preprocess import _with_exif_orientation
+    from fracture.deploy.release import with_exif_orientation
 
     viewer = np.full((120, 80), 20, np.uint8)
     box = (0.125, 0.5, 0.3125, 0.6667)  # x 10-25, y 60-80 in the viewer's frame
     viewer[60:80, 10:25] = 250
     raw = next(c for c in (np.rot90(viewer, k) for k in range(4)) if np.array_equal(preprocess.apply_orientation(c, orientation), viewer))
     path = tmp_path / "rotated.jpg"
-    path.write_bytes(_with_exif_orientation(cv2.imencode(".jpg", np.ascontiguousarray(raw), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), orientation))
+    path.write_bytes(with_exif_orientation(cv2.imencode(".jpg", np.ascontiguousarray(raw), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), orientation))
     contract = Contract(image_size=64, resize="letterbox")
     x, [(h, w)] = preprocess.load_batch_with_sizes([str(path)], contract)
     assert (h, w) == (120, 80)  # the size a viewer shows, which normalised boxes refer to

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from fracture.deploy.release import with_exif_orientation
 from fracture.imaging import preprocess
 from fracture.imaging.contract import CONTRACT_VERSION, Contract, geometry, resize
 from fracture.imaging.preprocess import ImageError
@@ -41,20 +42,12 @@ def test_16bit_images_map_by_their_type_so_one_bright_pixel_changes_nothing_else
         assert out[0, 0] == 255 and np.array_equal(out[1:], plain[1:]) and np.array_equal(out[0, 1:], plain[0, 1:])
 
 
-def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
-    import struct
-
-    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation) + struct.pack("<I", 0)
-    app1 = b"Exif\0\0" + tiff
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
-
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_like_a_viewer(tmp_path: Path, orientation: int) -> None:
     img = gradient(40, 64)
     img[:6, :12] = 255  # a corner marker: any wrong turn moves it
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
-    data = _with_exif_orientation(buf.tobytes(), orientation)
+    data = with_exif_orientation(buf.tobytes(), orientation)
     (tmp_path / "x.jpg").write_bytes(data)
     viewer = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)  # OpenCV applies EXIF here
     out = preprocess.read_image(tmp_path / "x.jpg")
