@@ -39,6 +39,11 @@ def code(value: str, meaning: str, scheme: str = SCHEME):
     return CodedConcept(value, scheme, meaning)
 
 
+def fracture_finding():
+    """The finding every answer reports, SNOMED CT's "Fracture of bone": one spelling for the SR's groups."""
+    return code("125605004", "Fracture of bone", "SCT")
+
+
 @dataclass
 class ImageResult:
     """One source instance: its header (no pixels), the predictor's answer, and where its pixels are."""
@@ -108,7 +113,7 @@ class ResultWriter:
                                   PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation, SourceImageForMeasurementGroup,
                                   SourceImageForRegion, TrackingIdentifier)
 
-        finding, one = code("125605004", "Fracture of bone", "SCT"), code("1", "no units", "UCUM")
+        finding, one = fracture_finding(), code("1", "no units", "UCUM")
         p, header = r.prediction, r.header
         extra = [QualitativeEvaluation(code("SCOPE", "Outside the model's scope"), code("OUT", reason)) for reason in out_of_scope(header)]
         if p.error:
@@ -142,7 +147,7 @@ class ResultWriter:
             decisions = self._decisions(answer[0])
         return [MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=uid("study-group", results[0].header.StudyInstanceUID, self.predictor.sha256), identifier="study"),
-            finding_type=code("125605004", "Fracture of bone", "SCT"), algorithm_id=self._algorithm(), measurements=measurements,
+            finding_type=fracture_finding(), algorithm_id=self._algorithm(), measurements=measurements,
             qualitative_evaluations=[notice, *decisions])]
 
     def report(self, results: Sequence[ImageResult], series_uid: str, key: str, predecessors: Sequence[object] = ()) -> object:
