@@ -17,7 +17,23 @@ from torch import nn
 from fracture.imaging.contract import Contract
 
 
-class FractureCNN(nn.Module):
+class SplitBackbone(nn.Module):
+    """A backbone as ``features`` (the last conv map, which the localiser and Grad-CAM read) and a one-logit ``head``."""
+
+    features: nn.Module
+    head: nn.Module
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class FractureCNN(SplitBackbone):
     """Conv blocks (3x3 conv, batch-norm, ReLU, 2x2 max-pool, dropout) → flatten → dense → one logit.
 
     ``pool="flatten"`` is the Keras project's head. ``max``/``avg`` pool the last
@@ -72,15 +88,6 @@ class FractureCNN(nn.Module):
         head.append(nn.Linear(fan_in, 1))
         self.head = nn.Sequential(*head)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features).squeeze(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 class InputScaling(nn.Module):
     """``(x * pixel_scale - mean) / std`` as one affine op, from the preprocessing contract."""
@@ -112,19 +119,13 @@ class FractureNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class TorchvisionBackbone(nn.Module):
+class TorchvisionBackbone(SplitBackbone):
     """A torchvision classifier split into ``features`` (last conv map) and a one-logit ``head``."""
 
     def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.features = features
         self.head = head
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features).squeeze(1)
 
 
 class Pyramid(nn.Module):
