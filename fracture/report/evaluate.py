@@ -33,6 +33,7 @@ import pandas as pd
 
 from fracture.boxes import detection
 from fracture.data.annotations import DatasetError, run_columns
+from fracture.deploy.metadata import ModelMetadata
 from fracture.deploy.predictor import ModelError
 from fracture.imaging import preprocess
 from fracture.imaging.contract import Contract
@@ -112,13 +113,14 @@ def study_level(probs: np.ndarray, labels: np.ndarray, studies: np.ndarray, grou
                 seed: int) -> dict[str, Any]:
     """Metrics per study (images with a study key), their probabilities combined as the model says, at every operating
     point; intervals resample whole patient/duplicate groups (a study's group: that of its first image)."""
-    method = info.get("study_aggregation", {}).get("method", "max")
+    meta = ModelMetadata.from_dict(info)  # the one reader of what the model says (a checkpoint's info or an ONNX file's)
+    method = meta.study_method
     keyed = studies != ""
     keys, p, y = metrics.aggregate_studies(probs[keyed], studies[keyed], method, labels[keyed])
     first = dict(zip(studies[keyed][::-1], groups[keyed][::-1]))
     study_groups = np.array([first[k] for k in keys])
     out: dict[str, Any] = {"aggregation": method, "studies": int(len(y)), "fractured_studies": int(y.sum()), "images": int(keyed.sum()), "operating_points": {}}
-    for name, t in info["thresholds"].items():
+    for name, t in meta.thresholds.items():
         out["operating_points"][name] = {"threshold": t, "metrics": metrics.all_metrics(p, y, t),
                                          "ci95": metrics.bootstrap(p, y, t, study_groups, n_boot, seed)}
     return out
