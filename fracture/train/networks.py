@@ -173,8 +173,10 @@ def from_config(config: dict[str, Any], keep_weights: bool = False) -> Network:
     if name not in REGISTRY:
         raise ValueError(f"unknown network {config.get('class_path')!r}; available: {', '.join(REGISTRY)}")
     args = dict(config.get("init_args") or {})
-    if not keep_weights:
-        args.update({k: None if k == "weights" else False for k in STARTING_WEIGHTS if k in args})
+    if not keep_weights and "weights" in args:
+        args["weights"] = None
+    if not keep_weights and "pretrained" in args:
+        args["pretrained"] = False
     return REGISTRY[name](**args)
 
 
