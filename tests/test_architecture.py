@@ -20,7 +20,7 @@ TRAINING = {"torch", "lightning", "torchvision", "torchmetrics"}
 LAYERS = ["imaging", "boxes", "scoring", "data", "deploy", "train", "report", "export"]
 TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
-DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.froc",
+DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.calibration", "scoring.froc",
           "scoring.selection", "scoring.folds", "data.labels", "data.synth", "data.duplicates", "deploy.metadata", "deploy.predictor", "deploy.predict",
           "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_source", "deploy.dicom_results", "deploy.spool", "deploy.forward",
           "deploy.node", "progress", "machine"]

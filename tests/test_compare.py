@@ -92,3 +92,39 @@ def test_reports_that_cannot_be_paired_are_refused(pair_of_reports: tuple[Path, 
         assert compare.main([str(a), str(tmp_path / other), "--out", str(tmp_path / "out")]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_images_the_reference_trained_on_are_left_out_and_subgroups_are_paired(tmp_path: Path) -> None:
+    """A release scored on images it trained on reads high; left out, the newer model's real lead shows, per subgroup too."""
+    rng = np.random.default_rng(1)
+    labels = np.tile([1, 0], 60)
+    seen = np.arange(120) < 60  # the reference's own training images: it ranks them perfectly
+    a_probs = np.where(seen, labels * 0.5 + 0.4 * rng.random(120), rng.random(120))
+    b_probs = np.clip(labels * 0.35 + 0.6 * rng.random(120), 0, 1)
+    region = np.where(np.arange(120) % 4 < 2, "hand", "leg")
+    a, b = _report(tmp_path / "a", a_probs, labels), _report(tmp_path / "b", b_probs, labels)
+    for folder in (a, b):
+        frame = pd.read_csv(folder / "predictions.csv")
+        frame.assign(by_region=region).to_csv(folder / "predictions.csv", index=False)
+    trained = tmp_path / "a-training.txt"
+    trained.write_text("".join(f"somewhere/else/img{i:03d}.png\n" for i in np.flatnonzero(seen)))  # matched by file name
+
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "all"), "--bootstrap", "300"]) == 0
+    overall = json.loads((tmp_path / "all" / "compare.json").read_text())["measures"]["auroc"]
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "unseen"), "--bootstrap", "300", "--exclude", str(trained), "--subgroups"]) == 0
+    result = json.loads((tmp_path / "unseen" / "compare.json").read_text())
+    fair = result["measures"]["auroc"]
+    assert result["images"] == 60 and fair["difference"] > overall["difference"] and fair["ci95"][0] > 0
+    expected = {v: metrics.auroc(b_probs[~seen & (region == v)], labels[~seen & (region == v)])
+                - metrics.auroc(a_probs[~seen & (region == v)], labels[~seen & (region == v)]) for v in ("hand", "leg")}
+    rows = {r["value"]: r for r in result["subgroups"]}
+    assert set(rows) == {"hand", "leg"} and all(rows[v]["images"] == 30 and rows[v]["fractured"] == 15 for v in rows)
+    for v, d in expected.items():
+        assert rows[v]["auroc"]["difference"] == pytest.approx(d)
+        assert rows[v]["auroc"]["ci95"][0] <= d <= rows[v]["auroc"]["ci95"][1]
+    text = (tmp_path / "unseen" / "compare.md").read_text()
+    assert "## Subgroups, paired" in text and "| region = hand | 30 (15) |" in text and "Left out" in text
+    # a list that leaves nothing is refused, not reported as an empty comparison
+    everything = tmp_path / "everything.csv"
+    pd.DataFrame({"path": [f"x/img{i:03d}.png" for i in range(120)], "split": "train"}).to_csv(everything, index=False)
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "none"), "--exclude", str(everything)]) == 2

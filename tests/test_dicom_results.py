@@ -145,6 +145,10 @@ def test_sr_and_gsps_coordinates_are_the_predictors_boxes(study) -> None:
         assert f"p={rows[name]['probability']:.2f}" in labels
         expected = boxes[name] if rows[name]["probability"] > screening else []
         assert np.allclose(sorted(drawn), expected, atol=1e-3)
+        # a box's number is named as the map peak it is, never left bare beside the image's probability
+        shown = rows[name]["boxes"] if expected else []
+        screening_labels = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence if a.GraphicLayer == "SCREENING" for t in a.TextObjectSequence]
+        assert sorted(t for t in screening_labels if "map peak" in t) == sorted(f"map peak {b['map_peak']:.2f}" for b in shown)
 
 
 def test_monochrome1_keeps_its_inverse_presentation_and_scope_is_flagged(study) -> None:

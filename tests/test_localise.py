@@ -433,7 +433,10 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     info = ens.deployment_info()
     loc = info["localisation"]
     assert loc["fusion"] == float(ens.net.fusion) in (0.0, 0.5, 1.0) and 0 <= loc["froc_mean"] <= 1
-    assert torch.allclose(probs, torch.sigmoid(loc["fusion"] * got[0] + (1 - loc["fusion"]) * got[1]), atol=1e-6)
+    cal = info["calibration"]  # Platt-scaled only when that lowers the calibration error out of sample
+    assert cal["method"] in ("platt", "none") and (cal["method"] == "platt") == (cal["ece_platt_cross_fitted"] < cal["ece_uncalibrated"])
+    assert (float(ens.net.scale), float(ens.net.shift)) == pytest.approx((cal["scale"], cal["shift"]))
+    assert torch.allclose(probs, torch.sigmoid(cal["scale"] * (loc["fusion"] * got[0] + (1 - loc["fusion"]) * got[1]) + cal["shift"]), atol=1e-6)
     assert [m["sha256"] for m in info["ensemble_of"]] == [file_sha256(c) for c in (ckpt, second)]
     # parts are named by run folder and file, never by the building machine's absolute paths
     assert [m["checkpoint"] for m in info["ensemble_of"]] == [f"{c.parent.name}/{c.name}" for c in (ckpt, second)]
@@ -445,7 +448,7 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
     twin.parent.mkdir()
     for f in (ckpt, ckpt.parent / "splits.csv", ckpt.parent / "config.yaml"):
         twin.parent.joinpath(f.name).write_bytes(f.read_bytes())
-    assert ensemble.main([str(ckpt), str(twin), "--out", str(tmp_path / "same.ckpt"), "--root", str(root)]) == 0
+    assert ensemble.main([str(ckpt), str(twin), "--out", str(tmp_path / "same.ckpt"), "--root", str(root), "--calibration", "none"]) == 0
     same, single = load_classifier(tmp_path / "same.ckpt").deployment_info(), members[0].deployment_info()
     for key in ("fusion", "box_method", "box_threshold", "froc_mean"):
         assert same["localisation"][key] == pytest.approx(single["localisation"][key], abs=1e-6), key
@@ -453,7 +456,7 @@ def test_ensemble_averages_its_members_rechooses_on_validation_and_exports(loc_r
 
     # --tta: one run and its mirror, the flipped image's map flipped back before averaging; choices re-made
     mirrored = tmp_path / "tta" / "model.ckpt"
-    assert ensemble.main([str(ckpt), "--tta", "--out", str(mirrored), "--root", str(root)]) == 0
+    assert ensemble.main([str(ckpt), "--tta", "--out", str(mirrored), "--root", str(root), "--calibration", "none"]) == 0
     tta = load_classifier(mirrored)
     assert tta.hparams.tta and tta.hparams.members == 1 and tta.deployment_info()["tta"] and not single["tta"]
     with torch.no_grad():
@@ -496,7 +499,7 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
     seen: list[int] = []
     forward_maps = LocaliseNet.forward_maps
     monkeypatch.setattr(LocaliseNet, "forward_maps", lambda net, x: seen.append(len(x)) or forward_maps(net, x))
-    assert ensemble.main([str(ckpt), "--classifier", str(cls_ckpt), "--out", str(out), "--root", str(root)]) == 0
+    assert ensemble.main([str(ckpt), "--classifier", str(cls_ckpt), "--out", str(out), "--root", str(root), "--calibration", "none"]) == 0
     monkeypatch.undo()
     assert sum(seen) == len(run_split(ckpt, "val")[0])  # one pass over validation makes the localiser's choices and the combined ones
     model, loc, cls = load_classifier(out), load_classifier(ckpt), load_classifier(cls_ckpt)
@@ -526,7 +529,7 @@ def test_a_classifier_beside_the_localiser_sees_its_input_pooled_and_the_fusion_
 
     # with --tta too, the localiser and the classifier both see the image and its mirror (the mirror's map flipped back)
     mirrored = tmp_path / "with-tta" / "model.ckpt"
-    assert ensemble.main([str(ckpt), "--tta", "--classifier", str(cls_ckpt), "--out", str(mirrored), "--root", str(root)]) == 0
+    assert ensemble.main([str(ckpt), "--tta", "--classifier", str(cls_ckpt), "--out", str(mirrored), "--root", str(root), "--calibration", "none"]) == 0
     both = load_classifier(mirrored)
     with torch.no_grad():
         plain, flipped = both.net.forward_maps(x), both.net.forward_maps(torch.flip(x, dims=[-1]))
@@ -668,7 +671,7 @@ def test_onnx_map_parity_and_torch_free_boxes(loc_run: tuple[Path, Path], tmp_pa
                            "--heatmaps", str(tmp_path / "overlays")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = pd.read_csv(out)
-    assert {"box_x0", "box_y0", "box_x1", "box_y1", "box_score"} <= set(rows.columns)
+    assert {"box_x0", "box_y0", "box_x1", "box_y1", "box_map_peak"} <= set(rows.columns)
     assert rows["path"].nunique() == len(list(images.glob("*.png"))) and len(list((tmp_path / "overlays").glob("*.png"))) == rows["path"].nunique()
     truth = pd.read_csv(root / "test" / "annotations.csv", dtype=str, keep_default_na=False).set_index("image")["boxes"]
     hit = found = 0
@@ -684,7 +687,7 @@ def test_onnx_map_parity_and_torch_free_boxes(loc_run: tuple[Path, Path], tmp_pa
                    capture_output=True, text=True, env=env, timeout=120, check=True)
     records = json.loads(js.read_text())
     assert len(records) == rows["path"].nunique() and sum(len(r["boxes"]) for r in records) == found
-    assert all(set(b) == {"x0", "y0", "x1", "y1", "score"} for r in records for b in r["boxes"])
+    assert all(set(b) == {"x0", "y0", "x1", "y1", "map_peak"} for r in records for b in r["boxes"])
 
 
 def test_onnx_evaluation_scores_the_same_map(loc_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
-from fracture.scoring import metrics
+from fracture.scoring import calibration, metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -113,3 +113,27 @@ def test_the_screening_point_keeps_images_at_probability_zero() -> None:
     flagged = probs > points["screening"]
     assert points["screening"] < 0.0 and flagged[labels == 1].all()
     assert metrics.operating_points(np.array([0.1, 0.2, 0.3, 0.6]), labels, 1.0, n_boot=0)["screening"] == pytest.approx(0.1, abs=1e-5)
+
+
+def test_platt_scaling_recovers_a_known_miscalibration_and_is_chosen_only_when_it_helps_out_of_sample() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, 20000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-(0.4 * z - 1.5)))).astype(int)  # over-confident and too high: focal-loss-like
+    scale, shift = calibration.platt(z, y)
+    assert scale == pytest.approx(0.4, abs=0.03) and shift == pytest.approx(-1.5, abs=0.08)
+    small = slice(0, 400)  # a validation set's size: the choice is made on cross-fitted folds, never in sample
+    chosen = calibration.choose_calibration(z[small], y[small])
+    assert chosen["method"] == "platt" and chosen["ece_platt_cross_fitted"] < chosen["ece_uncalibrated"] - 0.05
+    recalibrated = 1 / (1 + np.exp(-(chosen["scale"] * z + chosen["shift"])))
+    raw = 1 / (1 + np.exp(-z))
+    assert metrics.auroc(recalibrated, y) == pytest.approx(metrics.auroc(raw, y))  # monotone: the ranking is untouched
+    assert metrics.expected_calibration_error(recalibrated[400:], y[400:]) < 0.5 * metrics.expected_calibration_error(raw[400:], y[400:])
+
+    for seed in range(4):  # already calibrated: kept, or scaled by next to nothing where the folds' noise says it helps
+        r = np.random.default_rng(seed + 1)
+        zz = r.normal(0, 3, 400)
+        kept = calibration.choose_calibration(zz, (r.random(400) < 1 / (1 + np.exp(-zz))).astype(int))
+        assert abs(kept["scale"] - 1) < 0.15 and abs(kept["shift"]) < 0.2
+        assert (kept["method"] == "none") == ((kept["scale"], kept["shift"]) == (1.0, 0.0))
+    # a separable set stays finite (the ridge): no infinite scale from a perfect ranking
+    assert np.isfinite(calibration.platt(np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0, 0, 1, 1]))).all()

@@ -20,6 +20,14 @@ from fracture.imaging.contract import Contract, geometry
 Box = tuple[float, float, float, float]
 DECODING_KEYS = ("box_method", "box_threshold", "min_area_fraction", "max_boxes", "box_size", "display_threshold")  # how a map becomes boxes, as stored
 MAX_BOXES = 16  # per image in a training batch (padded); more are dropped with the rest of the smallest
+# A box's number is the fracture map's peak inside it, not a probability that the image is fractured (a peak of
+# 0.99 sits beside image probabilities of 0.6): every place a person reads it names it so, in these words.
+BOX_KEYS = ("x0", "y0", "x1", "y1", "map_peak")  # a box as JSON (predictor, service) and, prefixed ``box_``, as CSV columns
+
+
+def peak_label(peak: float) -> str:
+    """A box's number as drawn beside it (overlays, secondary captures, presentation states)."""
+    return f"map peak {peak:.2f}"
 
 
 def parse_boxes(text: object) -> list[Box]:

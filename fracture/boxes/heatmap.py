@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fracture.boxes import detection
 from fracture.boxes.detection import to_pixels, yolo_to_boxes
 from fracture.imaging.contract import Contract, geometry
 
@@ -34,13 +35,13 @@ def normalise(cam: np.ndarray) -> np.ndarray:
 
 
 def draw_boxes(img: np.ndarray, boxes: list, colour: tuple[int, int, int], scores: bool = True) -> None:
-    """Rectangles (x0, y0, x1, y1[, score]) in place, score above each."""
+    """Rectangles (x0, y0, x1, y1[, map peak]) in place, the map peak named above each."""
     scale = max(img.shape[:2]) / 600
     for b in boxes:
         p0, p1 = (int(round(b[0])), int(round(b[1]))), (int(round(b[2])) - 1, int(round(b[3])) - 1)
         cv2.rectangle(img, p0, p1, colour, max(1, int(2 * scale)), cv2.LINE_AA)
         if scores and len(b) > 4:
-            cv2.putText(img, f"{b[4]:.2f}", (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
+            cv2.putText(img, detection.peak_label(b[4]), (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
 
 
 def dashed_rectangle(img: np.ndarray, a: tuple[int, int], b: tuple[int, int], colour: tuple[int, int, int], thick: int) -> None:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from fracture.boxes import heatmap
+from fracture.boxes.detection import peak_label
 from fracture.deploy.dicom_source import header_of, out_of_scope, set_key, set_uids, uid
 from fracture.deploy.predictor import Prediction, Predictor
 from fracture.imaging import preprocess
@@ -188,7 +189,7 @@ class ResultWriter:
                 polyline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
                 graphics.append(GraphicObject("POLYLINE", polyline, "PIXEL", tracking_id=f"{name} box {k}",
                                               tracking_uid=uid("gsps-box", header.SOPInstanceUID, name, k, series_uid)))
-                texts.append(TextObject(f"{score:.2f}", "PIXEL", anchor_point=(float(x0), float(max(y0 - 4, 0))), anchor_point_visible=False))
+                texts.append(TextObject(peak_label(score), "PIXEL", anchor_point=(float(x0), float(max(y0 - 4, 0))), anchor_point_visible=False))
             annotations.append(GraphicAnnotation([header], layer, graphic_objects=graphics or None, text_objects=texts))
         inverse = str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
         lut = PresentationLUTTransformation(presentation_lut_shape=PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY)

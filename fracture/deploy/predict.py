@@ -10,7 +10,7 @@ The preprocessing (size, resize, scaling) is read from the model's metadata,
 never from flags. A file that cannot be read becomes an error row; the others
 are still predicted and the exit code is 1. Models with a fracture map
 (``head: localise`` under ``model.net``) also give boxes in original-image pixels (``x0, y0,
-x1, y1, score``): one CSV row per box, or a ``boxes`` list per image in JSON;
+x1, y1, map_peak``; the number is the fracture map's peak in the box, not a probability): one CSV row per box, or a ``boxes`` list per image in JSON;
 ``--heatmaps`` draws them. Imports numpy, OpenCV and onnxruntime only.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fracture.boxes.detection import BOX_KEYS
 from fracture.data.labels import IMAGE_COLUMNS, LABEL_COLUMNS, STUDY_COLUMNS, find_column, parse_label
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
 from fracture.imaging import dicom, preprocess
@@ -107,7 +108,7 @@ def read_labels(path: Path) -> dict[str, int]:
     return labels
 
 
-BOX_FIELDS = ("box_x0", "box_y0", "box_x1", "box_y1", "box_score")
+BOX_FIELDS = tuple(f"box_{k}" for k in BOX_KEYS)
 ROW_FIELDS = ("path", "probability", "prediction", "threshold", "operating_point", "error", "model_sha256")
 
 
@@ -159,7 +160,7 @@ class RowWriter:
     def write(self, r: Prediction) -> None:
         rec = self.record(r)
         if self.boxes:
-            boxes = [dict(zip(("x0", "y0", "x1", "y1", "score"), b)) for b in r.boxes or []]
+            boxes = [dict(zip(BOX_KEYS, b)) for b in r.boxes or []]
         if self.kind == "csv":
             rows = [{**rec, **dict(zip(BOX_FIELDS, b.values()))} for b in boxes] if self.boxes and boxes else [rec]
             self.csv.writerows(rows)

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from fracture.boxes import heatmap
+from fracture.boxes.detection import BOX_KEYS
 from fracture.deploy.connections import HEADER_DEADLINE_S, LOOPBACK_NAMES, MAX_CONNECTIONS, is_loopback, origin_allowed, protocol_class
 from fracture.deploy.predictor import ModelError, Predictor
 from fracture.deploy.uploads import Limits, RequestError, Upload, receive_uploads
@@ -123,7 +124,7 @@ class Service:
             boxes = None
             if self.predictor.has_map:
                 _, boxes = self.predictor.boxes(raw, h, w)
-                rec["boxes"] = [dict(zip(("x0", "y0", "x1", "y1", "score"), map(float, b))) for b in boxes]
+                rec["boxes"] = [dict(zip(BOX_KEYS, map(float, b))) for b in boxes]
             if images:
                 rec.update(self._pictures(shown, (h, w), raw, boxes))
             results.append(rec)

@@ -161,11 +161,13 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
         result["study_level"] = study_level(probs, labels, studies, np.asarray(groups).astype(str), info, n_boot, seed)
     split_dir = os.path.abspath(root / split)  # the pairing key: the same split read from another copy of the dataset still pairs
     per_image = pd.DataFrame({"image": [os.path.relpath(os.path.abspath(p), split_dir) for p in table["path"]], "path": table["path"],
-                              "label": labels, "group": groups, "probability": probs})
+                              "label": labels, "group": groups, "probability": probs,
+                              **{f"by_{c}": table[c].to_numpy() for c in subgroup_columns(table)}})  # fracture.compare --subgroups
     if maps is not None and has_boxes(table):
         result["localisation"], results = localise(table, probs, maps, info, out, n_boot, seed, groups if grouped else None)
         result["plots"] += result["localisation"].pop("plots")
-        per_image = per_image.assign(**localisation.to_columns(results))
+        per_image = per_image.assign(**localisation.to_columns(results),
+                                     **{f"by_{localisation.LESION_SIZE}": localisation.size_thirds(localisation.lesion_sizes(results))})
     per_image.to_csv(out / "predictions.csv", index=False)  # what `fracture.compare` pairs two reports on
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "report.md").write_text(report_md(result, info, table, root))

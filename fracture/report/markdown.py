@@ -106,7 +106,7 @@ def study_md(st: dict[str, Any] | None) -> list[str]:
 def describe_display(loc: dict[str, Any]) -> str:
     if "shown_boxes" not in loc:
         return ""
-    return (f"; {loc['shown_boxes']} of them shown to a reader (score above {loc['boxes']['display_threshold']:.2f}, "
+    return (f"; {loc['shown_boxes']} of them shown to a reader (map peak above {loc['boxes']['display_threshold']:.2f}, "
             f"at most {selection.DISPLAY_FP_RATE:g} false box per image on validation)")
 
 

@@ -1,6 +1,7 @@
 """Two models on the same images, paired: is B better than A, and by how much (torch-free).
 
     python -m fracture.compare reports/A reports/B [--out reports/compare-A-vs-B] [--bootstrap 2000]
+    python -m fracture.compare reports/A reports/B --exclude A-training-images.txt --subgroups
 
 Reads the ``predictions.csv`` that ``fracture.evaluate`` writes into each report,
 checks that both scored the same images (by their path within the split, so two
@@ -18,6 +19,12 @@ against boxes, also the pointing game, mass in boxes, FROC sensitivity at
 0.5 (definitions in ``fracture.scoring.localisation``). Operating-point figures are left
 out: each model has its own thresholds, so they compare two choices, not two
 models. Writes ``compare.md``, ``compare.json`` and ``differences.png``.
+
+``--exclude FILE`` leaves images out by file name (one per line, or a CSV with a ``path`` column): a model
+scored on images it trained on reads high, so comparing a new model with an earlier release on the new
+model's validation split must leave out the release's own training images (rebuild its split at its commit).
+``--subgroups`` adds the paired AUROC and pointing-game difference within each subgroup the reports carry
+(``by_*`` columns: region, view, hardware, multi-scan, lesion-size thirds, ...), resampled the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from fracture.progress import progress
 from fracture.scoring import localisation, metrics
 
 IMAGE_MEASURES = ("auroc", "average_precision")
+SUBGROUP_MEASURES = ("auroc", "pointing_hit_rate")
+MIN_PER_CLASS = 10  # a subgroup's AUROC needs this many images of each class, its pointing game this many with boxes
 MAP_MEASURES = ("pointing_hit_rate", "mass_in_boxes", "froc_centre_sensitivity_at_0.5_fp", "froc_centre_sensitivity_at_1_fp",
                 "froc_centre_sensitivity_at_2_fp", "froc_iou_sensitivity_at_1_fp", "ap_iou25", "ap_iou50")
 
@@ -116,6 +125,60 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0)
             "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "group" if grouped else "image", "level": 0.95}, "measures": rows}
 
 
+def excluded_names(path: Path) -> set[str]:
+    """File names listed in ``path``: one per line, or the ``path`` column of a CSV (e.g. a run's ``splits.csv``)."""
+    import os
+
+    text = path.read_text()
+    first = text.splitlines()[0] if text.strip() else ""
+    if "," in first and "path" in first.split(","):
+        return set(pd.read_csv(path, keep_default_na=False)["path"].map(os.path.basename))
+    return {os.path.basename(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def without(frame: pd.DataFrame, names: set[str]) -> pd.DataFrame:
+    import os
+
+    return frame[[os.path.basename(i) not in names for i in frame.index]]
+
+
+def subgroups(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """The paired difference of ``SUBGROUP_MEASURES`` within each value of each ``by_*`` column (too small: no interval)."""
+    a, b = pair(a, b)
+    rows = []
+    for column in (c for c in a.columns if c.startswith("by_")):
+        for value in sorted(a[column].dropna().astype(str).unique()):
+            if value == "":
+                continue
+            mask = (a[column].astype(str) == value).to_numpy()
+            sa, sb = a[mask], b[mask]
+            counts = np.bincount(sa["label"].to_numpy(int), minlength=2)
+            with_boxes = int((sa["truth"] != "[]").sum()) if "truth" in sa.columns else 0
+            row = {"column": column[3:], "value": value, "images": int(mask.sum()), "fractured": int(counts[1]), "with_boxes": with_boxes}
+            if counts.min() >= MIN_PER_CLASS or with_boxes >= MIN_PER_CLASS:
+                measures = compare(sa, sb, n_boot, seed)["measures"]
+                for k in SUBGROUP_MEASURES:
+                    enough = counts.min() >= MIN_PER_CLASS if k == "auroc" else with_boxes >= MIN_PER_CLASS
+                    if k in measures and enough:
+                        row[k] = measures[k]
+            rows.append(row)
+    return rows
+
+
+def subgroups_md(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Subgroups, paired", "", f"B − A within each subgroup (95 % paired interval); `too few`: under {MIN_PER_CLASS} images of a class "
+             "(AUROC) or with boxes (pointing).", "", "| subgroup | images (fractured) | Δ AUROC | Δ pointing game |", "|---|---|---|---|"]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if not r or not r["ci95"]:
+            return "too few"
+        return f"{r['a']:.3f} → {r['b']:.3f}: {r['difference']:+.3f} ({r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f})"
+
+    for row in rows:
+        lines.append(f"| {row['column']} = {row['value']} | {row['images']} ({row['fractured']}) | {cell(row.get('auroc'))} | {cell(row.get('pointing_hit_rate'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def report_md(result: dict[str, Any], name_a: str, name_b: str) -> str:
     boot = result["bootstrap"]
     lines = [f"# {name_b} vs {name_a}, paired on the same images", "",
@@ -158,18 +221,32 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: reports/compare-A-vs-B)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude", type=Path, help="images to leave out, by file name (one per line, or a CSV with a path column), "
+                        "e.g. the images model A trained on")
+    parser.add_argument("--subgroups", action="store_true", help="also the paired AUROC and pointing-game difference per subgroup")
     ns = parser.parse_args(args)
     try:
-        result = compare(read_predictions(ns.a), read_predictions(ns.b), ns.bootstrap, ns.seed)
+        a, b = read_predictions(ns.a), read_predictions(ns.b)
+        if ns.exclude:
+            names = excluded_names(ns.exclude)
+            a, b = without(a, names), without(b, names)
+            print(f"left out {len(names)} listed image name(s): {len(a)} of A's images remain", file=sys.stderr)
+            if not len(a):
+                raise CompareError(f"{ns.exclude} leaves no image to compare")
+        result = compare(a, b, ns.bootstrap, ns.seed)
+        if ns.subgroups:
+            result["subgroups"] = subgroups(a, b, ns.bootstrap, ns.seed)
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name_a, name_b = ns.a.resolve().name, ns.b.resolve().name
     out = ns.out or Path("reports") / f"compare-{name_a}-vs-{name_b}"
     out.mkdir(parents=True, exist_ok=True)
-    result |= {"a": str(ns.a), "b": str(ns.b)}
+    result |= {"a": str(ns.a), "b": str(ns.b), "excluded": str(ns.exclude) if ns.exclude else None}
     (out / "compare.json").write_text(json.dumps(result, indent=1))
-    text = report_md(result, name_a, name_b)
+    text = report_md(result, name_a, name_b) + (f"\nLeft out: the images named in `{ns.exclude}`.\n" if ns.exclude else "")
+    if ns.subgroups:
+        text += "\n" + subgroups_md(result["subgroups"])
     (out / "compare.md").write_text(text + "\n![differences](differences.png)\n")
     plot(out, result, name_a, name_b)
     print(text + f"\nwritten: {out}/compare.md, compare.json, differences.png")

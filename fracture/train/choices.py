@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fracture import __version__
-from fracture.scoring import metrics, selection
+from fracture.scoring import calibration, metrics, selection
 
 
 class ChosenOnValidation:
@@ -22,6 +22,17 @@ class ChosenOnValidation:
         """Thresholds and the validation summary stored with the model, from its validation probabilities."""
         self.thresholds = metrics.operating_points(probs, labels, self.hparams.screening_sensitivity)
         self.val_summary = {k: v for k, v in metrics.binary_metrics(probs, labels).items() if not math.isnan(v)} | {"n": int(labels.size)}
+
+    def choose_calibration(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Platt-recalibrate the image logit on validation when that lowers the calibration error out of sample
+        (:func:`fracture.scoring.calibration.choose_calibration`); sets the network's ``scale`` and ``shift`` and returns
+        the recalibrated probabilities (same order: AUROC unchanged; the thresholds must be chosen on these)."""
+        p = np.clip(np.asarray(probs, np.float64), 1e-12, 1 - 1e-12)
+        logits = np.log(p / (1 - p))
+        self.calibration = calibration.choose_calibration(logits, labels)
+        self.net.scale.fill_(self.calibration["scale"])
+        self.net.shift.fill_(self.calibration["shift"])
+        return 1 / (1 + np.exp(-(self.calibration["scale"] * logits + self.calibration["shift"])))
 
     def _gathered_maps(self) -> list[tuple]:
         """The epoch's validation maps from every process, then reset."""
@@ -67,7 +78,8 @@ class ChosenOnValidation:
                 "version": __version__, "screening_sensitivity": self.hparams.screening_sensitivity, "head": self.spec.head,
                 "network": self.spec.name, "tta": bool(self.hparams.tta), **({"localisation": {**self.box_params, "stride": 8}} if self.localise else {}),
                 **({"ensemble_of": list(self.ensemble_of)} if self.ensemble_of else {}),
-                **({"classifier": dict(self.classifier_of)} if self.classifier_of else {})}
+                **({"classifier": dict(self.classifier_of)} if self.classifier_of else {}),
+                **({"calibration": dict(self.calibration)} if self.calibration else {})}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fracture"] = self.deployment_info()
@@ -83,3 +95,4 @@ class ChosenOnValidation:
         self.box_params = {k: v for k, v in info.get("localisation", {}).items() if k != "stride"}
         self.ensemble_of = list(info.get("ensemble_of", []))
         self.classifier_of = dict(info.get("classifier", {}))
+        self.calibration = dict(info.get("calibration", {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,17 +163,27 @@ class Pyramid(nn.Module):
 
 
 class FusedLogits(nn.Module):
-    """Two image logits fused as ``fusion * first + (1 - fusion) * second``; ``fusion`` is a buffer chosen on
-    validation (1, 0 or 0.5), so checkpoint and ONNX graph agree. ``logit_names`` names the two."""
+    """Two image logits fused as ``scale * (fusion * first + (1 - fusion) * second) + shift``; buffers chosen on
+    validation, so checkpoint and ONNX graph agree. ``fusion`` is 1, 0 or 0.5; ``scale`` and ``shift`` are a
+    Platt recalibration (1 and 0 until ``fracture.ensemble`` fits one). ``logit_names`` names the two."""
 
     logit_names = ("map", "joint")
+    IDENTITY = {"scale": 1.0, "shift": 0.0}
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("fusion", torch.tensor(0.5))
+        for name, value in self.IDENTITY.items():
+            self.register_buffer(name, torch.tensor(value))
 
     def fuse(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        return self.fusion * first + (1 - self.fusion) * second
+        return self.scale * (self.fusion * first + (1 - self.fusion) * second) + self.shift
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Checkpoints from before the recalibration existed load as uncalibrated (scale 1, shift 0)."""
+        for name, value in self.IDENTITY.items():
+            state_dict.setdefault(prefix + name, torch.tensor(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LocaliseNet(FusedLogits):

@@ -114,6 +114,7 @@ class FractureClassifier(ChosenOnValidation, L.LightningModule):
         self.train_counts: dict[str, int] = {}
         self.ensemble_of: list[dict[str, Any]] = []  # the members' source checkpoints, for an ensemble
         self.classifier_of: dict[str, Any] = {}  # the classifier's source checkpoint, with one beside the localiser
+        self.calibration: dict[str, Any] = {}  # the image logit's Platt recalibration, when fracture.ensemble chose one
         self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None
         self.example_input_array = torch.zeros(2, 1, image_size, image_size)
 
