@@ -1,6 +1,6 @@
 """Two ONNX files of one model side by side on this CPU: size, batch-1 latency and the predictor's end-to-end rate.
 
-    python scripts/benchmark_release.py exports/fracatlas-v1.onnx checkpoints/fa-v1/fp32.onnx [--images 60] [--repeats 30]
+    python scripts/benchmark_release.py exports/fracatlas-v2.onnx checkpoints/release/fp32.onnx [--images 60] [--repeats 30]
 
 One run, same inputs (synthetic JPEG radiographs of about 400x450 px, decoded, resized and boxed by the
 torch-free predictor), same thread count, the files measured in turn within each repeat so a noisy shared

@@ -128,3 +128,7 @@ def test_images_the_reference_trained_on_are_left_out_and_subgroups_are_paired(t
     everything = tmp_path / "everything.csv"
     pd.DataFrame({"path": [f"x/img{i:03d}.png" for i in range(120)], "split": "train"}).to_csv(everything, index=False)
     assert compare.main([str(a), str(b), "--out", str(tmp_path / "none"), "--exclude", str(everything)]) == 2
+    # a run's splits.csv: only its training rows are what the model learnt from
+    splits = tmp_path / "splits.csv"
+    pd.DataFrame({"split": np.where(seen, "train", "val"), "path": [f"/data/img{i:03d}.png" for i in range(120)]}).to_csv(splits, index=False)
+    assert compare.excluded_names(splits) == {f"img{i:03d}.png" for i in np.flatnonzero(seen)}

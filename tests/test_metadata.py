@@ -11,7 +11,7 @@ import pytest
 from fracture.deploy.metadata import METADATA_KEY, METADATA_VERSION, MetadataError, ModelMetadata, write
 from fracture.deploy.predictor import ModelError, Predictor
 
-SHIPPED = Path(__file__).resolve().parents[1] / "exports" / "fracatlas-v1.onnx"
+SHIPPED = Path(__file__).resolve().parents[1] / "exports" / "fracatlas-v2.onnx"
 
 
 def small_model(path: Path) -> Path:
@@ -84,10 +84,23 @@ def test_files_without_a_version_read_as_version_0_and_newer_ones_are_refused(tm
         Predictor(tmp_path / "future.onnx")
 
 
-@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model is not in this checkout")
-def test_the_shipped_v1_file_reads_as_version_0_with_every_field() -> None:
+def test_the_shipped_file_and_its_unversioned_twin_read_alike(tmp_path: Path) -> None:
+    """fracatlas-v2 is written at version 1; the same entry without ``metadata_version`` (as every file exported
+    before 2026-12-07 was, fracatlas-v1 among them: git keeps it) reads as version 0 with every field."""
+    import onnx
+
     read = ModelMetadata.read(SHIPPED)
-    assert read.version == 0 and read.contract.image_size == 448 and set(read.thresholds) == {"default", "balanced", "screening"}
-    assert read.localisation["box_method"] == "regions" and read.study_method == "max" and read.get("release")["name"] == "fracatlas-v1"
+    assert read.version == METADATA_VERSION == 1 and read.contract.image_size == 448 and set(read.thresholds) == {"default", "balanced", "screening"}
+    assert read.localisation["box_method"] == "peaks" and read.study_method == "max" and read.get("release")["name"] == "fracatlas-v2"
+    assert read.get("calibration")["method"] == "platt"
+    proto = onnx.load(str(SHIPPED))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    old = json.loads(entry.value)
+    del old["metadata_version"]
+    entry.value = json.dumps(old)
+    onnx.save(proto, str(tmp_path / "v0.onnx"))
+    unversioned = ModelMetadata.read(tmp_path / "v0.onnx")
+    assert unversioned.version == 0 and unversioned.fields.keys() == read.fields.keys() - {"metadata_version"}
+    assert (unversioned.contract, unversioned.thresholds, unversioned.localisation) == (read.contract, read.thresholds, read.localisation)
     predictor = Predictor(SHIPPED, threads=1)
     assert predictor.meta == read and predictor.thresholds == read.thresholds and predictor.localisation == read.localisation

@@ -1,7 +1,7 @@
 """A shipped model's answers, recorded when it is released and checked ever after (CI does it on every change).
 
-    python -m fracture.release record exports/fracatlas-v1.onnx --out tests/release/fracatlas-v1.json
-    python -m fracture.release check exports/fracatlas-v1.onnx tests/release/fracatlas-v1.json
+    python -m fracture.release record exports/fracatlas-v2.onnx --out tests/release/fracatlas-v2.json
+    python -m fracture.release check exports/fracatlas-v2.onnx tests/release/fracatlas-v2.json
 
 The inputs are generated, not stored: synthetic radiographs (``fracture.synth``, seeded) written as 8-bit
 and 16-bit PNG, JPEG (one carrying an EXIF orientation, one large enough for reduced decoding), TIFF, BMP

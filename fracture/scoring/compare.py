@@ -126,13 +126,17 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0)
 
 
 def excluded_names(path: Path) -> set[str]:
-    """File names listed in ``path``: one per line, or the ``path`` column of a CSV (e.g. a run's ``splits.csv``)."""
+    """File names listed in ``path``: one per line, or the ``path`` column of a CSV; a run's ``splits.csv`` (with a
+    ``split`` column) lists its training images only — what that model has learnt from."""
     import os
 
     text = path.read_text()
     first = text.splitlines()[0] if text.strip() else ""
     if "," in first and "path" in first.split(","):
-        return set(pd.read_csv(path, keep_default_na=False)["path"].map(os.path.basename))
+        table = pd.read_csv(path, keep_default_na=False)
+        if "split" in table.columns:
+            table = table[table["split"] == "train"]
+        return set(table["path"].map(os.path.basename))
     return {os.path.basename(line.strip()) for line in text.splitlines() if line.strip()}
 
 
