@@ -100,7 +100,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("image", nargs="?", type=Path, help="an 8-bit radiograph (default: a synthetic one)")
     parser.add_argument("--out", type=Path, default=Path("reports/dicom_variants"))
     ns = parser.parse_args(args)
-    from fracture.deploy.predict import expand_inputs
+    from fracture.data.inputs import expand_inputs
     from fracture.deploy.predictor import Predictor
     from fracture.imaging import preprocess
 

@@ -21,7 +21,7 @@ LAYERS = ["imaging", "boxes", "scoring", "data", "deploy", "train", "report", "e
 TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
 DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.calibration", "scoring.froc",
-          "scoring.selection", "scoring.folds", "data.labels", "data.synth", "data.duplicates", "deploy.metadata", "deploy.predictor", "deploy.predict",
+          "scoring.selection", "scoring.folds", "data.labels", "data.inputs", "data.synth", "data.duplicates", "deploy.metadata", "deploy.predictor", "deploy.predict",
           "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_source", "deploy.dicom_results", "deploy.spool", "deploy.forward",
           "deploy.node", "progress", "machine"]
 # torch-free, with the data and report tools' pandas / matplotlib

@@ -14,7 +14,7 @@ from conftest import REPO
 from test_predict import BLOCKER
 
 from fracture.deploy.calibrate import list_sha256, main
-from fracture.deploy.predict import _csv_images, read_labels
+from fracture.data.inputs import csv_images, read_labels
 from fracture.deploy.metadata import file_sha256
 from fracture.deploy.predictor import Predictor
 from fracture.scoring import metrics
@@ -31,7 +31,7 @@ def test_calibrate_rechooses_thresholds_into_a_new_file_with_lineage(synth_root:
                            "--bootstrap", "100"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert file_sha256(tiny_onnx) == before  # the original is untouched
-    paths = _csv_images(site)
+    paths = csv_images(site)
     labels_by_path = read_labels(site)
     labels = np.array([labels_by_path[os.path.realpath(p)] for p in paths])
     probs = np.array([r.probability for r in Predictor(tiny_onnx).predict(paths, show_progress=False)])

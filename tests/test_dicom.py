@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from fracture.data.synth import radiograph
-from fracture.deploy.predict import expand_inputs
+from fracture.data.inputs import expand_inputs
 from fracture.deploy.predictor import Predictor
 from fracture.imaging import preprocess
 

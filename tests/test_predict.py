@@ -17,6 +17,7 @@ from conftest import REPO
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score, binary_precision, binary_recall, binary_specificity
 
 from fracture.boxes import heatmap
+from fracture.data import inputs
 from fracture.deploy import predict
 from fracture.deploy.predictor import ModelError, Predictor
 from fracture.export.graph import Deployable
@@ -75,9 +76,9 @@ def test_bad_files_become_error_rows_and_exit_1(synth_root: Path, tiny_onnx: Pat
 
 def test_label_metrics_equal_torchmetrics(synth_root: Path, tiny_onnx: Path, capsys: pytest.CaptureFixture) -> None:
     csv = synth_root / "test" / "annotations.csv"
-    labels = predict.read_labels(csv)
+    labels = inputs.read_labels(csv)
     predictor = Predictor(tiny_onnx)
-    rows = list(predictor.predict(predict.expand_inputs([str(csv)]), show_progress=False))
+    rows = list(predictor.predict(inputs.expand_inputs([str(csv)]), show_progress=False))
     ours, n = predict.labelled_metrics(rows, labels, 0.5)
     assert n == len(rows) == len(labels)
     p = torch.tensor([r.probability for r in rows])
@@ -101,9 +102,9 @@ def test_thresholds_by_value_and_by_operating_point(tiny_onnx: Path) -> None:
 def test_folders_globs_and_csv_inputs(synth_root: Path) -> None:
     folder = synth_root / "test" / "images"
     pngs = sorted(str(p) for p in folder.glob("*.png"))
-    assert predict.expand_inputs([str(folder)]) == pngs
-    assert predict.expand_inputs([str(folder / "*_v0.png")]) == [p for p in pngs if p.endswith("_v0.png")]
-    from_csv = predict.expand_inputs([str(synth_root / "test" / "annotations.csv")])
+    assert inputs.expand_inputs([str(folder)]) == pngs
+    assert inputs.expand_inputs([str(folder / "*_v0.png")]) == [p for p in pngs if p.endswith("_v0.png")]
+    from_csv = inputs.expand_inputs([str(synth_root / "test" / "annotations.csv")])
     assert sorted(from_csv) == pngs
 
 

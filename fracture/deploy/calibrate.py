@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fracture.deploy.predict import _csv_images, read_labels
+from fracture.data.inputs import InputError, csv_images, read_labels
 from fracture.deploy.metadata import write as write_metadata
 from fracture.deploy.predictor import ModelError, Predictor
 from fracture.scoring import metrics
@@ -65,7 +65,7 @@ def calibrate(model: Path, labelled: Path, out: Path, screening_sensitivity: flo
         raise ModelError("--out must be a new file: the original model is never modified")
     predictor = Predictor(model)
     labels_by_path = read_labels(labelled)
-    paths = _csv_images(labelled)
+    paths = csv_images(labelled)
     rows = list(predictor.predict(paths, show_progress=len(paths) >= 50))
     failed = [r for r in rows if r.error]
     if failed:
@@ -113,7 +113,7 @@ def main(args: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     try:
         record = calibrate(ns.model, ns.labelled, ns.out, ns.screening_sensitivity, ns.bootstrap, folds=ns.folds)
-    except (ModelError, OSError) as exc:
+    except (ModelError, InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{record['images']} labelled images ({record['fractured']} fractured), AUROC {record['auroc']:.3f}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import os
 import sys
@@ -27,40 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from fracture.boxes.detection import BOX_KEYS
-from fracture.data.labels import IMAGE_COLUMNS, LABEL_COLUMNS, STUDY_COLUMNS, find_column, parse_label
+from fracture.data.inputs import InputError, expand_inputs, read_labels, study_keys
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
-from fracture.imaging import dicom, preprocess
 from fracture.imaging.budget import DEFAULT_MAX_DECODE_MB
 from fracture.scoring import metrics
-
-
-def _csv_images(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    column = find_column(list(rows[0].keys()) if rows else [], IMAGE_COLUMNS)
-    if column is None:
-        raise ModelError(f"{path}: no image column (one of {', '.join(IMAGE_COLUMNS)})")
-    base = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    return [str(base / row[column].strip()) for row in rows]
-
-
-def study_keys(items: list[str], paths: list[str], column: str | None = None) -> dict[str, str]:
-    """Path → study key: from a CSV input's study column, else ``StudyInstanceUID``/``PatientID`` of a DICOM file."""
-    keys: dict[str, str] = {}
-    for item in items:
-        p = Path(item)
-        if p.is_file() and p.suffix.lower() == ".csv":
-            with open(p, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-            col = column if column and rows and column in rows[0] else find_column(list(rows[0].keys()) if rows else [], STUDY_COLUMNS)
-            if col:
-                keys.update({path: row[col].strip() for path, row in zip(_csv_images(p), rows) if row[col].strip()})
-    for path in paths:
-        if path not in keys and (path.lower().endswith(".dcm") or preprocess.has_dicom_preamble(path)):
-            key = dicom.dicom_study_key(path)
-            if key:
-                keys[path] = key
-    return keys
 
 
 def study_rows(rows: list[Prediction], keys: dict[str, str], method: str, threshold: float) -> list[dict]:
@@ -73,39 +42,6 @@ def study_rows(rows: list[Prediction], keys: dict[str, str], method: str, thresh
     counts = {k: int((studies == k).sum()) for k in names}
     return [{"study": k, "images": counts[k], "probability": float(p), "prediction": "fractured" if p > threshold else "not_fractured",
              "threshold": threshold, "aggregation": method} for k, p in zip(names, probs)]
-
-
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files, folders (recursive), globs and CSVs → image paths, in a stable order."""
-    paths: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.is_file() and preprocess.is_image_file(f))
-        elif p.is_file() and p.suffix.lower() == ".csv":
-            paths += _csv_images(p)
-        elif p.exists():
-            paths.append(str(p))
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            paths += [m for m in matches if Path(m).is_file()] if matches else [item]  # a missing file becomes an error row
-    return paths
-
-
-def read_labels(path: Path) -> dict[str, int]:
-    """Resolved image path → 0/1 from an annotations.csv."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    label_col = find_column(list(rows[0].keys()) if rows else [], LABEL_COLUMNS)
-    if label_col is None:
-        raise ModelError(f"{path}: no label column (one of {', '.join(LABEL_COLUMNS)})")
-    labels = {}
-    for image, row in zip(_csv_images(path), rows):
-        value = parse_label(row[label_col])
-        if value is None:
-            raise ModelError(f"{path}: label {row[label_col]!r} is not one of 0/1, yes/no, true/false, fractured/not fractured")
-        labels[os.path.realpath(image)] = value
-    return labels
 
 
 BOX_FIELDS = tuple(f"box_{k}" for k in BOX_KEYS)
@@ -218,7 +154,7 @@ def main(args: list[str] | None = None) -> int:
         threshold = predictor.threshold(ns.threshold, ns.operating_point)
         labels = read_labels(ns.labels) if ns.labels else None
         paths = expand_inputs(ns.inputs)
-    except (ModelError, OSError) as exc:
+    except (ModelError, InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = []

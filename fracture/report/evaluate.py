@@ -153,7 +153,7 @@ def evaluate(probs: np.ndarray, table: pd.DataFrame, info: dict[str, Any], out: 
     result["plots"] = plots.evaluation_plots(out, probs, labels, thresholds, table["path"].tolist(), run_dir)
     studies = table["study"].to_numpy().astype(str) if "study" in table.columns else np.full(len(labels), "")
     if not (studies != "").any():  # no study column: DICOM files carry their own StudyInstanceUID / PatientID
-        from fracture.deploy.predict import study_keys
+        from fracture.data.inputs import study_keys
 
         keys = study_keys([], table["path"].tolist())
         studies = np.array([keys.get(p, "") for p in table["path"]])

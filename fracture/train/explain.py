@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fracture.boxes import detection, heatmap
-from fracture.deploy.predict import expand_inputs
+from fracture.data.inputs import expand_inputs
 from fracture.imaging import preprocess
 from fracture.imaging.contract import resize
 from fracture.progress import progress
