@@ -2,7 +2,7 @@
 
 import sys
 
-from fracture.deploy.serve import main
+from fracture.deploy.serve.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

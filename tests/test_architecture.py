@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -20,10 +21,13 @@ TRAINING = {"torch", "lightning", "torchvision", "torchmetrics"}
 LAYERS = ["imaging", "boxes", "scoring", "data", "deploy", "train", "report", "export"]
 TORCH_SIDE = {"train", "export"}
 # the predictor's install (pip install .): numpy, OpenCV, Pillow, onnxruntime, onnx only
-DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics", "scoring.calibration", "scoring.froc",
-          "scoring.selection", "scoring.folds", "data.labels", "data.inputs", "data.synth", "data.duplicates", "deploy.metadata", "deploy.predictor", "deploy.predict",
-          "deploy.uploads", "deploy.connections", "deploy.serve", "deploy.calibrate", "deploy.release", "deploy.dicom_source", "deploy.dicom_results", "deploy.spool", "deploy.forward",
-          "deploy.node", "progress", "machine"]
+DEPLOY_CORE = ["deploy.metadata", "deploy.predictor", "deploy.predict", "deploy.calibrate", "deploy.release"]
+ROOMS = {"serve": ["deploy.serve.app", "deploy.serve.uploads", "deploy.serve.connections"],
+         "pacs": ["deploy.pacs.node", "deploy.pacs.results", "deploy.pacs.source", "deploy.pacs.spool", "deploy.pacs.sender", "deploy.pacs.pdu"]}
+DOORS = {("deploy.predict", "deploy.pacs.results")}  # the CLI's --dicom-out writes the node's answers from files: a front door may use a room
+DEPLOY = ["imaging.pixels", "imaging.budget", "imaging.contract", "imaging.preprocess", "imaging.dicom", "boxes.detection", "boxes.heatmap", "scoring.metrics",
+          "scoring.calibration", "scoring.froc", "scoring.selection", "scoring.folds", "data.labels", "data.inputs", "data.synth", "data.duplicates",
+          *DEPLOY_CORE, *ROOMS["serve"], *ROOMS["pacs"], "progress", "machine"]
 # torch-free, with the data and report tools' pandas / matplotlib
 DATA_AND_REPORT = ["data.annotations", "data.audit", "data.datasets", "scoring.localisation", "scoring.compare", "report.plots", "report.evaluate",
                    "report.markdown", "report.sources"]  # report: torch only inside evaluate --ckpt
@@ -109,6 +113,48 @@ def test_every_module_is_in_a_layer_or_an_entry_point() -> None:
     assert {m for m in modules() if m.split(".")[0] in LAYERS and m.split(".")[0] not in TORCH_SIDE} == set(DEPLOY + DATA_AND_REPORT) - {"progress", "machine"}
 
 
+def room_of(module: str) -> str | None:
+    """``serve``, ``pacs``, ``core`` for the deploy floor's modules; None elsewhere."""
+    parts = module.split(".")
+    if parts[0] != "deploy":
+        return None
+    return parts[1] if len(parts) > 2 else "core"
+
+
+def test_the_deploy_rooms_import_the_core_and_never_each_other() -> None:
+    """serve/ and pacs/ sit on the deploy core (predictor, metadata, ...); neither imports the other, and the core
+    imports no room (the CLI's --dicom-out is the one named door)."""
+    assert {m for m in modules() if room_of(m)} == set(DEPLOY_CORE) | set(ROOMS["serve"]) | set(ROOMS["pacs"])
+    wrong = []
+    for module in modules():
+        mine = room_of(module)
+        for target in imported(module):
+            theirs = room_of(target)
+            if mine and theirs and mine != theirs and theirs != "core" and (module, target) not in DOORS:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []
+
+
+def room_counts() -> dict[str, object]:
+    """What docs/architecture.md states about the rooms, computed from the import graph."""
+    between = sum(1 for m in modules() if room_of(m) for t in imported(m) if room_of(t) and room_of(t) != room_of(m))
+    sizes = {m: len((REPO / "fracture" / (m.replace(".", "/") + ".py")).read_text().splitlines()) for m in modules()}
+    largest = max(sizes, key=sizes.get)
+    return {"core": len(DEPLOY_CORE), "serve": len(ROOMS["serve"]), "pacs": len(ROOMS["pacs"]), "between": between,
+            "largest": largest, "largest_lines": sizes[largest]}
+
+
+def test_the_architecture_page_states_the_rooms_as_they_are() -> None:
+    """The counts on docs/architecture.md come from this test's own graph, so they cannot go stale."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    stated = re.search(r"deploy floor: core (\d+) modules, serve (\d+), pacs (\d+); (\d+) imports from one room into another "
+                       r"\(the core included\); the largest module `([\w.]+)` \((\d+) lines\)", text)
+    assert stated, "docs/architecture.md states the deploy floor's rooms in the sentence this test reads"
+    got = room_counts()
+    assert (int(stated[1]), int(stated[2]), int(stated[3]), int(stated[4]), stated[5], int(stated[6])) == (
+        got["core"], got["serve"], got["pacs"], got["between"], got["largest"], got["largest_lines"]), got
+
+
 def test_no_module_is_over_350_lines() -> None:
     sizes = {m: len((REPO / "fracture" / (m.replace(".", "/") + ".py")).read_text().splitlines()) for m in modules()}
     assert {m: n for m, n in sizes.items() if n > 350} == {}
@@ -116,14 +162,14 @@ def test_no_module_is_over_350_lines() -> None:
 
 def test_the_import_contract_sees_relative_and_dynamic_imports(tmp_path) -> None:
     """What the checker reads: a relative import up a layer and a literal import_module are both edges."""
-    tree = ast.parse("from ..deploy import serve\nfrom . import froc\nimport importlib\nimportlib.import_module('fracture.train.fit')\n"
+    tree = ast.parse("from ..deploy import predict\nfrom . import froc\nimport importlib\nimportlib.import_module('fracture.train.fit')\n"
                      "__import__('fracture.export.graph')\n")
     found = {_absolute("scoring.metrics", n) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert found == {"fracture.deploy", "fracture.scoring"}
     probe = REPO / "fracture" / "scoring" / "_probe_contract.py"
-    probe.write_text("from ..deploy import serve\nimport importlib\nimportlib.import_module('fracture.train.fit')\n")
+    probe.write_text("from ..deploy import predict\nimport importlib\nimportlib.import_module('fracture.train.fit')\n")
     try:
-        assert {"deploy.serve", "train.fit"} <= imported("scoring._probe_contract")
+        assert {"deploy.predict", "train.fit"} <= imported("scoring._probe_contract")
     finally:
         probe.unlink()
 

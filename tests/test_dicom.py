@@ -125,7 +125,7 @@ def test_a_private_blob_is_never_copied_by_the_gate_or_a_header_read(picture: np
     Values over 1 MB are now left in the bytes (pydicom's deferred reading) unless asked for, as pixel data is."""
     import tracemalloc
 
-    from fracture.deploy.dicom_source import header_of
+    from fracture.deploy.pacs.source import header_of
     from fracture.imaging import dicom
 
     ds = variants._dataset(tmp_path / "x", picture, 8, SeriesInstanceUID="1.2.826.0.1.3680043.10.999.4")

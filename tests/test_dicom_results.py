@@ -15,7 +15,7 @@ from pacs import CR, DX, SC, radiograph, require
 
 from fracture.data.synth import FRACTURE_TYPES, radiograph_and_boxes
 from fracture.deploy import predict
-from fracture.deploy.dicom_source import out_of_scope
+from fracture.deploy.pacs.source import out_of_scope
 
 ALLOWED = Path(__file__).parent / "dciodvfy_allowed.txt"
 NAME = "Müller^Jürgen"
@@ -266,7 +266,7 @@ def test_one_image_whose_objects_cannot_be_built_does_not_cost_the_study_its_ans
     """A header a library refuses to copy into one image's presentation state or capture: that object is left out
     with a log line naming the exception's type only (its text may quote patient data); the study's SR and the
     other images' objects are still written."""
-    from fracture.deploy.dicom_results import ResultWriter
+    from fracture.deploy.pacs.results import ResultWriter
 
     picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(3), True, "transverse")[0]).astype(np.uint8)
     files = [tmp_path / f"{i}.dcm" for i in range(2)]
@@ -299,7 +299,7 @@ def test_uids_an_answer_could_not_quote_are_refused_and_the_source_is_never_chan
     archives have them) still passes, since an answer must quote the source's UID as it is."""
     import pydicom
 
-    from fracture.deploy.dicom_source import header_of
+    from fracture.deploy.pacs.source import header_of
 
     picture = np.rint(255 * radiograph_and_boxes(np.random.default_rng(4), False, "")[0]).astype(np.uint8)
     for uid, ok in [("../../../tmp/evil", False), ("1." + "2" * 200, False), ("1.2.3 4", False), ("1.2.03.4", True), ("1.2.826.0.1.3680043.10.999.3", True)]:

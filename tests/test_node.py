@@ -317,7 +317,7 @@ def test_a_study_that_cannot_be_answered_is_set_aside_not_lost_and_does_not_hold
 
     import pydicom
 
-    from fracture.deploy.spool import digest
+    from fracture.deploy.pacs.spool import digest
 
     port, spool = free_port(), tmp_path / "spool"
     node = start_node(loc_onnx, spool, f"DEST@127.0.0.1:{destination.port}", port, "--quiet", "0.3")
@@ -377,7 +377,7 @@ def test_a_nearly_full_spool_disk_refuses_instances_and_a_full_one_never_sets_a_
     it cannot keep; a full disk while answering is retried after the quiet wait, never counted against the study."""
     import errno
 
-    from fracture.deploy.node import Node
+    from fracture.deploy.pacs.node import Node
     from fracture.deploy.predictor import Predictor
 
     port, spool = free_port(), tmp_path / "spool"

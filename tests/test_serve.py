@@ -1,4 +1,4 @@
-"""fracture.deploy.serve through a real HTTP client on loopback: answers, limits, bad uploads, 503s, privacy (torch blocked)."""
+"""fracture.deploy.serve.app through a real HTTP client on loopback: answers, limits, bad uploads, 503s, privacy (torch blocked)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from fracture.imaging import preprocess
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-SERVE = BLOCKER + "from fracture.deploy.serve import main\nsys.exit(main(sys.argv[1:]))\n"
+SERVE = BLOCKER + "from fracture.deploy.serve.app import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 class Server:
@@ -308,7 +308,7 @@ def test_binding_beyond_loopback_needs_allowed_host_names_and_warns_loudly(tiny_
 
 
 def test_model_metadata_shows_file_names_only_even_with_spaces_in_paths() -> None:
-    from fracture.deploy.serve import names_only
+    from fracture.deploy.serve.app import names_only
 
     meta = {"ensemble_of": [{"checkpoint": "runs/my run/last.ckpt"}], "classifier": {"checkpoint": "/home/jo doe/cls run/best.ckpt"},
             "release": {"card": "C:\\Users\\jo doe\\v1.md"}, "note": "sensitivity/specificity at two points", "where": "~/a b/c.onnx"}

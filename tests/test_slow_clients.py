@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_serve import multipart, serving
 
-from fracture.deploy.connections import origin_allowed
+from fracture.deploy.serve.connections import origin_allowed
 
 pytest.importorskip("uvicorn")
 HALF = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # headers begun, never ended

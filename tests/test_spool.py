@@ -8,7 +8,7 @@ import stat
 import time
 from pathlib import Path
 
-from fracture.deploy.spool import Spool, digest
+from fracture.deploy.pacs.spool import Spool, digest
 
 
 def test_a_restart_cleans_what_a_dead_process_left_half_written(tmp_path: Path) -> None:

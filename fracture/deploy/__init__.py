@@ -1,1 +1,2 @@
-"""The deployed side: the onnxruntime predictor, the HTTP service and its page, site calibration, release checks. Torch-free: pip install . is enough."""
+"""The deployed side, torch-free (pip install . is enough): the core (metadata, the onnxruntime predictor, the CLI,
+site calibration, release checks) and its rooms: ``serve`` (the HTTP service and its page) and ``pacs`` (the DICOM node)."""

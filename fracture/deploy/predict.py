@@ -190,7 +190,7 @@ def main(args: list[str] | None = None) -> int:
     failed = [r for r in rows if r.error]
     refused: list[str] = []
     if ns.dicom_out:
-        from fracture.deploy.dicom_results import ResultWriter, write_files
+        from fracture.deploy.pacs.results import ResultWriter, write_files
 
         written, refused = write_files(ResultWriter(predictor, not ns.no_secondary_capture), rows, ns.dicom_out)
         for reason in refused:

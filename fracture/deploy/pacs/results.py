@@ -20,7 +20,7 @@ import numpy as np
 
 from fracture.boxes import heatmap
 from fracture.boxes.detection import peak_label
-from fracture.deploy.dicom_source import header_of, out_of_scope, set_key, set_uids, uid
+from fracture.deploy.pacs.source import header_of, out_of_scope, set_key, set_uids, uid
 from fracture.deploy.predictor import Prediction, Predictor
 from fracture.imaging import preprocess
 from fracture.scoring import metrics

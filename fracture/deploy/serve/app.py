@@ -40,9 +40,9 @@ import numpy as np
 
 from fracture.boxes import heatmap
 from fracture.boxes.detection import BOX_KEYS
-from fracture.deploy.connections import HEADER_DEADLINE_S, LOOPBACK_NAMES, MAX_CONNECTIONS, is_loopback, origin_allowed, protocol_class
+from fracture.deploy.serve.connections import HEADER_DEADLINE_S, LOOPBACK_NAMES, MAX_CONNECTIONS, is_loopback, origin_allowed, protocol_class
 from fracture.deploy.predictor import ModelError, Predictor
-from fracture.deploy.uploads import Limits, RequestError, Upload, receive_uploads
+from fracture.deploy.serve.uploads import Limits, RequestError, Upload, receive_uploads
 from fracture.imaging import preprocess
 
 NOTICE = "Research use only: not a medical device; not for diagnosis or treatment decisions."
@@ -188,7 +188,7 @@ def create_app(service: Service, allowed_hosts: list[str] | tuple[str, ...] = LO
     gate = Gate(limits.workers, limits.queue)
     bodies = Gate(limits.max_bodies, 0)  # bodies held: arriving, waiting or predicting
     pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="fracture-predict")
-    page = resources.files("fracture.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("fracture.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     page_headers = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
                     "X-Content-Type-Options": "nosniff"}
 

@@ -29,11 +29,11 @@ import warnings
 import weakref
 from pathlib import Path
 
-from fracture.deploy import spool as spooling
-from fracture.deploy.connections import bound_pdu_reads
-from fracture.deploy.dicom_results import SERIES_DESCRIPTION, ImageResult, ResultWriter
-from fracture.deploy.dicom_source import header_of, set_key, set_uids
-from fracture.deploy.forward import PRODUCED, Forwarder, parse_destination
+from fracture.deploy.pacs import spool as spooling
+from fracture.deploy.pacs.pdu import bound_pdu_reads
+from fracture.deploy.pacs.results import SERIES_DESCRIPTION, ImageResult, ResultWriter
+from fracture.deploy.pacs.source import header_of, set_key, set_uids
+from fracture.deploy.pacs.sender import PRODUCED, Forwarder, parse_destination
 from fracture.deploy.predictor import ModelError, Prediction, Predictor
 from fracture.imaging import budget, dicom, preprocess
 from fracture.imaging.pixels import ImageError

@@ -12,17 +12,13 @@ so 75 sockets that never finish their headers turned every real request into a 5
   once with a bare 503, so real clients keep getting in while a flood of slow ones churns.
 
 Torch-free; the protocol class is built on uvicorn's own h11 protocol only when the service starts.
-
-The DICOM node's associations have the same two weaknesses one layer down: pynetdicom reads each PDU whole, of
-whatever length its 4-byte field declares (up to 4 GB, into memory, before any handler sees a byte), and waits
-for it as long as bytes keep trickling in (its timeout is per socket read). ``bound_pdu_reads`` caps both.
+The DICOM node's associations have the same two weaknesses one layer down: ``fracture.deploy.pacs.pdu``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
@@ -30,7 +26,6 @@ HEADER_DEADLINE_S = 5.0
 MAX_CONNECTIONS = 1000
 REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 5\r\n\r\n"
 log = logging.getLogger("fracture.serve")
-MAX_PDU_READ = 1 << 20  # the node offers 16 KB PDUs; an association request with hundreds of contexts stays well under this
 
 
 def protocol_class(header_deadline_s: float = HEADER_DEADLINE_S, max_connections: int = MAX_CONNECTIONS) -> type:
@@ -126,38 +121,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def bound_pdu_reads(assoc: object, deadline_s: float, max_pdu: int = MAX_PDU_READ) -> None:
-    """Cap one pynetdicom association's PDU reads: a PDU declaring more than ``max_pdu`` bytes, or not complete
-    within ``deadline_s`` of its first byte being asked for, reads short, which pynetdicom treats as a closed
-    connection (the association ends and frees its slot). Called when the connection opens, before any PDU."""
-    node_log = logging.getLogger("fracture.node")
-    sock = assoc.dul.socket  # pynetdicom's AssociationSocket; .socket is the TCP socket under it
-    raw, caller = sock.socket, getattr(assoc.requestor, "address", "?")
-
-    def recv(nr_bytes: int) -> bytearray:
-        data = bytearray()
-        if nr_bytes > max_pdu:
-            node_log.warning("closed a connection from %s: a PDU of %d bytes, over the %d this node reads", caller, nr_bytes, max_pdu)
-            return data
-        end = time.monotonic() + deadline_s
-        try:
-            while len(data) < nr_bytes:
-                raw.settimeout(max(end - time.monotonic(), 1e-3))
-                chunk = raw.recv(min(1 << 16, nr_bytes - len(data)))
-                if not chunk:
-                    break
-                data += chunk
-        except TimeoutError:
-            node_log.warning("closed a connection from %s: a PDU still arriving after %.0f s", caller, deadline_s)
-        except OSError:  # a reset: short data, the same as pynetdicom's own reading gives
-            pass
-        finally:
-            try:
-                raw.settimeout(getattr(assoc, "network_timeout", None))
-            except OSError:
-                pass
-        return data
-
-    sock.recv = recv

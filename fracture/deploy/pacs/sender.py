@@ -9,7 +9,7 @@ import random
 import threading
 import time
 
-from fracture.deploy.spool import Spool
+from fracture.deploy.pacs.spool import Spool
 
 log = logging.getLogger("fracture.node")
 
