@@ -13,8 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fracture.boxes import detection
-from fracture.boxes.detection import to_pixels, yolo_to_boxes
+from fracture.boxes.detection import peak_label, to_pixels, yolo_to_boxes
 from fracture.imaging.contract import Contract, geometry
 
 
@@ -41,7 +40,7 @@ def draw_boxes(img: np.ndarray, boxes: list, colour: tuple[int, int, int], score
         p0, p1 = (int(round(b[0])), int(round(b[1]))), (int(round(b[2])) - 1, int(round(b[3])) - 1)
         cv2.rectangle(img, p0, p1, colour, max(1, int(2 * scale)), cv2.LINE_AA)
         if scores and len(b) > 4:
-            cv2.putText(img, detection.peak_label(b[4]), (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
+            cv2.putText(img, peak_label(b[4]), (p0[0], max(p0[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, max(1, int(scale)), cv2.LINE_AA)
 
 
 def dashed_rectangle(img: np.ndarray, a: tuple[int, int], b: tuple[int, int], colour: tuple[int, int, int], thick: int) -> None:

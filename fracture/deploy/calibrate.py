@@ -45,11 +45,7 @@ def list_sha256(paths: list[str], labels: list[int]) -> str:
 def cross_fitted(probs: np.ndarray, labels: np.ndarray, target: float, folds: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     """Each image's decision at each operating point, made by thresholds chosen on the other folds (stratified,
     seeded): what the points do on images they were not chosen on."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), int)
-    for label in (0, 1):
-        idx = np.flatnonzero(labels == label)
-        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % folds
+    fold = metrics.stratified_folds(labels, folds, seed)
     decisions: dict[str, np.ndarray] = {}
     for k in range(folds):
         held, rest = fold == k, fold != k

@@ -47,7 +47,7 @@ def quantize_static_qdq(fp32: Path, out: Path, calibration: list[str], contract:
 
     Conv, ReLU, pooling and hidden dense layers run in int8; the last dense layer
     and the sigmoid stay float so probabilities keep their resolution (no ties).
-    int8 activations (S8S8) compute alike on every x86 CPU. uint8 activations (U8S8) ran fracatlas-v2 1.7x
+    int8 activations (S8S8): onnxruntime's documented default, free of the saturation below. uint8 activations (U8S8) ran fracatlas-v2 1.7x
     faster at batch 1 on a VNNI Xeon (onnxruntime left a third of its 1x1 convolutions unfused under S8S8)
     and held the guard there, but without VNNI (AVX2, older AVX-512) the u8 x s8 instruction saturates 16-bit
     sums, and the 7-bit weights that avoid it failed the guard: docs/results.md, 2026-12-07.

@@ -42,11 +42,7 @@ def cross_fitted_platt(logits: np.ndarray, labels: np.ndarray, folds: int = 5, s
     """Each image's probability under a Platt scaling fitted on the other folds (stratified, seeded): what the
     recalibration does on images it was not fitted on, the honest figure for choosing it."""
     z, y = np.asarray(logits, np.float64).ravel(), np.asarray(labels).ravel()
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(y), int)
-    for label in (0, 1):
-        idx = np.flatnonzero(y == label)
-        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % folds
+    fold = metrics.stratified_folds(y, folds, seed)
     out = np.empty(len(y))
     for k in range(folds):
         scale, shift = platt(z[fold != k], y[fold != k])

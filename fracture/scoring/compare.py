@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,6 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0)
 def excluded_names(path: Path) -> set[str]:
     """File names listed in ``path``: one per line, or the ``path`` column of a CSV; a run's ``splits.csv`` (with a
     ``split`` column) lists its training images only — what that model has learnt from."""
-    import os
-
     text = path.read_text()
     first = text.splitlines()[0] if text.strip() else ""
     if "," in first and "path" in first.split(","):
@@ -141,8 +140,6 @@ def excluded_names(path: Path) -> set[str]:
 
 
 def without(frame: pd.DataFrame, names: set[str]) -> pd.DataFrame:
-    import os
-
     return frame[[os.path.basename(i) not in names for i in frame.index]]
 
 

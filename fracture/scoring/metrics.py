@@ -257,6 +257,18 @@ def interval(draws: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[
     return float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))
 
 
+def stratified_folds(labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Each image's fold (0 .. folds-1), both classes dealt evenly over the folds in a seeded order: for
+    cross-fitting a choice (thresholds, a recalibration) so every image is judged by one made without it."""
+    labels = np.asarray(labels).ravel()
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), int)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % folds
+    return fold
+
+
 def group_members(n: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Indices of each resampling unit: one image each, or all images of a group."""
     if groups is None:
